@@ -1,0 +1,210 @@
+"""Loading targets and drafts from a local directory, the Hugging Face cache, or an fsspec URI.
+
+Weights load from safetensors only, and no repository code runs unless the config allows it explicitly.
+A URI (s3://, gs://, ...) is copied once per node into a local cache directory and loaded from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+from specvlm.specdec.drafts import Draft, ModelDraft, PromptLookupDraft
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPECVLM_CACHE", Path.home() / ".cache" / "specvlm")) / "models"
+
+
+def resolve_model_dir(location: str, *, storage_options: dict | None = None, cache_dir: Path | None = None) -> Path:
+    """A local directory holding the checkpoint named by `location`."""
+    if "://" in location and not location.startswith("file://"):
+        return _copy_from_uri(location, storage_options or {}, cache_dir or default_cache_dir())
+    path = Path(location.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model path {location!r} is a file; point to the checkpoint's directory")
+    # Not a path: maybe a Hugging Face model id already in the local cache. Never download at run time.
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(location, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ModelLoadError(
+            f"model {location!r} is not a local directory, not a URI (s3://, gs://, ...), and not in the "
+            f"Hugging Face cache; download it there first or point to a local copy ({type(exc).__name__})"
+        ) from None
+
+
+def _copy_from_uri(uri: str, storage_options: dict, cache_dir: Path) -> Path:
+    import fsspec
+
+    local = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (local / ".complete").exists():
+        return local
+    fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+    if not fs.isdir(root):
+        raise ModelLoadError(f"model URI {uri!r} is not a directory (or is not readable with these credentials)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Copy into a private temporary directory and rename it into place, so concurrent actors on one node never
+    # see a half-copied checkpoint; the loser of the race just discards its copy.
+    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".partial-"))
+    try:
+        fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
+        (staging / ".complete").touch()
+        try:
+            staging.rename(local)
+        except OSError:
+            if not (local / ".complete").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return local
+
+
+def _require_safetensors(path: Path) -> None:
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{path} has no *.safetensors weights; only safetensors are loaded (convert the checkpoint first)"
+        )
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def decode_parameters(model: torch.nn.Module) -> int:
+    """Parameters touched per decoded token: the vision tower and projector run once, at prefill."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if "vision_tower" not in name and "multi_modal_projector" not in name)
+
+
+@dataclass
+class LoadedTarget:
+    model: torch.nn.Module
+    processor: object  # the checkpoint's AutoProcessor
+    location: str
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_token_id(self) -> int | None:
+        config = self.model.config
+        return getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+
+def _load_kwargs(dtype: torch.dtype, trust_remote_code: bool) -> dict:
+    return {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+
+
+def load_target(location: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+                storage_options: dict | None = None) -> LoadedTarget:
+    path = resolve_model_dir(location, storage_options=storage_options)
+    _require_safetensors(path)
+    dev = pick_device(device)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **_load_kwargs(pick_dtype(dtype, dev), trust_remote_code))
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot load target {location!r} as an image-text-to-text model: {exc}") from None
+    return LoadedTarget(model.to(dev).eval(), processor, location)
+
+
+def check_vocabulary(target_tokenizer, draft_tokenizer, draft_location: str) -> None:
+    """Every token the draft knows must have the same id in the target's vocabulary (the target may add
+    special tokens of its own, like <image>), or verification would compare different strings."""
+    target_vocab = target_tokenizer.get_vocab()
+    wrong = [(tok, i) for tok, i in draft_tokenizer.get_vocab().items() if target_vocab.get(tok) != i]
+    if wrong:
+        tok, i = wrong[0]
+        raise ModelLoadError(
+            f"draft {draft_location!r} does not share the target's vocabulary: {len(wrong)} tokens differ "
+            f"(e.g. {tok!r} is id {i} in the draft, {target_vocab.get(tok)} in the target); a draft must use "
+            "the target's tokenizer"
+        )
+
+
+def load_draft(kind: str, target: LoadedTarget, location: str | None = None, *, dtype: str = "auto",
+               trust_remote_code: bool = False, storage_options: dict | None = None,
+               max_ngram: int = 3, min_ngram: int = 1) -> Draft | None:
+    """kind: none | text | vlm | prompt_lookup."""
+    if kind == "none":
+        return None
+    if kind == "prompt_lookup":
+        return PromptLookupDraft(image_token_id=target.image_token_id, device=target.model.device,
+                                 max_ngram=max_ngram, min_ngram=min_ngram)
+    if kind not in ("text", "vlm"):
+        raise ModelLoadError(f"draft kind {kind!r} is not one of none, text, vlm, prompt_lookup")
+    if not location:
+        raise ModelLoadError(f"a {kind!r} draft needs a model path")
+    path = resolve_model_dir(location, storage_options=storage_options)
+    _require_safetensors(path)
+    try:
+        draft_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        raise ModelLoadError(
+            f"draft {location!r} has no tokenizer files, so its vocabulary cannot be checked against the "
+            "target's; save the tokenizer it was trained with next to its weights"
+        ) from None
+    check_vocabulary(target.tokenizer, draft_tokenizer, location)
+    auto = AutoModelForCausalLM if kind == "text" else AutoModelForImageTextToText
+    try:
+        model = auto.from_pretrained(path, **_load_kwargs(target.model.dtype, trust_remote_code))
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot load {kind!r} draft {location!r}: {exc}") from None
+    model = model.to(target.model.device).eval()
+    if kind == "vlm":
+        _check_same_image_tokens(target.model, model, location)
+    return ModelDraft(
+        model,
+        text_only=kind == "text",
+        image_token_id=target.image_token_id,
+        vocab_size=target.vocab_size,
+        cost_ratio=decode_parameters(model) / decode_parameters(target.model),
+        name=f"{kind}:{location}",
+    )
+
+
+def _check_same_image_tokens(target: torch.nn.Module, draft: torch.nn.Module, location: str) -> None:
+    """A VLM draft reads the target's prompt and pixels as they are, so both must expand an image alike."""
+    t, d = target.config, draft.config
+    facts = ("image_token_id", "vision_feature_select_strategy")
+    vision = ("image_size", "patch_size")
+    differ = [f for f in facts if getattr(t, f, None) != getattr(d, f, None)]
+    differ += [f"vision_config.{f}" for f in vision
+               if getattr(t.vision_config, f, None) != getattr(d.vision_config, f, None)]
+    if differ:
+        raise ModelLoadError(
+            f"VLM draft {location!r} does not read images like the target ({', '.join(differ)} differ); "
+            "use a draft built on the target's vision settings, or a text-only draft"
+        )

@@ -1,0 +1,83 @@
+"""Loading targets and drafts the way the pipeline does: from directories and URIs, safetensors only,
+with the draft's vocabulary checked against the target's."""
+
+import fsspec
+import pytest
+import torch
+
+from specvlm.models.build import build_text_lm, build_tokenizer
+from specvlm.models.loading import ModelLoadError, load_draft, load_target, resolve_model_dir
+from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
+from specvlm.specdec.drafts import ModelDraft, PromptLookupDraft
+
+
+@pytest.fixture(scope="module")
+def saved(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    family.target.save_pretrained(root / "target")
+    family.processor.save_pretrained(root / "target")
+    for kind in ("text_copy", "vlm_noisy"):
+        family.drafts[kind].save_pretrained(root / kind)
+        family.tokenizer.save_pretrained(root / kind)
+    return root
+
+
+def test_loaded_pair_decodes_like_the_in_memory_pair(family, saved):
+    target = load_target(str(saved / "target"), device="cpu", dtype="float32")
+    draft = load_draft("vlm", target, str(saved / "vlm_noisy"))
+    assert isinstance(draft, ModelDraft) and not draft.text_only
+    assert 0.9 < draft.cost_ratio < 1.1  # same architecture as the target
+    requests = family.requests(4)
+    config = DecodeConfig(max_new_tokens=12, gamma=3, eos_token_ids=(family.tokenizer.eos_token_id,))
+    results = SpeculativeDecoder(target.model, draft, config).generate(requests)
+    assert [r.tokens for r in results] == [family.reference(r, 12) for r in requests]
+
+
+def test_text_draft_and_prompt_lookup_load(saved):
+    target = load_target(str(saved / "target"), device="cpu", dtype="float32")
+    text = load_draft("text", target, str(saved / "text_copy"))
+    assert text.text_only and text.cost_ratio == pytest.approx(1.0)  # the target's own LM, minus the vision tower
+    assert isinstance(load_draft("prompt_lookup", target), PromptLookupDraft)
+    assert load_draft("none", target) is None
+
+
+def test_draft_with_a_different_vocabulary_is_refused(saved, tmp_path):
+    target = load_target(str(saved / "target"), device="cpu", dtype="float32")
+    other_tokenizer = build_tokenizer(["completely different words for another tokenizer"] * 3, vocab_size=300)
+    build_text_lm(other_tokenizer).save_pretrained(tmp_path)
+    other_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="does not share the target's vocabulary"):
+        load_draft("text", target, str(tmp_path))
+
+
+def test_draft_without_tokenizer_is_refused(saved, family, tmp_path):
+    target = load_target(str(saved / "target"), device="cpu", dtype="float32")
+    family.drafts["text_random"].save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_draft("text", target, str(tmp_path))
+
+
+def test_pickle_weights_are_refused(saved, tmp_path):
+    (tmp_path / "config.json").write_text((saved / "target" / "config.json").read_text())
+    torch.save({}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="only safetensors"):
+        load_target(str(tmp_path), device="cpu")
+
+
+def test_unknown_location_says_where_it_looked(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a local directory, not a URI"):
+        resolve_model_dir("no-such-org/no-such-model-xyz")
+    with pytest.raises(ModelLoadError, match="unknown draft kind|not one of"):
+        load_draft("medusa", None)
+
+
+def test_uri_checkpoint_is_copied_once_and_loaded(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECVLM_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    fs.put(str(saved / "target"), "/ckpt/target", recursive=True)
+    target = load_target("memory://ckpt/target", device="cpu", dtype="float32")
+    assert target.model.config.model_type == "llava"
+    copies = list((tmp_path / "cache" / "models").iterdir())
+    assert len(copies) == 1 and (copies[0] / ".complete").exists()
+    fs.rm("/ckpt/target", recursive=True)  # a second load must come from the node-local copy
+    assert load_target("memory://ckpt/target", device="cpu").model.config.model_type == "llava"
