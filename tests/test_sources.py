@@ -1,0 +1,307 @@
+"""list_shards / read_shard for image folders, WebDataset tars and Parquet, on local disk and on S3 (moto)."""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fsspec.core import url_to_fs
+from PIL import Image
+
+from specvlm.data.sources import Shard, SourceError, list_shards, read_shard
+
+
+@dataclass
+class Store:
+    """An empty folder on one backend, and how a user's config reaches it."""
+
+    root: str
+    storage_options: dict
+
+    def uri(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def put(self, rel: str, data: bytes) -> None:
+        fs, path = url_to_fs(self.uri(rel), **self.storage_options)
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        fs.pipe_file(path, data)
+
+    def rm(self, rel: str) -> None:
+        fs, path = url_to_fs(self.uri(rel), **self.storage_options)
+        fs.rm(path)
+
+    def list(self, rel: str, format: str = "auto", **kwargs) -> list[Shard]:
+        return list_shards(self.uri(rel), format, storage_options=self.storage_options, **kwargs)
+
+    def read(self, shard: Shard, **kwargs) -> list[dict]:
+        return list(read_shard(shard, storage_options=self.storage_options, **kwargs))
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> Store:
+    if request.param == "local":
+        return Store(str(tmp_path / "store"), {})
+    bucket, storage_options = request.getfixturevalue("s3_bucket")
+    return Store(f"s3://{bucket}/data", storage_options)
+
+
+def _image(colour: str, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), colour).save(buffer, format)
+    return buffer.getvalue()
+
+
+RED, GREEN, BLUE = _image("red"), _image("green"), _image("blue", "JPEG")
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _parquet(table: pa.Table, row_group_size: int = 2) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=row_group_size)
+    return buffer.getvalue()
+
+
+def _record(shard: Shard, key: str, **fields) -> dict:
+    empty = dict.fromkeys(["image", "caption", "question", "choices", "answer", "meta", "error"])
+    return {"key": key, "shard_id": shard.shard_id, "source": shard.uri, **empty, **fields}
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def test_image_folder_records_with_sidecars(store):
+    vqa = json.dumps({"question": "What colour?", "choices": ["red", "green"], "answer": "green", "id": 7})
+    for rel, data in [
+        ("imgs/a/cat.png", RED),
+        ("imgs/a/cat.txt", b"a red square\n"),
+        ("imgs/dog.JPG", BLUE),
+        ("imgs/dog.json", vqa.encode()),
+        ("imgs/fish.png", GREEN),
+        ("imgs/notes.txt", b"not a caption: no image called notes"),
+        ("imgs/README.md", b"# readme"),
+        ("imgs/._fish.png", b"macOS resource fork"),
+        ("imgs/.ipynb_checkpoints/fish-checkpoint.png", GREEN),
+    ]:
+        store.put(rel, data)
+
+    (shard,) = store.list("imgs")
+    assert shard == Shard(
+        uri=store.uri("imgs"),
+        format="images",
+        shard_id="images-00000",
+        files=tuple(store.uri(f"imgs/{f}") for f in ["a/cat.png", "a/cat.txt", "dog.JPG", "dog.json", "fish.png"]),
+    )
+    assert store.read(shard) == [
+        _record(shard, "a/cat", image=RED, caption="a red square"),
+        _record(shard, "dog", image=BLUE, question="What colour?", choices=["red", "green"], answer="green", meta=vqa),
+        _record(shard, "fish", image=GREEN),
+    ]
+
+
+def test_image_folder_chunks_in_sorted_order_with_stable_ids(tmp_path):
+    store = Store(str(tmp_path), {})
+    for name in ["e.png", "c.png", "a.png", "d/b.png", "b.png"]:
+        store.put(f"imgs/{name}", RED)
+    shards = store.list("imgs", files_per_shard=2)
+    assert [s.shard_id for s in shards] == ["images-00000", "images-00001", "images-00002"]
+    assert [[posixpath.relpath(f, store.uri("imgs")) for f in s.files] for s in shards] == [
+        ["a.png", "b.png"],
+        ["c.png", "d/b.png"],
+        ["e.png"],
+    ]
+    assert store.list("imgs", files_per_shard=2) == shards
+    assert [r["key"] for r in store.read(shards[1])] == ["c", "d/b"]
+
+
+def test_image_folder_missing_file_and_ambiguous_stem_become_error_records(tmp_path):
+    store = Store(str(tmp_path), {})
+    for name, data in [("a.png", RED), ("b.png", GREEN), ("b.jpg", BLUE), ("c.png", RED)]:
+        store.put(f"imgs/{name}", data)
+    (shard,) = store.list("imgs")
+    store.rm("imgs/c.png")
+    records = store.read(shard)
+    assert [r["key"] for r in records] == ["a", "b", "c"]
+    assert records[0]["image"] == RED and records[0]["error"] is None
+    assert "several image members (jpg, png)" in records[1]["error"] and records[1]["image"] is None
+    assert "FileNotFoundError" in records[2]["error"] and records[2]["image"] is None
+
+
+# ---------------------------------------------------------------- webdataset
+
+
+def test_webdataset_records(store):
+    meta0 = json.dumps({"caption": "ignored: the .txt wins", "url": "http://x/0.jpg"})
+    meta1 = json.dumps({"caption": "green", "question": "Colour?", "choices": ["green", "red"], "answer": 0})
+    store.put(
+        "wds/000.tar",
+        _tar([
+            ("000.jpg", BLUE), ("000.txt", b"a blue square"), ("000.json", meta0.encode()),
+            ("001.png", GREEN), ("001.json", meta1.encode()),
+            ("002.txt", b"caption without an image"),
+            ("sub/003.webp", RED), ("sub/003.seg.png", GREEN), ("sub/003.cls", b"3"),
+            ("004.jpg", RED), ("004.json", b"{not json"),
+        ]),  # fmt: skip
+    )
+    (shard,) = store.list("wds")
+    assert shard == Shard(uri=store.uri("wds/000.tar"), format="webdataset", shard_id="000")
+    records = store.read(shard)
+    bad_json = records[4].pop("error")
+    assert records == [
+        _record(shard, "000", image=BLUE, caption="a blue square", meta=meta0),
+        _record(shard, "001", image=GREEN, caption="green", question="Colour?", choices=["green", "red"], answer="0",
+                meta=meta1),
+        _record(shard, "002", error=f"no image member for key '002' in {shard.uri}; expected exactly one"),
+        _record(shard, "sub/003", image=RED),
+        {k: v for k, v in _record(shard, "004", image=RED, meta="{not json").items() if k != "error"},
+    ]  # fmt: skip
+    assert "bad 004.json" in bad_json
+
+
+def _truncated_tar(cut: str) -> bytes:
+    payload = bytes(range(256)) * 8  # 2 KiB per member, so a cut can land inside one
+    members = [(f"{i:03d}.{ext}", payload) for i in range(3) for ext in ("jpg", "txt")]
+    data = _tar(members)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        third = tar.getmember("002.jpg")
+    # "header": cut where sample 002's header starts; tarfile itself takes that for a normal end.
+    return data[: third.offset_data + 100] if cut == "data" else data[: third.offset]
+
+
+# A cut inside sample 002's data drops 002. A cut at its header looks like a clean end to tarfile;
+# the missing end-of-archive marker shows it is not, and 001 is dropped too since it may lack members.
+@pytest.mark.parametrize("cut, good", [("data", ["000", "001"]), ("header", ["000"])])
+def test_truncated_tar_yields_good_records_then_error(store, cut, good):
+    store.put("wds/000.tar", _truncated_tar(cut))
+    (shard,) = store.list("wds")
+    records = store.read(shard)
+    assert [r["key"] for r in records] == good + ["000:__truncated__"]
+    assert all(r["image"] and r["error"] is None for r in records[:-1])
+    assert records[-1]["image"] is None
+    assert shard.uri in records[-1]["error"] and f"after {len(good)} records" in records[-1]["error"]
+
+
+# ---------------------------------------------------------------- parquet
+
+
+def test_parquet_records(store):
+    table = pa.table({
+        "key": ["k0", "k1", "k2"],
+        "image": pa.array([RED, GREEN, None], pa.binary()),
+        "caption": ["red", None, "nothing"],
+        "question": [None, "Which?", None],
+        "choices": pa.array([None, ["a", "b"], None], pa.list_(pa.string())),
+        "answer": [None, "b", None],
+        "width": [4, 4, None],
+        "url": ["u0", "u1", "u2"],
+    })  # fmt: skip
+    store.put("pq/part-0.parquet", _parquet(table))
+    (shard,) = store.list("pq")
+    assert shard == Shard(uri=store.uri("pq/part-0.parquet"), format="parquet", shard_id="part-0")
+    assert store.read(shard) == [
+        _record(shard, "k0", image=RED, caption="red", meta='{"width": 4, "url": "u0"}'),
+        _record(shard, "k1", image=GREEN, question="Which?", choices=["a", "b"], answer="b",
+                meta='{"width": 4, "url": "u1"}'),
+        _record(shard, "k2", caption="nothing", meta='{"width": null, "url": "u2"}',
+                error="row 2 has no image bytes in column 'image'"),
+    ]  # fmt: skip
+
+
+def test_parquet_hugging_face_struct_image_column(store):
+    images = pa.array(
+        [{"bytes": RED, "path": "r.png"}, {"bytes": GREEN, "path": None}, {"bytes": None, "path": "only/a/path.png"}],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
+    store.put("hf/train-00000-of-00001.parquet", _parquet(pa.table({"img": images, "label": [1, 2, 3]})))
+    (shard,) = store.list("hf")
+    assert shard.shard_id == "train-00000-of-00001"
+    assert store.read(shard, image_column="img") == [
+        _record(shard, "00000000", image=RED, meta='{"label": 1}'),
+        _record(shard, "00000001", image=GREEN, meta='{"label": 2}'),
+        _record(shard, "00000002", meta='{"label": 3}', error="row 2 has no image bytes in column 'img'"),
+    ]
+
+
+def test_parquet_without_the_image_column_is_one_shard_error(tmp_path):
+    store = Store(str(tmp_path), {})
+    store.put("pq/a.parquet", _parquet(pa.table({"picture": [RED]})))
+    (shard,) = store.list("pq")
+    (record,) = store.read(shard)
+    assert record["key"] == "a:__shard__" and "no column 'image'" in record["error"]
+
+
+def test_duplicate_keys_become_error_records(tmp_path):
+    store = Store(str(tmp_path), {})
+    store.put("pq/a.parquet", _parquet(pa.table({"key": ["x", "y", "x", "x"], "image": [RED, GREEN, BLUE, RED]})))
+    (shard,) = store.list("pq")
+    records = store.read(shard)
+    assert [r["key"] for r in records] == ["x", "y", "x:__duplicate1__", "x:__duplicate2__"]
+    assert [r["image"] for r in records] == [RED, GREEN, None, None]
+    assert "occurs more than once" in records[2]["error"]
+
+
+# ---------------------------------------------------------------- listing and unreadable shards
+
+
+def test_glob_listing_gives_sorted_unique_stable_ids(store):
+    for rel in ["shards/001.tar", "shards/000.tar", "shards/sub/000.tar", "shards/000.parquet", "shards/x.txt"]:
+        store.put(rel, b"")
+    top = store.list("shards/*.tar")
+    assert [(s.shard_id, s.uri) for s in top] == [
+        ("000", store.uri("shards/000.tar")),
+        ("001", store.uri("shards/001.tar")),
+    ]
+    deep = store.list("shards/**/*.tar")
+    assert [s.shard_id for s in deep] == ["000", "001", "sub__000"]
+    assert store.list("shards") == deep  # a directory: tars win over img2dataset-style metadata parquet
+    assert [s.shard_id for s in store.list("shards", "parquet")] == ["000"]
+    (single,) = store.list("shards/sub/000.tar")
+    assert single == Shard(uri=store.uri("shards/sub/000.tar"), format="webdataset", shard_id="000")
+
+
+def test_ids_stay_unique_when_sanitised_names_collide(tmp_path):
+    store = Store(str(tmp_path), {})
+    for rel in ["s/a b.parquet", "s/a_b.parquet", "s/c:d.parquet"]:
+        store.put(rel, b"")
+    ids = [s.shard_id for s in store.list("s")]
+    assert len(set(ids)) == 3
+    assert ids[0].startswith("a_b-") and ids[1].startswith("a_b-") and ids[2] == "c_d"
+
+
+def test_missing_and_invalid_shards_yield_one_error_record_each(store):
+    store.put("mix/000.tar", _tar([("a.jpg", RED)]))
+    store.put("mix/001.tar", _tar([("b.jpg", GREEN), ("b.txt", b"green")]))
+    store.put("mix/002.tar", b"this is not a tar file" * 100)
+    store.put("other/bad.parquet", b"PAR1 not really parquet")
+    shards = store.list("mix")
+    store.rm("mix/000.tar")  # deleted between listing and reading
+    shards += store.list("other")
+    results = [store.read(s) for s in shards]
+    assert results[1] == [_record(shards[1], "b", image=GREEN, caption="green")]
+    for records, shard in zip(results, shards):
+        if shard.shard_id != "001":
+            assert [r["key"] for r in records] == [f"{shard.shard_id}:__shard__"]
+            assert records[0]["image"] is None and shard.uri in records[0]["error"]
+    assert "FileNotFoundError" in results[0][0]["error"]
+
+
+@pytest.mark.parametrize("rel", ["nothing/*.tar", "missing-folder", "missing.tar", "docs"])
+def test_uri_matching_nothing_raises_source_error_naming_it(store, rel):
+    store.put("docs/README.md", b"# no data here")
+    with pytest.raises(SourceError, match=re.escape(store.uri(rel))):
+        store.list(rel)
