@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from specvlm.data.prompts import format_choices
 from specvlm.demo import world
 from specvlm.demo.shards import write_parquet_shards, write_webdataset_shards
 
@@ -167,8 +168,6 @@ def test_multiple_choice_points_at_the_true_answer_and_reasoning_ends_with_its_l
         kinds.add(" ".join(scene.mc_question.split()[:2]))
     assert positions == {0, 1, 2, 3}
     assert kinds == {"how many", "what is", "what shape", "what colour"}
-    assert world.mc_prompt("how many shapes are there?", ["one", "two", "three"]) == (
-        "how many shapes are there? (a) one (b) two (c) three")
 
 
 def test_counting_reasoning_lists_the_objects_before_the_count():
@@ -234,3 +233,11 @@ def test_shards_write_through_fsspec_uris_and_jpeg():
     assert np.abs(decoded - np.asarray(scene.image, dtype=int)).mean() < 8
     with pytest.raises(ValueError, match="image_format"):
         write_parquet_shards("memory://world-test/pq", seed=1, num_shards=1, per_shard=1, image_format="gif")
+
+
+def test_corpus_lines_use_the_pipelines_multiple_choice_format():
+    scene = world.make_scene(0, 0)
+    lines = list(world.corpus_lines(0, 1))
+    assert lines[2].startswith(format_choices(scene.mc_question, scene.choices) + " ")
+    assert format_choices("how many shapes are there?", ["one", "two", "three"]) == (
+        "how many shapes are there? (a) one (b) two (c) three")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from specvlm.data.prompts import format_choices
+
 # Saturated and far apart in RGB, so they stay distinct after a resize to 32x32.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
@@ -101,7 +103,7 @@ class Scene:
     caption: str
     question: str
     answer: str
-    mc_question: str  # the bare question; mc_prompt() adds the lettered choices
+    mc_question: str  # the bare question; prompts.format_choices() adds the lettered choices
     choices: tuple[str, ...]
     answer_index: int
     reasoning: str  # short chain of thought ending in "the answer is <letter>."
@@ -214,11 +216,6 @@ def _mc_items(background: str, objects: Sequence[SceneObject]) -> dict[str, list
     return {kind: items for kind, items in kinds.items() if items}
 
 
-def mc_prompt(question: str, choices: Sequence[str]) -> str:
-    """The canonical multiple-choice prompt, e.g. "how many shapes are there? (a) one (b) two (c) three"."""
-    return " ".join([question] + [f"({LETTERS[i]}) {c}" for i, c in enumerate(choices)])
-
-
 def _rng(seed: int, index: int) -> random.Random:
     # A string seed is hashed with SHA-512 (never the salted hash()), and unlike
     # seed * K + index it cannot collide for large indices.
@@ -268,10 +265,10 @@ def make_scene(seed: int, index: int, image_size: int = 64) -> Scene:
 def corpus_lines(seed: int, n: int, start_index: int = 0) -> Iterator[str]:
     """Text for training a tokenizer or text LM: three lines for each of n scenes.
 
-    The lines are the caption, "question answer" and "mc_prompt reasoning".
+    The lines are the caption, "question answer" and "multiple-choice prompt reasoning".
     """
     for index in range(start_index, start_index + n):
         scene = make_scene(seed, index)
         yield scene.caption
         yield f"{scene.question} {scene.answer}"
-        yield f"{mc_prompt(scene.mc_question, scene.choices)} {scene.reasoning}"
+        yield f"{format_choices(scene.mc_question, scene.choices)} {scene.reasoning}"
