@@ -50,6 +50,20 @@ def resolve_model_dir(location: str, *, storage_options: dict | None = None, cac
         ) from None
 
 
+def check_model_location(location: str, storage_options: dict | None = None) -> None:
+    """Cheaply confirm a checkpoint exists (config.json readable) without copying or loading it."""
+    if "://" in location and not location.startswith("file://"):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))
+        if not fs.exists(root.rstrip("/") + "/config.json"):
+            raise ModelLoadError(f"{location!r} has no config.json (or is not readable with these credentials)")
+        return
+    path = resolve_model_dir(location)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{location!r} is a directory without config.json: not a Hugging Face checkpoint")
+
+
 def _copy_from_uri(uri: str, storage_options: dict, cache_dir: Path) -> Path:
     import fsspec
 

@@ -87,7 +87,7 @@ class SpeculativeDecoder:
         eos = torch.tensor(cfg.eos_token_ids or [-1], device=device)
 
         target = ModelRunner(self.target, n, width)
-        target.prefill(tokens[:, : max(prompt_lens) - 1], length - 1, **collate_images(requests))
+        target.prefill(tokens[:, : max(prompt_lens) - 1], length - 1, **collate_images(requests, self.target))
         if self.draft is not None:
             self.draft.prefill(requests, room)
         rng = None if cfg.sampling.greedy else RowRandom([r.seed for r in requests], device)

@@ -87,7 +87,7 @@ class ModelDraft(Draft):
         self.length = torch.tensor([len(p) for p in prompts], device=self.device)
         self.runner = ModelRunner(self.model, n, capacity)
         # Like the target, the draft caches all but the last prompt token; that one is fed by the first proposal.
-        images = {} if self.text_only else collate_images(requests)
+        images = {} if self.text_only else collate_images(requests, self.model)
         self.runner.prefill(self.tokens[:, : longest - 1], self.length - 1, **images)
         self.fed_drafts = 0
 

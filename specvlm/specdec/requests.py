@@ -92,8 +92,8 @@ def validate(request: Request, spec: TargetSpec, max_new_tokens: int) -> str | N
     return None
 
 
-def collate_images(requests: list[Request]) -> dict[str, torch.Tensor]:
-    """Model kwargs carrying the images of `requests`, in row order (rows without an image contribute none)."""
+def collate_images(requests: list[Request], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s kwargs carrying the images of `requests`, in row order (rows without an image contribute none)."""
     pixels = [r.pixel_values for r in requests if r.pixel_values is not None]
     if not pixels:
         return {}
@@ -102,8 +102,8 @@ def collate_images(requests: list[Request]) -> dict[str, torch.Tensor]:
         # does; the model drops the padding using image_sizes.
         most = max(p.shape[1] for p in pixels)
         pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
-    inputs = {"pixel_values": torch.cat(pixels)}
+    inputs = {"pixel_values": torch.cat(pixels).to(device=model.device, dtype=model.dtype)}
     sizes = [r.image_sizes for r in requests if r.image_sizes is not None]
     if sizes:
-        inputs["image_sizes"] = torch.cat(sizes)
+        inputs["image_sizes"] = torch.cat(sizes).to(model.device)
     return inputs
