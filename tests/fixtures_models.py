@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 from specvlm.models.build import LlavaShape, build_llava, build_text_lm, build_tokenizer
 from specvlm.specdec.drafts import Draft, ModelDraft, PromptLookupDraft
 from specvlm.specdec.requests import Request
+from specvlm.specdec.tree import TreeDraft, TreeSettings
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -63,13 +64,17 @@ class Family:
     def vocab_size(self) -> int:
         return self.target.config.text_config.vocab_size
 
-    def draft(self, kind: str) -> Draft | None:
+    def draft(self, kind: str, tree: TreeSettings | None = None, min_confidence: float = 0.0) -> Draft | None:
+        """kind: none | prompt_lookup | one of self.drafts, as a chain, or as a tree with `tree` settings."""
         if kind == "none":
             return None
         if kind == "prompt_lookup":
             return PromptLookupDraft(image_token_id=self.image_token_id, device=torch.device("cpu"))
-        return ModelDraft(self.drafts[kind], text_only=kind.startswith("text"), image_token_id=self.image_token_id,
-                          vocab_size=self.vocab_size, cost_ratio=0.1, name=kind)
+        common = dict(text_only=kind.startswith("text"), image_token_id=self.image_token_id,
+                      vocab_size=self.vocab_size, cost_ratio=0.1, name=kind)
+        if tree is not None:
+            return TreeDraft(self.drafts[kind], tree=tree, **common)
+        return ModelDraft(self.drafts[kind], min_confidence=min_confidence, **common)
 
     def request(self, question: str, seed: int = 0, image_seed: int = 0) -> Request:
         rng = np.random.default_rng(image_seed)

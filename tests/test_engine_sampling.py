@@ -16,7 +16,7 @@ import specvlm.specdec.decode as decode_module
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.requests import Request
 from specvlm.specdec.sampling import SamplingParams, probs_from_logits, sample_from
-from specvlm.specdec.verify import verify_sampling
+from specvlm.specdec.verify import Verdict, verify_sampling
 
 PARAMS = SamplingParams(temperature=0.1, top_k=4)
 LENGTH = 3
@@ -81,15 +81,19 @@ def test_sampling_matches_target_distribution(family, setup, draft, gamma):
 
 
 def _accept_everything(logits, proposal, params, uniforms):
+    """Wrong: keeps every draft of a chain, so the output follows the draft."""
     q = probs_from_logits(logits, params)
     accepted = proposal.lengths.clone()
-    return accepted, sample_from(q[torch.arange(len(accepted)), accepted], uniforms[:, -1])
+    path = torch.where(torch.arange(proposal.tokens.shape[1]) < accepted[:, None], torch.arange(proposal.tokens.shape[1]), -1)
+    return Verdict(accepted, path, sample_from(q[torch.arange(len(accepted)), accepted], uniforms[:, -1]))
 
 
 def _target_instead_of_residual(logits, proposal, params, uniforms):
-    accepted, _ = verify_sampling(logits, proposal, params, uniforms)
+    """Wrong: after a rejection, draws from q instead of norm(max(0, q - p))."""
+    verdict = verify_sampling(logits, proposal, params, uniforms)
     q = probs_from_logits(logits, params)
-    return accepted, sample_from(q[torch.arange(len(accepted)), accepted], uniforms[:, -1])
+    verdict.next_token = sample_from(q[torch.arange(len(verdict.accepted)), verdict.accepted], uniforms[:, -1])
+    return verdict
 
 
 @pytest.mark.parametrize("wrong_rule", [_accept_everything, _target_instead_of_residual])

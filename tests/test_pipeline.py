@@ -84,7 +84,7 @@ def check_against_inputs(family, tables, input_uri, endpoint=None, files_per_sha
             assert row["text"] == family.tokenizer.decode(row["output_ids"], skip_special_tokens=True).strip()
             assert row["new_tokens"] == len(row["output_ids"]) == sum(row["accepted_per_step"]) + row["target_calls"]
             assert row["block_efficiency"] == pytest.approx(row["new_tokens"] / row["target_calls"])
-            assert row["draft"].startswith("vlm:") and len(row["config_hash"]) == 16
+            assert row["draft"].startswith("vlm-chain:") and len(row["config_hash"]) == 16
             assert row["reference"] == record["caption"]
 
 

@@ -11,7 +11,8 @@ import random
 
 import torch
 
-from specvlm.specdec.drafts import Draft, Proposal
+from specvlm.specdec.drafts import Draft
+from specvlm.specdec.proposal import Proposal
 
 
 class ReplayDraft(Draft):
@@ -27,7 +28,7 @@ class ReplayDraft(Draft):
         self.device = device
         self.seed = seed
 
-    def prefill(self, requests, room):
+    def prefill(self, requests, max_new_tokens, gamma):
         if len(requests) != len(self.scripts):
             raise ValueError("a replay draft needs one recorded continuation per request")
         self.rows = list(range(len(requests)))  # script index per row
@@ -40,7 +41,7 @@ class ReplayDraft(Draft):
             return token
         return (token + rng.randrange(1, self.vocab_size)) % self.vocab_size
 
-    def propose(self, n, gamma, params, uniforms):
+    def propose(self, n, gamma, params, rng):
         tokens = torch.zeros(n, gamma, dtype=torch.long)
         lengths = []
         for row in range(n):
@@ -48,7 +49,7 @@ class ReplayDraft(Draft):
             upcoming = [self._corrupt(t, rng) for t in script[self.position[row]: self.position[row] + gamma]]
             tokens[row, : len(upcoming)] = torch.tensor(upcoming, dtype=torch.long)
             lengths.append(len(upcoming))
-        return Proposal(tokens.to(self.device), torch.tensor(lengths, device=self.device), None, draft_calls=0)
+        return Proposal.chain(tokens.to(self.device), torch.tensor(lengths, device=self.device), None, draft_calls=0)
 
     def commit(self, tokens, counts):
         for row, count in enumerate(counts.tolist()):

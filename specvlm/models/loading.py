@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from specvlm.specdec.drafts import Draft, ModelDraft, PromptLookupDraft
+from specvlm.specdec.tree import TreeDraft, TreeSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -170,8 +171,10 @@ def check_vocabulary(target_tokenizer, draft_tokenizer, draft_location: str) -> 
 
 def load_draft(kind: str, target: LoadedTarget, location: str | None = None, *, dtype: str = "auto",
                trust_remote_code: bool = False, storage_options: dict | None = None,
-               max_ngram: int = 3, min_ngram: int = 1) -> Draft | None:
-    """kind: none | text | vlm | prompt_lookup."""
+               max_ngram: int = 3, min_ngram: int = 1, tree: TreeSettings | None = None,
+               min_confidence: float = 0.0) -> Draft | None:
+    """kind: none | text | vlm | prompt_lookup. A model draft proposes a chain, or a dynamic tree when `tree`
+    is given; min_confidence > 0 makes chains stop early where the draft is unsure."""
     if kind == "none":
         return None
     if kind == "prompt_lookup":
@@ -199,14 +202,16 @@ def load_draft(kind: str, target: LoadedTarget, location: str | None = None, *, 
     model = model.to(target.model.device).eval()
     if kind == "vlm":
         _check_same_image_tokens(target.model, model, location)
-    return ModelDraft(
-        model,
+    common = dict(
         text_only=kind == "text",
         image_token_id=target.image_token_id,
         vocab_size=target.vocab_size,
         cost_ratio=decode_parameters(model) / decode_parameters(target.model),
         name=f"{kind}:{location}",
     )
+    if tree is not None:
+        return TreeDraft(model, tree=tree, **common)
+    return ModelDraft(model, min_confidence=min_confidence, **common)
 
 
 def _check_same_image_tokens(target: torch.nn.Module, draft: torch.nn.Module, location: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specvlm.data.prompts import DEFAULT_CAPTION_INSTRUCTION
 
@@ -73,12 +73,30 @@ class ModelConfig(Section):
     _check_secrets = field_validator("storage_options")(_no_secrets)
 
 
+class TreeConfig(Section):
+    """Dynamic tree drafting (model drafts); the tree's depth is draft.gamma."""
+
+    topk: int = Field(4, ge=1)  # children per expanded node
+    beam: int = Field(4, ge=1)  # nodes expanded per level
+    max_nodes: int = Field(24, ge=1)  # nodes verified per row and step
+    min_score: float = Field(0.0, ge=0.0, lt=1.0)  # path probability below which nodes are not expanded
+
+
 class DraftConfig(Section):
     kind: Literal["none", "text", "vlm", "prompt_lookup"] = "none"
     path: str | None = None
-    gamma: int = Field(5, ge=1, le=32)
+    mode: Literal["chain", "tree"] = "chain"  # tree: model drafts only
+    gamma: int = Field(5, ge=1, le=32)  # chain length, or tree depth
+    min_confidence: float = Field(0.0, ge=0.0, lt=1.0)  # chain: stop drafting when the draft is less sure
+    tree: TreeConfig = Field(default_factory=TreeConfig)
     max_ngram: int = Field(3, ge=1)  # prompt lookup
     min_ngram: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _tree_needs_a_model(self):
+        if self.mode == "tree" and self.kind not in ("text", "vlm"):
+            raise ValueError(f"mode 'tree' needs a model draft (kind text or vlm), not {self.kind!r}")
+        return self
 
 
 class DecodeSettings(Section):
@@ -127,7 +145,7 @@ class JobConfig(Section):
     def draft_name(self) -> str:
         if self.draft.kind in ("none", "prompt_lookup"):
             return self.draft.kind
-        return f"{self.draft.kind}:{self.draft.path}"
+        return f"{self.draft.kind}-{self.draft.mode}:{self.draft.path}"
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

@@ -21,6 +21,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("proposed_tokens", pa.int32()),
         pa.field("accepted_tokens", pa.int32()),
         pa.field("accepted_per_step", pa.list_(pa.int32())),
+        pa.field("nodes_per_step", pa.list_(pa.int32())),
         pa.field("block_efficiency", pa.float64()),
         pa.field("acceptance_rate", pa.float64()),
         pa.field("mbsu", pa.float64()),
@@ -33,8 +34,3 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("error", pa.string()),  # null, or what went wrong with this sample
     ]
 )
-
-METRIC_COLUMNS = (
-    "new_tokens", "target_calls", "draft_calls", "proposed_tokens", "accepted_tokens", "accepted_per_step",
-    "block_efficiency", "acceptance_rate", "mbsu", "latency_s", "tokens_per_s",
-)  # fmt: skip

@@ -148,6 +148,7 @@ class Decoder:
         from specvlm.models.loading import load_draft, load_target
         from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
         from specvlm.specdec.sampling import SamplingParams
+        from specvlm.specdec.tree import TreeSettings
 
         hf_logging.disable_progress_bar()  # one bar per weight file per actor only clutters the job's log
 
@@ -155,8 +156,10 @@ class Decoder:
         self.config = config
         self.target = load_target(m.target, device=m.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                                   storage_options=m.storage_options)
+        tree = TreeSettings(**d.tree.model_dump()) if d.mode == "tree" else None
         draft = load_draft(d.kind, self.target, d.path, trust_remote_code=m.trust_remote_code,
-                           storage_options=m.storage_options, max_ngram=d.max_ngram, min_ngram=d.min_ngram)
+                           storage_options=m.storage_options, max_ngram=d.max_ngram, min_ngram=d.min_ngram,
+                           tree=tree, min_confidence=d.min_confidence)
         eos = self.target.model.generation_config.eos_token_id
         decode_config = DecodeConfig(
             max_new_tokens=s.max_new_tokens,

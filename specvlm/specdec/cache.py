@@ -51,3 +51,12 @@ class SlotKVCache:
         for buf in (*self.keys, *self.values):
             if buf is not None:
                 buf[dst] = buf[src]
+
+    def move_slots(self, n: int, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Per row, copy slots src -> dst ([n, a] each). Reads all sources before writing, so ranges may overlap."""
+        for buf in (*self.keys, *self.values):
+            if buf is not None:
+                heads, dim = buf.shape[1], buf.shape[3]
+                src = src_slots[:, None, :, None].expand(n, heads, -1, dim)
+                dst = dst_slots[:, None, :, None].expand(n, heads, -1, dim)
+                buf[:n].scatter_(2, dst, buf[:n].gather(2, src))

@@ -1,6 +1,6 @@
 """The speculative decoding loop: prefill, then per step draft -> verify -> accept -> commit, for a ragged batch.
 
-State per row (all tensors indexed by row; rows [0, n) are active, finished rows are compacted away):
+State per row (tensors indexed by row; rows [0, n) are active, finished rows are compacted away):
     tokens[row]        committed ids: the prompt, then generated tokens
     length[row]        committed token count
     generated[row]     generated token count
@@ -8,10 +8,12 @@ State per row (all tensors indexed by row; rows [0, n) are active, finished rows
                        committed token (the target's own last pick) is fed at the start of the next step.
 
 One step, for every active row at once:
-    1. the draft proposes up to gamma tokens d_1..d_k            (drafts.py)
-    2. the target scores [last, d_1..d_k] in one forward pass    (runner.py)
-    3. acceptance keeps a prefix d_1..d_a and adds one target token t   (verify.py)
-    4. commit d_1..d_a, t: append them, advance kv_len by a + 1, tell the draft, stop rows on EOS/max tokens.
+    1. draft:   the draft proposes a chain or tree of tokens below the last committed one  (drafts.py, tree.py)
+    2. verify:  the target scores [last, node 0, ..., node k-1] in one forward pass, each node seeing its
+                ancestors only (a tree mask; causal for a chain)                            (runner.py)
+    3. accept:  the verifier picks the accepted path d_1..d_a and one target token t      (verify.py)
+    4. commit:  append d_1..d_a, t; move the path's cache entries next to the prefix (a no-op for a chain);
+                advance kv_len by a + 1; tell the draft; stop rows on EOS or max_new_tokens.
 Rejected drafts leave stale cache slots beyond kv_len that the next step overwrites: rollback is free.
 Autoregressive decoding is the same loop with an empty proposal (draft=None), so baselines share the code.
 """
@@ -23,18 +25,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specvlm.specdec.drafts import Draft, append_tokens, empty_proposal
+from specvlm.specdec.drafts import Draft, append_tokens
 from specvlm.specdec.metrics import SampleMetrics
+from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, Result, TargetSpec, collate_images, validate
-from specvlm.specdec.runner import ModelRunner, causal_attend
+from specvlm.specdec.runner import ModelRunner
 from specvlm.specdec.sampling import RowRandom, SamplingParams
-from specvlm.specdec.verify import verify_greedy, verify_sampling
+from specvlm.specdec.verify import Verdict, verify_greedy, verify_sampling
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     max_new_tokens: int = 64
-    gamma: int = 5  # draft tokens per step (ignored without a draft)
+    gamma: int = 5  # draft depth per step: chain length, or tree depth (ignored without a draft)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     eos_token_ids: tuple[int, ...] = ()
 
@@ -45,6 +48,26 @@ class DecodeConfig:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
 
 
+@dataclass
+class Batch:
+    """The ragged state of the requests being decoded together (see the module docstring)."""
+
+    tokens: torch.Tensor
+    length: torch.Tensor
+    generated: torch.Tensor
+    prompt_lens: list[int]
+    target: ModelRunner
+    rng: RowRandom | None
+    row_ids: list[int]  # which request each row holds
+    metrics: list[SampleMetrics]
+    results: list[Result | None]
+    start: float
+
+    @property
+    def n(self) -> int:
+        return len(self.row_ids)
+
+
 class SpeculativeDecoder:
     def __init__(self, target: torch.nn.Module, draft: Draft | None, config: DecodeConfig):
         self.target = target
@@ -52,6 +75,8 @@ class SpeculativeDecoder:
         self.config = config
         self.spec = TargetSpec.from_model(target)
         self.device = target.device
+        self.max_nodes = draft.max_nodes(config.gamma) if draft is not None else 0
+        self.eos = torch.tensor(config.eos_token_ids or [-1], device=self.device)
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """One Result per request, in order. A request that fails validation gets an error Result and does
@@ -71,104 +96,120 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def _decode(self, requests: list[Request]) -> list[Result]:
-        cfg, device = self.config, self.device
-        start = time.perf_counter()
-        n = len(requests)
-        gamma = cfg.gamma if self.draft is not None else 0
-        room = cfg.max_new_tokens + gamma + 1  # generated tokens plus one step of scratch
-        prompt_lens = [len(r.input_ids) for r in requests]
-        width = max(prompt_lens) + room
+        batch = self._prefill(requests)
+        while batch.n > 0:
+            proposal = self._draft(batch)
+            logits = self._verify(batch, proposal)
+            verdict = self._accept(batch, proposal, logits)
+            done, hit_eos = self._commit(batch, proposal, verdict)
+            if bool(done.any()):
+                self._retire(batch, done, hit_eos)
+        return batch.results
 
-        tokens = torch.zeros(n, width, dtype=torch.long, device=device)
+    def _prefill(self, requests: list[Request]) -> Batch:
+        cfg, device = self.config, self.device
+        prompt_lens = [len(r.input_ids) for r in requests]
+        # Room for the prompt, every generated token, and one verification window of scratch.
+        width = max(prompt_lens) + cfg.max_new_tokens + self.max_nodes + 1
+        tokens = torch.zeros(len(requests), width, dtype=torch.long, device=device)
         for row, r in enumerate(requests):
             tokens[row, : len(r.input_ids)] = torch.tensor(r.input_ids)
         length = torch.tensor(prompt_lens, device=device)
-        generated = torch.zeros(n, dtype=torch.long, device=device)
-        eos = torch.tensor(cfg.eos_token_ids or [-1], device=device)
 
-        target = ModelRunner(self.target, n, width)
+        target = ModelRunner(self.target, len(requests), width)
+        # All but the last prompt token: the first step feeds that one, like every later last token.
         target.prefill(tokens[:, : max(prompt_lens) - 1], length - 1, **collate_images(requests, self.target))
         if self.draft is not None:
-            self.draft.prefill(requests, room)
-        rng = None if cfg.sampling.greedy else RowRandom([r.seed for r in requests], device)
+            self.draft.prefill(requests, cfg.max_new_tokens, cfg.gamma)
+        cost = self.draft.cost_ratio if self.draft is not None else 0.0
+        return Batch(
+            tokens=tokens, length=length, generated=torch.zeros_like(length), prompt_lens=prompt_lens,
+            target=target, rng=None if cfg.sampling.greedy else RowRandom([r.seed for r in requests], device),
+            row_ids=list(range(len(requests))), metrics=[SampleMetrics(cost_ratio=cost) for _ in requests],
+            results=[None] * len(requests), start=time.perf_counter(),
+        )  # fmt: skip
 
-        row_ids = list(range(n))  # which request each row holds
-        metrics = [SampleMetrics(cost_ratio=self.draft.cost_ratio if self.draft else 0.0) for _ in requests]
-        results: list[Result | None] = [None] * n
+    def _draft(self, batch: Batch) -> Proposal:
+        n = batch.n
+        if self.draft is None:
+            proposal = Proposal.empty(n, self.device)
+        else:
+            proposal = self.draft.propose(n, self.config.gamma, self.config.sampling, batch.rng)
+        # A row never proposes deeper than it may still generate, counting the target's own token.
+        proposal.limit_depth(self.config.max_new_tokens - batch.generated[:n] - 1)
+        return proposal
 
-        while n > 0:
-            uniforms = rng.uniforms(n, 2 * gamma + 1) if rng else None
-            # 1. draft
-            if self.draft is None:
-                proposal = empty_proposal(n, device)
-            else:
-                proposal = self.draft.propose(n, gamma, cfg.sampling, uniforms[:, :gamma] if rng else None)
-            # A row never proposes more than it may still generate, counting the target's own token.
-            remaining = cfg.max_new_tokens - generated[:n]
-            proposal.lengths = torch.minimum(proposal.lengths, remaining - 1)
-            k = proposal.tokens.shape[1]
+    def _verify(self, batch: Batch, proposal: Proposal) -> torch.Tensor:
+        """One target pass over [last committed token, node 0, ..., node k-1] -> logits [n, k+1, V]."""
+        n = batch.n
+        last = batch.tokens[:n].gather(1, (batch.length[:n] - 1)[:, None])
+        depth = torch.cat([torch.zeros_like(last), proposal.depth()], 1)
+        return batch.target.forward(torch.cat([last, proposal.tokens], 1), proposal.verification_attend(), depth=depth)
 
-            # 2. verify: one target pass over [last committed token, d_1..d_k]
-            last = tokens[:n].gather(1, (length[:n] - 1)[:, None])
-            logits = target.forward(torch.cat([last, proposal.tokens], 1), causal_attend(proposal.lengths + 1, k + 1))
+    def _accept(self, batch: Batch, proposal: Proposal, logits: torch.Tensor) -> Verdict:
+        if batch.rng is None:
+            return verify_greedy(logits, proposal)
+        # A fixed count per row and step, so a request's randomness never depends on its batch.
+        uniforms = batch.rng.uniforms(batch.n, self.max_nodes + 1)
+        k = proposal.tokens.shape[1]
+        return verify_sampling(logits, proposal, self.config.sampling, torch.cat([uniforms[:, :k], uniforms[:, -1:]], 1))
 
-            # 3. accept
-            if rng is None:
-                accepted, next_token = verify_greedy(logits, proposal)
-            else:
-                accepted, next_token = verify_sampling(logits, proposal, cfg.sampling, uniforms[:, gamma:])
+    def _commit(self, batch: Batch, proposal: Proposal, verdict: Verdict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the accepted path and the target's token; returns (finished rows [n], stopped on EOS [n])."""
+        n, k = proposal.tokens.shape
+        device = self.device
+        accepted = verdict.accepted
+        new = torch.cat([proposal.tokens.gather(1, verdict.path.clamp(min=0)), torch.zeros_like(accepted)[:, None]], 1)
+        new.scatter_(1, accepted[:, None], verdict.next_token[:, None])  # [n, k+1]: d_1..d_a, t, scratch
+        counts = accepted + 1
+        is_eos = torch.isin(new, self.eos) & (torch.arange(k + 1, device=device)[None, :] < counts[:, None])
+        hit_eos = is_eos.any(1)
+        counts = torch.where(hit_eos, is_eos.long().argmax(1) + 1, counts)
 
-            # 4. commit d_1..d_a then t; cut at the first EOS
-            new = torch.cat([proposal.tokens, torch.zeros_like(last)], 1)
-            new.scatter_(1, accepted[:, None], next_token[:, None])
-            counts = accepted + 1
-            is_eos = torch.isin(new, eos) & (torch.arange(k + 1, device=device)[None, :] < counts[:, None])
-            hit_eos = is_eos.any(1)
-            counts = torch.where(hit_eos, is_eos.long().argmax(1) + 1, counts)
-            append_tokens(tokens, length, new, counts)
-            generated[:n] += counts
-            target.kv_len[:n] += counts  # last + the accepted drafts now have committed cache entries
+        if not proposal.is_chain:
+            # Window slot 0 holds the last token, slot 1 + i node i: bring the path's entries to slots 1..a.
+            batch.target.compact_window(n, torch.cat([torch.zeros_like(accepted)[:, None], 1 + verdict.path.clamp(min=0)], 1))
+        batch.target.kv_len[:n] += counts  # the last token and the accepted drafts are now committed
+        append_tokens(batch.tokens, batch.length, new, counts)
+        batch.generated[:n] += counts
+        if self.draft is not None:
+            self.draft.commit(new, counts)
+        self._account(batch, proposal, accepted.clamp(max=counts - 1), counts)
+        return hit_eos | (batch.generated[:n] >= self.config.max_new_tokens), hit_eos
+
+    def _retire(self, batch: Batch, done: torch.Tensor, hit_eos: torch.Tensor) -> None:
+        """Record finished rows, then fill their places with survivors from the tail (few rows move)."""
+        n, now = batch.n, time.perf_counter() - batch.start
+        done_list, eos_list = done.tolist(), hit_eos.tolist()
+        for row in (r for r in range(n) if done_list[r]):
+            i = batch.row_ids[row]
+            batch.metrics[i].latency_s = now
+            out = batch.tokens[row, batch.prompt_lens[i]: batch.length[row]].tolist()
+            batch.results[i] = Result(out, "eos" if eos_list[row] else "max_tokens", metrics=batch.metrics[i])
+        keep = n - sum(done_list)
+        dst = [r for r in range(keep) if done_list[r]]
+        src = [r for r in range(keep, n) if not done_list[r]]
+        if dst:
+            dst_t, src_t = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
+            for state in (batch.tokens, batch.length, batch.generated):
+                state[dst_t] = state[src_t]
+            batch.target.move_rows(dst_t, src_t)
             if self.draft is not None:
-                self.draft.commit(new, counts)
-
-            done = hit_eos | (generated[:n] >= cfg.max_new_tokens)
-            self._account(metrics, row_ids, proposal, accepted.clamp(max=counts - 1), counts)
-            if not bool(done.any()):
-                continue
-
-            # Finished rows leave; survivors from the tail fill their places (few rows move, caches stay put).
-            now = time.perf_counter() - start
-            done_list, hit_list = done.tolist(), hit_eos.tolist()
-            for row in [r for r in range(n) if done_list[r]]:
-                i = row_ids[row]
-                metrics[i].latency_s = now
-                out = tokens[row, prompt_lens[i]: length[row]].tolist()
-                results[i] = Result(out, "eos" if hit_list[row] else "max_tokens", metrics=metrics[i])
-            keep = n - sum(done_list)
-            dst = [r for r in range(keep) if done_list[r]]
-            src = [r for r in range(keep, n) if not done_list[r]]
-            if dst:
-                dst_t, src_t = torch.tensor(dst, device=device), torch.tensor(src, device=device)
-                for state in (tokens, length, generated):
-                    state[dst_t] = state[src_t]
-                target.move_rows(dst_t, src_t)
-                if self.draft is not None:
-                    self.draft.move_rows(dst, src)
-                if rng is not None:
-                    rng.move_rows(dst, src)
-                for d, s in zip(dst, src):
-                    row_ids[d] = row_ids[s]
-            n = keep
-            row_ids = row_ids[:n]
-        return results
+                self.draft.move_rows(dst, src)
+            if batch.rng is not None:
+                batch.rng.move_rows(dst, src)
+            for d, s in zip(dst, src):
+                batch.row_ids[d] = batch.row_ids[s]
+        del batch.row_ids[keep:]
 
     @staticmethod
-    def _account(metrics, row_ids, proposal, accepted, counts) -> None:
+    def _account(batch: Batch, proposal: Proposal, accepted: torch.Tensor, counts: torch.Tensor) -> None:
         for row, (a, c, k) in enumerate(zip(accepted.tolist(), counts.tolist(), proposal.lengths.tolist())):
-            m = metrics[row_ids[row]]
+            m = batch.metrics[batch.row_ids[row]]
             m.new_tokens += c
             m.target_calls += 1
             m.draft_calls += proposal.draft_calls
             m.proposed_tokens += k
             m.accepted_tokens += a
             m.accepted_per_step.append(a)
+            m.nodes_per_step.append(k)

@@ -10,32 +10,13 @@ plus move_rows, to follow the engine when finished rows are compacted away.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, collate_images
 from specvlm.specdec.runner import ModelRunner, causal_attend
-from specvlm.specdec.sampling import SamplingParams, probs_from_logits, sample_from
-
-
-@dataclass
-class Proposal:
-    tokens: torch.Tensor  # [n, k] proposed continuation of each row (k may be 0)
-    lengths: torch.Tensor  # [n] how many of the k are real; the rest is padding
-    probs: torch.Tensor | None  # [n, k, V] distribution each token was drawn from; None = deterministic
-    draft_calls: int  # draft forward passes spent on this proposal
-
-
-def empty_proposal(n: int, device: torch.device) -> Proposal:
-    """What autoregressive decoding 'proposes': nothing, so every step is one plain target token."""
-    return Proposal(
-        tokens=torch.zeros(n, 0, dtype=torch.long, device=device),
-        lengths=torch.zeros(n, dtype=torch.long, device=device),
-        probs=None,
-        draft_calls=0,
-    )
+from specvlm.specdec.sampling import RowRandom, SamplingParams, probs_from_logits, sample_from
 
 
 class Draft(ABC):
@@ -43,12 +24,17 @@ class Draft(ABC):
     cost_ratio: float = 0.0  # c: cost of one draft forward relative to one target forward
 
     @abstractmethod
-    def prefill(self, requests: list[Request], room: int) -> None:
-        """Start a batch. room: tokens a row may hold beyond its prompt (generated + one proposal of scratch)."""
+    def prefill(self, requests: list[Request], max_new_tokens: int, gamma: int) -> None:
+        """Start a batch of requests that will generate up to max_new_tokens each."""
+
+    def max_nodes(self, gamma: int) -> int:
+        """The most draft tokens one proposal can hold (a chain: gamma)."""
+        return gamma
 
     @abstractmethod
-    def propose(self, n: int, gamma: int, params: SamplingParams, uniforms: torch.Tensor | None) -> Proposal:
-        """Propose for the first n rows. uniforms [n, gamma] drive sampling (None when greedy)."""
+    def propose(self, n: int, gamma: int, params: SamplingParams, rng: RowRandom | None) -> Proposal:
+        """Propose for the first n rows, at most gamma tokens deep. rng drives sampling (None when greedy);
+        a row must draw the same number of uniforms whatever the other rows do."""
 
     @abstractmethod
     def commit(self, tokens: torch.Tensor, counts: torch.Tensor) -> None:
@@ -64,11 +50,17 @@ def strip_image_tokens(ids: list[int], image_token_id: int | None) -> list[int]:
 
 class ModelDraft(Draft):
     """A small causal LM (text-only draft: fed the prompt's text tokens, no image) or a small VLM (fed the
-    same expanded prompt and pixels as the target)."""
+    same expanded prompt and pixels as the target), proposing a chain.
+
+    With min_confidence > 0 the chain adapts its length: a row stops drafting when the draft's next
+    distribution has no token above that probability, and the batch stops when every row has. The decision is
+    made before the token is drawn, from what the draft has already seen, so sampling stays exact.
+    """
 
     def __init__(self, model: torch.nn.Module, *, text_only: bool, image_token_id: int | None, vocab_size: int,
-                 cost_ratio: float, name: str):
+                 cost_ratio: float, name: str, min_confidence: float = 0.0):
         self.model = model
+        self.min_confidence = min_confidence
         self.text_only = text_only
         self.image_token_id = image_token_id
         self.vocab_size = vocab_size  # the target's logit width; draft logits are aligned to it
@@ -76,11 +68,15 @@ class ModelDraft(Draft):
         self.name = name
         self.device = model.device
 
-    def prefill(self, requests: list[Request], room: int) -> None:
+    def scratch(self, gamma: int) -> int:
+        """Cache slots needed past the committed tokens: a chain of gamma after up to 2 pending tokens."""
+        return gamma + 2
+
+    def prefill(self, requests: list[Request], max_new_tokens: int, gamma: int) -> None:
         prompts = [strip_image_tokens(r.input_ids, self.image_token_id) if self.text_only else r.input_ids
                    for r in requests]
         n, longest = len(prompts), max(len(p) for p in prompts)
-        capacity = longest + room
+        capacity = longest + max_new_tokens + self.scratch(gamma)
         self.tokens = torch.zeros(n, capacity, dtype=torch.long, device=self.device)
         for row, prompt in enumerate(prompts):
             self.tokens[row, : len(prompt)] = torch.tensor(prompt)
@@ -91,37 +87,40 @@ class ModelDraft(Draft):
         self.runner.prefill(self.tokens[:, : longest - 1], self.length - 1, **images)
         self.fed_drafts = 0
 
-    def propose(self, n, gamma, params, uniforms):
+    def _feed_pending(self, n: int) -> torch.Tensor:
+        """Feed the committed tokens the draft's cache lacks; return the draft's logits after them [n, V]."""
         runner = self.runner
-        # Tokens committed but not yet in the draft's cache: 1, or 2 when the last proposal was fully accepted.
+        # 1 token, or 2 when the last chain was fully accepted; up to depth + 1 after a tree.
         pending = self.length[:n] - runner.kv_len[:n]  # [n]
         width = int(pending.max())
         cols = runner.kv_len[:n, None] + torch.arange(width, device=self.device)
         feed = self.tokens[:n].gather(1, cols)  # [n, width]; past a row's pending count it is scratch
         logits = runner.forward(feed, causal_attend(pending, width))
-        last = logits[torch.arange(n, device=self.device), pending - 1]  # [n, V]
         runner.kv_len[:n] += pending
+        return self._align_vocab(logits[torch.arange(n, device=self.device), pending - 1])
 
-        tokens, probs = [], []
+    def propose(self, n, gamma, params, rng):
+        runner = self.runner
+        uniforms = rng.uniforms(n, gamma) if rng is not None else None
+        last = self._feed_pending(n)
+        lengths = torch.full((n,), gamma, device=self.device)
+        tokens, probs, calls = [], [], 1
         for i in range(gamma):
-            last = self._align_vocab(last)
-            if params.greedy:
-                token = last.argmax(-1)
-            else:
-                p = probs_from_logits(last, params)
-                token = sample_from(p, uniforms[:, i])
+            p = last.softmax(-1) if params.greedy else probs_from_logits(last, params)
+            if i > 0 and self.min_confidence > 0:
+                unsure = p.max(-1).values < self.min_confidence
+                lengths = torch.where(unsure & (lengths > i), i, lengths)
+            tokens.append(last.argmax(-1) if params.greedy else sample_from(p, uniforms[:, i]))
+            if not params.greedy:
                 probs.append(p)
-            tokens.append(token)
-            if i < gamma - 1:  # the last proposal is never fed: nothing would use its logits
-                last = runner.forward(token[:, None], causal_attend(torch.ones_like(token), 1))[:, -1]
-                runner.kv_len[:n] += 1
-        self.fed_drafts = gamma - 1
-        return Proposal(
-            tokens=torch.stack(tokens, 1),
-            lengths=torch.full((n,), gamma, device=self.device),
-            probs=torch.stack(probs, 1) if probs else None,
-            draft_calls=gamma,
-        )
+            if i == gamma - 1 or not bool((lengths > i + 1).any()):
+                break  # the last proposal is never fed: nothing would use its logits
+            last = self._align_vocab(runner.forward(tokens[-1][:, None], causal_attend(torch.ones_like(lengths), 1))[:, -1])
+            runner.kv_len[:n] += 1
+            calls += 1
+        self.fed_drafts = calls - 1
+        return Proposal.chain(torch.stack(tokens, 1), lengths.clamp(max=len(tokens)),
+                              torch.stack(probs, 1) if probs else None, draft_calls=calls)
 
     def _align_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft and target may pad their embedding tables differently; verification needs one vocabulary."""
@@ -170,7 +169,7 @@ class PromptLookupDraft(Draft):
         self.device = device
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def prefill(self, requests, room):
+    def prefill(self, requests, max_new_tokens, gamma):
         # Histories live on the host: the search is a handful of small numpy scans per row.
         self.history = [np.array(strip_image_tokens(r.input_ids, self.image_token_id), dtype=np.int64)
                         for r in requests]
@@ -185,13 +184,13 @@ class PromptLookupDraft(Draft):
                 return history[begin: begin + gamma]
         return history[:0]
 
-    def propose(self, n, gamma, params, uniforms):
+    def propose(self, n, gamma, params, rng):
         found = [self._lookup(h, gamma) for h in self.history[:n]]
         tokens = torch.zeros(n, gamma, dtype=torch.long)
         for row, cont in enumerate(found):
             tokens[row, : len(cont)] = torch.from_numpy(cont)
         lengths = torch.tensor([len(c) for c in found])
-        return Proposal(tokens.to(self.device), lengths.to(self.device), probs=None, draft_calls=0)
+        return Proposal.chain(tokens.to(self.device), lengths.to(self.device), probs=None, draft_calls=0)
 
     def commit(self, tokens, counts):
         tokens, counts = tokens.cpu().numpy(), counts.cpu().tolist()

@@ -12,7 +12,8 @@ class SampleMetrics:
     draft_calls: int = 0  # draft forward passes (0 for prompt lookup)
     proposed_tokens: int = 0
     accepted_tokens: int = 0
-    accepted_per_step: list[int] = field(default_factory=list)
+    accepted_per_step: list[int] = field(default_factory=list)  # accepted depth at each step
+    nodes_per_step: list[int] = field(default_factory=list)  # draft nodes verified at each step (chain: its length)
     latency_s: float = 0.0  # from the start of the batch (prefill included) to this sample's last token
     cost_ratio: float = 0.0  # c: cost of one draft forward relative to one target forward
 

@@ -1,9 +1,11 @@
 """Drive a Hugging Face model through a SlotKVCache with explicit positions and attention masks.
 
-The runner knows nothing about drafting or acceptance. It feeds `q` new tokens per row, writes their keys and
-values at slots kv_len[row] + j, gives them the positions the caller asks for (consecutive for a chain, depth
-for a tree), and lets each new token see the row's committed prefix plus whichever new tokens `attend` allows.
-It never advances kv_len by itself: the caller commits what was accepted.
+The runner knows nothing about drafting or acceptance. Each row has a committed prefix (slots [0, kv_len)) that
+every new token sees, followed by a *window* of uncommitted slots [kv_len, kv_len + W). A forward writes its q
+tokens at chosen window offsets, gives them the positions the caller asks for (consecutive for a chain, depth
+for a tree), and lets each one see the window slots that `attend` allows: a causal pattern for a chain, its
+ancestors for a tree node (which may have been written by an earlier forward, as when a draft grows a tree
+level by level). The runner never advances kv_len by itself: the caller commits what was accepted.
 """
 
 from __future__ import annotations
@@ -39,24 +41,28 @@ class ModelRunner:
     def forward(
         self,
         tokens: torch.Tensor,  # [n, q]
-        attend: torch.Tensor,  # [n, q, q] bool: query j may see new token i
-        depth: torch.Tensor | None = None,  # [n, q] position offset of each token; None = 0..q-1
+        attend: torch.Tensor,  # [n, q, W] bool: query j may see window slot w
+        offsets: torch.Tensor | None = None,  # [n, q] window slot each token is written to; None = 0..q-1
+        depth: torch.Tensor | None = None,  # [n, q] position of each token past kv_len; None = its offset
         logits_to_keep: int = 0,  # 0 = logits for every query
         **model_inputs,  # pixel_values / image_sizes at prefill
     ) -> torch.Tensor:  # [n, q or logits_to_keep, vocab]
         n, q = tokens.shape
+        window = attend.shape[2]
         kv_len = self.kv_len[:n]
-        offsets = torch.arange(q, device=self.device)
-        write_slots = kv_len[:, None] + offsets[None, :]  # [n, q]
-        positions = kv_len[:, None] + (offsets[None, :] if depth is None else depth)
-        read_len = int(kv_len.max()) + q
+        if offsets is None:
+            offsets = torch.arange(q, device=self.device).expand(n, q)
+        write_slots = kv_len[:, None] + offsets  # [n, q]
+        positions = kv_len[:, None] + (offsets if depth is None else depth)
+        read_len = int(kv_len.max()) + window
         if read_len > self.cache.capacity:
             raise RuntimeError(f"KV cache overflow: need {read_len} slots, have {self.cache.capacity}")
 
-        # allowed[b, j, s]: query j of row b may attend to slot s.
+        # allowed[b, j, s]: query j of row b may attend to slot s: the committed prefix, plus its window slots.
         slots = torch.arange(read_len, device=self.device)
-        allowed = (slots[None, :] < kv_len[:, None])[:, None, :].repeat(1, q, 1)  # committed prefix
-        allowed.scatter_(2, write_slots[:, None, :].expand(n, q, q), attend)  # new tokens
+        allowed = (slots[None, :] < kv_len[:, None])[:, None, :].repeat(1, q, 1)
+        window_slots = kv_len[:, None] + torch.arange(window, device=self.device)  # [n, W]
+        allowed.scatter_(2, window_slots[:, None, :].expand(n, q, window), attend)
         mask = torch.zeros(n, 1, q, read_len, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
 
@@ -85,3 +91,8 @@ class ModelRunner:
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         self.cache.move_rows(dst, src)
         self.kv_len[dst] = self.kv_len[src]
+
+    def compact_window(self, n: int, src: torch.Tensor) -> None:
+        """Per row, move window slots src [n, a] to the window's first a slots (an accepted tree path)."""
+        start = self.kv_len[:n, None]
+        self.cache.move_slots(n, start + src, start + torch.arange(src.shape[1], device=self.device))

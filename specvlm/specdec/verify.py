@@ -1,65 +1,109 @@
-"""Acceptance: given the target's logits over [last token, d_1 .. d_k], how many drafts survive and which token
-the target adds after them.
+"""Acceptance: given the target's logits over [root, node 0, ..., node k-1] (the root is the last committed token),
+which path of draft nodes survives and which token the target adds after it. One verifier serves chains and
+trees, whatever draft made them.
 
-Greedy: accept while d_i equals the target's argmax; the added token is the argmax after the accepted prefix.
-So the output is, token for token, the target's own greedy decoding.
+Greedy: from the root, step to the child whose token is the target's argmax there, while one exists; the added
+token is the target's argmax at the last node reached. So the output is, token for token, the target's own
+greedy decoding.
 
-Sampling (Leviathan et al. 2023, Chen et al. 2023): accept d_i with probability min(1, q(d_i) / p(d_i)); at the
-first rejection draw the added token from norm(max(0, q - p)); if every draft survives draw it from q. Each
-committed token is then distributed exactly as if sampled from the target q. A deterministic draft (prompt
-lookup) is the special case p = one-hot.
+Sampling: recursive rejection sampling over siblings (SpecInfer; Jeon et al. 2024 for siblings drawn without
+replacement). At a node with target distribution q and children x_1, x_2, ... drawn in that order without
+replacement from the draft distribution p: accept x_i with probability min(1, q(x_i) / p(x_i)) and descend;
+on rejection set q <- norm(max(0, q - p)) and p <- norm(p without x_i) and try the next sibling. When no child
+is accepted (or there are none) the added token is drawn from the current q. Each committed token is then
+distributed exactly as the target's own sample. A chain is the one-child case (Leviathan et al., Chen et al.);
+a deterministic draft (prompt lookup) has p = one-hot.
 """
 
 from __future__ import annotations
 
 import torch
 
-from specvlm.specdec.drafts import Proposal
+from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.sampling import SamplingParams, probs_from_logits, sample_from
 
 
-def _proposal_mask(proposal: Proposal) -> torch.Tensor:  # [n, k] True where a real draft token sits
-    k = proposal.tokens.shape[1]
-    return torch.arange(k, device=proposal.tokens.device)[None, :] < proposal.lengths[:, None]
+class Verdict:
+    """accepted [n] nodes on the accepted path, path [n, k] their indices (-1 padded), next_token [n]."""
+
+    def __init__(self, accepted: torch.Tensor, path: torch.Tensor, next_token: torch.Tensor):
+        self.accepted, self.path, self.next_token = accepted, path, next_token
 
 
-def _leading_true(mask: torch.Tensor) -> torch.Tensor:  # [n, k] bool -> [n] length of the all-True prefix
-    return mask.long().cumprod(1).sum(1)
-
-
-def verify_greedy(logits: torch.Tensor, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [n, k+1, V] -> (accepted [n], next_token [n])."""
+def verify_greedy(logits: torch.Tensor, proposal: Proposal) -> Verdict:
     best = logits.argmax(-1)  # [n, k+1]
-    k = proposal.tokens.shape[1]
-    accepted = _leading_true((proposal.tokens == best[:, :k]) & _proposal_mask(proposal))
-    return accepted, best.gather(1, accepted[:, None]).squeeze(1)
-
-
-def verify_sampling(
-    logits: torch.Tensor, proposal: Proposal, params: SamplingParams, uniforms: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [n, k+1, V], uniforms [n, k+1] -> (accepted [n], next_token [n])."""
     n, k = proposal.tokens.shape
-    q = probs_from_logits(logits, params)  # [n, k+1, V]
-    rows = torch.arange(n, device=logits.device)
-    if k == 0:
-        return proposal.lengths.clone(), sample_from(q[:, 0], uniforms[:, 0])
+    if proposal.is_chain:
+        # The path is a prefix: the leading run of drafts that equal the target's argmax.
+        match = (proposal.tokens == best[:, :k]) & proposal.valid
+        accepted = match.long().cumprod(1).sum(1)
+        path = torch.where(torch.arange(k, device=best.device) < accepted[:, None], torch.arange(k, device=best.device), -1)
+        return Verdict(accepted, path, best.gather(1, accepted[:, None]).squeeze(1))
 
-    tokens = proposal.tokens[..., None]  # [n, k, 1]
-    if proposal.probs is None:
-        p = torch.zeros_like(q[:, :k]).scatter_(2, tokens, 1.0)
+    rows = torch.arange(n, device=best.device)
+    node = torch.full((n,), -1, device=best.device)  # -1 = the root
+    path = torch.full((n, k), -1, device=best.device)
+    accepted = torch.zeros(n, dtype=torch.long, device=best.device)
+    for _ in range(k):
+        want = best[rows, node + 1]
+        match = (proposal.parents == node[:, None]) & (proposal.tokens == want[:, None]) & proposal.valid
+        found = match.any(1)
+        if not bool(found.any()):
+            break
+        child = match.long().argmax(1)  # siblings carry distinct tokens, so at most one matches
+        path[rows[found], accepted[found]] = child[found]
+        node = torch.where(found, child, node)
+        accepted += found
+        # A row that found no match keeps node fixed, and no child of a fixed node matches later either.
+    return Verdict(accepted, path, best[rows, node + 1])
+
+
+def _normalise(p: torch.Tensor) -> torch.Tensor:
+    total = p.sum(-1, keepdim=True)
+    return torch.where(total > 0, p / total.clamp(min=torch.finfo(p.dtype).tiny), p)
+
+
+def verify_sampling(logits: torch.Tensor, proposal: Proposal, params: SamplingParams,
+                    uniforms: torch.Tensor) -> Verdict:
+    """uniforms [n, k+1]: one per sibling tried (at most k) and one for the added token."""
+    n, k = proposal.tokens.shape
+    device = logits.device
+    rows = torch.arange(n, device=device)
+    q_nodes = probs_from_logits(logits, params)  # [n, k+1, V]
+    if proposal.probs is not None:
+        p_nodes = proposal.probs
     else:
-        p = proposal.probs
-    q_draft = q[:, :k].gather(2, tokens).squeeze(2)  # [n, k] q(d_i)
-    p_draft = p.gather(2, tokens).squeeze(2)  # [n, k] p(d_i) > 0: d_i was drawn from p
-    # u < q/p, written without the division; accepts with probability min(1, q/p).
-    survive = uniforms[:, :k] * p_draft < q_draft
-    accepted = _leading_true(survive & _proposal_mask(proposal))
+        p_nodes = torch.zeros_like(q_nodes[:, 1:]).scatter_(2, proposal.tokens[..., None], 1.0)
 
-    q_next = q[rows, accepted]  # [n, V]
-    rejected = accepted < proposal.lengths
-    residual = (q_next - p[rows, accepted.clamp(max=k - 1)]).clamp_(min=0)
-    # A rejection implies q(d) < p(d) somewhere, so the residual has mass; the check guards round-off only.
-    use_residual = rejected & (residual.sum(-1) > 0)
-    dist = torch.where(use_residual[:, None], residual, q_next)
-    return accepted, sample_from(dist, uniforms[:, k])
+    node = torch.full((n,), -1, device=device)
+    path = torch.full((n, k), -1, device=device)
+    accepted = torch.zeros(n, dtype=torch.long, device=device)
+    tries = torch.zeros(n, dtype=torch.long, device=device)  # uniforms used per row (keeps rows independent)
+    q = q_nodes[:, 0]
+    searching = torch.ones(n, dtype=torch.bool, device=device)
+    for _ in range(k):
+        children = (proposal.parents == node[:, None]) & proposal.valid & searching[:, None]  # [n, k]
+        if not bool(children.any()):
+            break
+        rank = children.long().cumsum(1) - 1
+        first = children.long().argmax(1)
+        p = p_nodes[rows, first]  # siblings share their parent's distribution
+        moved = torch.zeros(n, dtype=torch.bool, device=device)
+        for sibling in range(int(children.sum(1).max())):
+            pick = children & (rank == sibling)
+            trying = pick.any(1) & ~moved
+            child = pick.long().argmax(1)
+            x = proposal.tokens[rows, child]
+            u = uniforms[rows, tries]
+            tries += trying
+            accept = trying & (u * p[rows, x] < q[rows, x])
+            reject = trying & ~accept
+            q = torch.where(reject[:, None], _normalise((q - p).clamp(min=0)), q)
+            p = torch.where(reject[:, None], _normalise(p.scatter(1, x[:, None], 0.0)), p)
+            path[rows[accept], accepted[accept]] = child[accept]
+            node = torch.where(accept, child, node)
+            moved |= accept
+        accepted += moved
+        searching &= moved
+        q = torch.where(moved[:, None], q_nodes[rows, node + 1], q)
+    return Verdict(accepted, path, sample_from(q, uniforms[:, -1]))

@@ -1,0 +1,137 @@
+"""Dynamic tree drafting (Spec-LLaVA, EAGLE-2): grow the draft tree where the draft is confident.
+
+Level by level, the `beam` nodes with the highest cumulative draft probability (the product of the draft's
+probabilities along the path) are fed to the draft in one forward pass, with a tree mask so each sees only its
+ancestors, and each gets `topk` children. The tree's shape therefore changes every step and differs per row.
+
+Greedy decoding takes the top-k tokens as children and finally keeps the `max_nodes` best nodes (any subtree
+verifies correctly under greedy acceptance). Sampling must keep the verifier exact, so children are drawn without
+replacement from the draft distribution (Gumbel top-k) and nothing is pruned after it was drawn: which nodes get
+children, and how many, is decided from what was drawn before them only.
+
+After verification the draft does not keep its tree's cache entries: the accepted path and the target's token
+are simply fed again, in the single forward that starts the next tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specvlm.specdec.drafts import ModelDraft
+from specvlm.specdec.proposal import Proposal, ancestors
+from specvlm.specdec.sampling import probs_from_logits
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    topk: int = 4  # children per expanded node
+    beam: int = 4  # nodes expanded per level
+    max_nodes: int = 24  # nodes verified per row and step
+    min_score: float = 0.0  # nodes whose path probability is below this are not expanded (greedy: not kept)
+
+    def __post_init__(self):
+        if self.topk < 1 or self.beam < 1 or self.max_nodes < 1:
+            raise ValueError("tree topk, beam and max_nodes must be >= 1")
+        if not 0.0 <= self.min_score < 1.0:
+            raise ValueError(f"tree min_score must be in [0, 1), got {self.min_score}")
+
+
+class TreeDraft(ModelDraft):
+    def __init__(self, *args, tree: TreeSettings, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tree = tree
+
+    def max_nodes(self, gamma: int) -> int:
+        return self.tree.max_nodes
+
+    def scratch(self, gamma: int) -> int:
+        # Every node ever created has a window slot (greedy creates more than it keeps), after a pending
+        # feed of up to gamma + 1 tokens.
+        t = self.tree
+        return t.topk + (gamma - 1) * t.beam * t.topk + gamma + 1
+
+    def propose(self, n, gamma, params, rng):
+        t = self.tree
+        greedy = params.greedy
+        root = self._feed_pending(n)
+        self.fed_drafts = 0  # tree entries are never kept: see the module docstring
+        dist = self._distribution(root, params)  # [n, V]
+        tokens, probs = self._children(dist, t.topk, rng)  # [n, topk]
+        parents = torch.full_like(tokens, -1)
+        scores, depth = probs, torch.ones_like(tokens)
+        node_dists = [dist[:, None].expand(-1, t.topk, -1)] if not greedy else []
+        level, calls = slice(0, t.topk), 1
+
+        for d in range(2, gamma + 1):
+            size = level.stop - level.start
+            width = min(t.beam, size)
+            if not greedy and scores.shape[1] + width * t.topk > t.max_nodes:
+                break  # sampling never prunes what it drew, so it only draws what fits
+            chosen = level.start + scores[:, level].topk(width, dim=1).indices  # [n, width]
+            chosen_scores = scores.gather(1, chosen)
+            if not bool((chosen_scores > t.min_score).any()):
+                break
+            logits = self.runner.forward(
+                tokens.gather(1, chosen),
+                ancestors(parents).gather(1, chosen[..., None].expand(-1, -1, parents.shape[1])),
+                offsets=chosen,  # node i of the tree lives in window slot i
+                depth=depth.gather(1, chosen) - 1,
+            )
+            calls += 1
+            dist = self._distribution(self._align_vocab(logits), params)  # [n, width, V]
+            child_tokens, child_probs = self._children(dist, t.topk, rng)  # [n, width, topk]
+            # A child of a node below min_score is dropped, decided by its parent's score alone.
+            child_scores = torch.where(chosen_scores[..., None] > t.min_score,
+                                       chosen_scores[..., None] * child_probs, -1.0)
+            level = slice(tokens.shape[1], tokens.shape[1] + width * t.topk)
+            tokens = torch.cat([tokens, child_tokens.flatten(1)], 1)
+            parents = torch.cat([parents, chosen.repeat_interleave(t.topk, dim=1)], 1)
+            scores = torch.cat([scores, child_scores.flatten(1)], 1)
+            depth = torch.cat([depth, torch.full_like(child_tokens.flatten(1), d)], 1)
+            if not greedy:
+                node_dists.append(dist.repeat_interleave(t.topk, dim=1))
+
+        keep = scores > 0
+        if greedy:
+            keep &= scores >= t.min_score
+            # The best max_nodes; a stable sort ranks a parent before its children (a child's score is lower or
+            # equal, and its index higher), so the kept set is always a tree.
+            rank = torch.empty_like(scores, dtype=torch.long).scatter_(
+                1, torch.sort(-scores, dim=1, stable=True).indices,
+                torch.arange(scores.shape[1], device=scores.device).expand_as(scores))
+            keep &= rank < t.max_nodes
+        return _compact(tokens, parents, keep, torch.cat(node_dists, 1) if node_dists else None, calls)
+
+    def _distribution(self, logits: torch.Tensor, params) -> torch.Tensor:
+        # Greedy ranks nodes by the draft's plain probabilities; sampling must use exactly the p it draws from.
+        return logits.float().softmax(-1) if params.greedy else probs_from_logits(logits, params)
+
+    def _children(self, dist: torch.Tensor, k: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        """k children of each distribution [..., V]: its top-k (greedy), or k draws without replacement."""
+        if rng is None:
+            probs, tokens = dist.topk(k, dim=-1)
+            return tokens, probs
+        shape = dist.shape
+        uniforms = rng.uniforms(shape[0], dist[0].numel()).reshape(shape).clamp_(min=1e-12, max=1 - 1e-7)
+        # Gumbel top-k: the k largest log p + Gumbel noise are a sample without replacement from p.
+        keys = dist.log() - (-uniforms.log()).log()
+        tokens = keys.topk(k, dim=-1).indices
+        probs = dist.gather(-1, tokens)
+        # Where p has fewer than k tokens, the extra "children" have probability 0: mark them invalid.
+        return tokens, torch.where(probs > 0, probs, -1.0)
+
+
+def _compact(tokens, parents, keep, dists, calls) -> Proposal:
+    """Move the kept nodes of each row to the front (in their breadth-first order) and renumber parents."""
+    order = torch.sort((~keep).long(), dim=1, stable=True).indices  # kept first, original order preserved
+    new_index = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                                 .expand_as(order))
+    parents = parents.gather(1, order)
+    parents = torch.where(parents >= 0, new_index.gather(1, parents.clamp(min=0)), -1)
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    if dists is not None:
+        dists = dists.gather(1, order[:, :width, None].expand(-1, -1, dists.shape[-1]))
+    return Proposal(tokens.gather(1, order)[:, :width], parents[:, :width], lengths, dists, calls)
