@@ -130,3 +130,14 @@ def families() -> dict[str, Family]:
 @pytest.fixture(scope="session")
 def family(families) -> Family:
     return families["mha"]
+
+
+@pytest.fixture(scope="session")
+def models(family, tmp_path_factory):
+    """The mha family on disk, as the pipeline loads it: target/ and draft/ (the noisy VLM draft)."""
+    root = tmp_path_factory.mktemp("saved-models")
+    family.target.save_pretrained(root / "target")
+    family.processor.save_pretrained(root / "target")
+    family.drafts["vlm_noisy"].save_pretrained(root / "draft")
+    family.tokenizer.save_pretrained(root / "draft")
+    return root

@@ -101,6 +101,7 @@ def _bad_requests(family):
         "pixel_values has shape": Request(good.input_ids, torch.zeros(1, 3, 40, 40)),
         "expects": Request(family.tokenizer("USER: <image>\nhi ASSISTANT:").input_ids, good.pixel_values),
         "empty prompt": Request([], None),
+        "outside the model's vocabulary": Request([1, 5, 10**6, 7], None),
         "ends with an image placeholder": Request(good.input_ids[: last_image_token + 1], good.pixel_values),
     }
 

@@ -29,16 +29,6 @@ MAX_NEW = 10
 SEED, SHARDS, PER_SHARD = 5, 3, 4
 
 
-@pytest.fixture(scope="module")
-def models(family, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline-models")
-    family.target.save_pretrained(root / "target")
-    family.processor.save_pretrained(root / "target")
-    family.drafts["vlm_noisy"].save_pretrained(root / "draft")
-    family.tokenizer.save_pretrained(root / "draft")
-    return root
-
-
 def config_for(models, input_uri, output_uri, *extra, endpoint=None):
     overrides = [
         f"input.uri={input_uri}", f"output.uri={output_uri}", f"model.target={models / 'target'}",

@@ -15,6 +15,7 @@ import tarfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator, Literal, TypedDict
 
 import pyarrow as pa
@@ -22,6 +23,8 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.core import strip_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+from specvlm.data.retry import is_transient, with_retries
 
 ShardFormat = Literal["images", "webdataset", "parquet"]
 
@@ -174,12 +177,15 @@ def _stem_key(root: str, path: str) -> str:
 
 
 def read_shard(
-    shard: Shard, *, storage_options: dict | None = None, image_column: str = "image"
+    shard: Shard, *, storage_options: dict | None = None, image_column: str = "image", skip: int = 0,
+    raise_transient: bool = False,
 ) -> Iterator[Record]:
     """Yield one record per sample of `shard`. Keys are unique within the shard.
 
     A shard that cannot be read at all gives one record keyed `<shard_id>:__shard__`; one that
     fails part-way gives the records read so far, then one keyed `<shard_id>:__truncated__`.
+    With raise_transient, a failure that may pass (a dropped connection, throttling) is raised
+    instead, so the caller can retry; `skip` then resumes after the records it already has.
     """
     fs, path = url_to_fs(shard.uri, **(storage_options or {}))
     if shard.format == "images":
@@ -196,9 +202,12 @@ def read_shard(
             if seen[key] > 1:
                 error = f"key {key!r} occurs more than once in {shard.uri}; make keys unique"
                 record = _record(shard, f"{key}:__duplicate{seen[key] - 1}__", error=error)
-            yield record
+            if count >= skip:
+                yield record
             count += 1
     except (OSError, EOFError, tarfile.TarError, pa.ArrowException, SourceError) as e:
+        if raise_transient and is_transient(e):
+            raise
         where = "__truncated__" if count else "__shard__"
         after = f" after {count} records" if count else ""
         yield _record(
@@ -254,7 +263,7 @@ def _read_image_folder(shard: Shard, fs: AbstractFileSystem, root: str) -> Itera
 
     def fetch(key: str) -> Record:
         try:
-            members = {ext: fs.cat_file(path) for ext, path in samples[key].items()}
+            members = {ext: with_retries(partial(fs.cat_file, path)) for ext, path in samples[key].items()}
         except OSError as e:
             return _record(shard, key, error=f"cannot read {sorted(samples[key].values())} ({type(e).__name__}: {e})")
         return _sample_record(shard, key, members)

@@ -112,6 +112,9 @@ class ComputeConfig(Section):
     num_gpus: float | Literal["auto"] = "auto"  # per actor; auto: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_actor: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)  # rows per engine call
+    # Cache slots per engine call (prompt + generated tokens per row): bounds actor memory when prompts are long;
+    # a batch over it is split. A row alone is never split.
+    max_batch_tokens: int = Field(32768, ge=1)
     preprocess_workers: int = Field(1, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)  # larger images are refused before decoding (bomb guard)
 

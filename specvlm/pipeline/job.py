@@ -21,7 +21,7 @@ from specvlm.data.sources import SourceError, list_shards
 from specvlm.models.loading import ModelLoadError, check_model_location
 from specvlm.pipeline.config import ConfigError, JobConfig
 from specvlm.pipeline.sink import OutputDir, ShardCollector
-from specvlm.pipeline.stages import Decoder, preprocess, read_records, shard_to_item
+from specvlm.pipeline.stages import Decoder, preprocess, read_shards, shard_to_item
 
 
 class JobFailed(RuntimeError):
@@ -120,7 +120,8 @@ def build_dataset(config: JobConfig, shards: list):
 
     c = config.compute
     ds = ray.data.from_items([shard_to_item(s) for s in shards], override_num_blocks=len(shards))
-    ds = ds.flat_map(read_records, fn_kwargs={"storage_options": config.input.storage_options})
+    ds = ds.map_batches(read_shards, fn_kwargs={"storage_options": config.input.storage_options},
+                        batch_format="pyarrow", batch_size=1)
     ds = ds.map_batches(preprocess, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=16)
     return ds.map_batches(
         Decoder,

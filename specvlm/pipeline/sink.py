@@ -17,6 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from specvlm.data.retry import with_retries
 from specvlm.pipeline.schema import OUTPUT_SCHEMA
 
 HASH_METADATA_KEY = b"specvlm.config_hash"
@@ -37,6 +38,9 @@ class OutputDir:
 
     def finished(self, config_hash: str) -> set[str]:
         """Shard ids already written. Refuses to resume over output made with different settings."""
+        return with_retries(lambda: self._finished(config_hash))
+
+    def _finished(self, config_hash: str) -> set[str]:
         self.fs.invalidate_cache()
         if not self.fs.exists(self.root):
             return set()
@@ -61,7 +65,10 @@ class OutputDir:
         self.fs.rm(probe)
 
     def write_atomic(self, path: str, write) -> None:
-        """write(file_object) into a temporary object, then move it to `path`."""
+        """write(file_object) into a temporary object, then move it to `path`; retried as a whole."""
+        with_retries(lambda: self._write_atomic(path, write))
+
+    def _write_atomic(self, path: str, write) -> None:
         staging = posixpath.join(self.root, "_staging", f"{uuid.uuid4().hex}-{posixpath.basename(path)}")
         self.fs.makedirs(posixpath.dirname(staging), exist_ok=True)
         with self.fs.open(staging, "wb") as f:

@@ -1,6 +1,6 @@
 """The pipeline's stages, each a plain function or a callable class that Ray Data maps over rows or batches.
 
-    read_records   (flat_map, CPU task)     one shard -> its records, numbered, then an end marker
+    read_shards    (map_batches, CPU task)  one shard -> its records, numbered, streamed in blocks, then an end marker
     preprocess     (map_batches, CPU task)  decode + validate the image, build the prompt, run the processor
     Decoder        (map_batches, actor)     target + draft loaded once; batched speculative decoding
 
@@ -15,7 +15,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -24,11 +26,22 @@ import torch
 
 from specvlm.data.images import ImageError, decode_image
 from specvlm.data.prompts import LETTERS, PromptError, extract_choice, instruction, render
+from specvlm.data.retry import backoff, is_transient
 from specvlm.data.sources import Shard, read_shard
 from specvlm.pipeline.config import JobConfig
+from specvlm.pipeline.faults import inject_fault
 from specvlm.pipeline.schema import OUTPUT_SCHEMA
 
 ROW_FIELDS = [pa.field("row_index", pa.int64(), nullable=False), pa.field("is_end", pa.bool_(), nullable=False)]
+
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()), pa.field("shard_id", pa.string()), pa.field("source", pa.string()),
+        pa.field("image", pa.binary()), pa.field("caption", pa.string()), pa.field("question", pa.string()),
+        pa.field("choices", pa.list_(pa.string())), pa.field("answer", pa.string()), pa.field("meta", pa.string()),
+        pa.field("error", pa.string()), *ROW_FIELDS,
+    ]
+)  # fmt: skip
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -43,16 +56,41 @@ PREPARED_SCHEMA = pa.schema(
 DECODED_SCHEMA = pa.schema([*OUTPUT_SCHEMA, *ROW_FIELDS])
 
 
-def read_records(item: dict, storage_options: dict) -> list[dict]:
-    """flat_map: one shard (as a dict) -> its records plus the end marker."""
-    shard = Shard(**{**item, "files": tuple(item["files"])})
-    records = []
-    for index, record in enumerate(read_shard(shard, storage_options=storage_options)):
-        records.append({**record, "row_index": index, "is_end": False})
-    records.append({"key": "", "shard_id": shard.shard_id, "source": shard.uri, "image": None, "caption": None,
-                    "question": None, "choices": None, "answer": None, "meta": None, "error": None,
-                    "row_index": len(records), "is_end": True})
-    return records
+READ_BATCH_ROWS = 32  # records per block out of the reader: a shard is streamed, never held whole
+
+
+def read_shards(items: pa.Table, storage_options: dict, attempts: int = 5) -> Iterator[pa.Table]:
+    """map_batches (one shard per call): the shard's records, numbered, in blocks, then its end marker.
+
+    A shard whose stream breaks for a moment (a dropped connection, throttling) is reopened and resumed
+    after the records already sent, with backoff; only a lasting failure becomes an error row.
+    """
+    for item in items.to_pylist():
+        shard = Shard(**{**item, "files": tuple(item["files"])})
+        sent, block = 0, []
+        for attempt in range(attempts):
+            try:
+                last_try = attempt == attempts - 1
+                for record in read_shard(shard, storage_options=storage_options, skip=sent,
+                                         raise_transient=not last_try):
+                    block.append({**record, "row_index": sent, "is_end": False})
+                    sent += 1
+                    if len(block) == READ_BATCH_ROWS:
+                        yield pa.Table.from_pylist(block, schema=RECORD_SCHEMA)
+                        block = []
+                break
+            except Exception as exc:  # only transient errors reach here (see raise_transient)
+                if not is_transient(exc):
+                    raise
+                time.sleep(backoff(attempt))
+        block.append(_end_marker(shard, sent))
+        yield pa.Table.from_pylist(block, schema=RECORD_SCHEMA)
+
+
+def _end_marker(shard: Shard, rows: int) -> dict:
+    return {"key": "", "shard_id": shard.shard_id, "source": shard.uri, "image": None, "caption": None,
+            "question": None, "choices": None, "answer": None, "meta": None, "error": None,
+            "row_index": rows, "is_end": True}
 
 
 def sample_seed(seed: int, shard_id: str, key: str) -> int:
@@ -168,15 +206,32 @@ class Decoder:
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else (),
         )
         self.decoder = SpeculativeDecoder(self.target.model, draft, decode_config)
+        self.window = self.decoder.max_nodes + 1
         self.identity = {"model": m.target, "draft": config.draft_name(), "config_hash": config.output_hash()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        inject_fault("decode")
         rows = batch.to_pylist()
         todo = [i for i, r in enumerate(rows) if not r["is_end"] and not r["error"]]
-        results = self._generate([self._request(rows[i]) for i in todo])
-        by_row = dict(zip(todo, results))
+        by_row = {}
+        for group in self._token_budget_groups([rows[i] for i in todo], [i for i in todo]):
+            by_row.update(zip(group, self._generate([self._request(rows[i]) for i in group])))
         return pa.Table.from_pylist([self._output(r, by_row.get(i)) for i, r in enumerate(rows)],
                                     schema=DECODED_SCHEMA)
+
+    def _token_budget_groups(self, rows: list[dict], ids: list[int]) -> list[list[int]]:
+        """Split a batch so each engine call holds at most compute.max_batch_tokens cache slots (prompt plus
+        generated tokens plus one draft window per row): memory stays bounded whatever the prompt lengths."""
+        budget, per_row = self.config.compute.max_batch_tokens, self.config.decode.max_new_tokens + self.window
+        groups, current, used = [], [], 0
+        for row, i in zip(rows, ids):
+            cost = len(row["input_ids"]) + per_row
+            if current and used + cost > budget:
+                groups.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += cost
+        return groups + [current] if current else groups
 
     def _generate(self, requests):
         try:

@@ -40,6 +40,7 @@ class TargetSpec:
     image_tokens_per_image: int | None  # None where it depends on the image (LLaVA-NeXT anyres)
     image_size: int | None  # square input side, where the architecture has a fixed one
     max_positions: int
+    vocab_size: int  # rows of the input embedding table
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "TargetSpec":
@@ -56,7 +57,8 @@ class TargetSpec:
             per_image = (vision.image_size // vision.patch_size) ** 2
             if config.vision_feature_select_strategy == "full":
                 per_image += 1  # the CLS token is kept
-        return cls(image_token_id, per_image, size, getattr(text, "max_position_embeddings", 1 << 30))
+        vocab = model.get_input_embeddings().num_embeddings
+        return cls(image_token_id, per_image, size, getattr(text, "max_position_embeddings", 1 << 30), vocab)
 
 
 def validate(request: Request, spec: TargetSpec, max_new_tokens: int) -> str | None:
@@ -64,6 +66,10 @@ def validate(request: Request, spec: TargetSpec, max_new_tokens: int) -> str | N
     ids = request.input_ids
     if len(ids) == 0:
         return "empty prompt: it needs at least one token (build it with the model's processor, which adds BOS)"
+    outside = [t for t in ids if not 0 <= t < spec.vocab_size]
+    if outside:
+        return (f"prompt token id {outside[0]} is outside the model's vocabulary of {spec.vocab_size}; tokenize with "
+                "the target's own tokenizer")
     placeholders = sum(1 for t in ids if t == spec.image_token_id) if spec.image_token_id is not None else 0
     has_image = request.pixel_values is not None
     if placeholders and not has_image:
