@@ -43,6 +43,7 @@ class InputConfig(Section):
     uri: str  # directory, file or glob, any fsspec URI
     format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
     files_per_shard: int = Field(1000, ge=1)  # image folders only
+    max_shards: int | None = Field(None, ge=1)  # only the first N shards (in sorted order): trials, evaluations
     image_column: str = "image"  # parquet only
     # Task fields taken from a record's metadata under another name, e.g. {question: mc_question}.
     fields: dict[Literal["caption", "question", "choices", "answer"], str] = Field(default_factory=dict)

@@ -87,6 +87,7 @@ def preflight(config: JobConfig) -> tuple[OutputDir, list]:
                              files_per_shard=config.input.files_per_shard)
     except (SourceError, OSError) as exc:
         raise ConfigError(f"input.uri: {exc}") from None
+    shards = shards[: config.input.max_shards]
     output = OutputDir(config.output.uri, config.output.storage_options)
     try:
         output.check_writable()

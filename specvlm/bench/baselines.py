@@ -1,0 +1,73 @@
+"""What users would run instead, timed the same way: Hugging Face `generate` (batched, greedy) and Hugging
+Face assisted generation (`assistant_model`, batch size 1 only), plus the measurement of the draft/target cost
+ratio c that the analytic speedup limit tau / (gamma * c + 1) needs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from specvlm.specdec.requests import Request, collate_images
+from specvlm.specdec.runner import ModelRunner, causal_attend
+
+
+def _trim(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+@torch.inference_mode()
+def hf_generate(target, requests: list[Request], max_new_tokens: int, batch: int, eos: tuple[int, ...],
+                pad_id: int, assistant=None) -> tuple[list[list[int]], float]:
+    """Greedy `generate` over left-padded batches (or with an assistant model, one request at a time)."""
+    if assistant is not None and batch != 1:
+        raise ValueError("Hugging Face assisted generation supports batch size 1 only")
+    outputs, start = [], time.perf_counter()
+    for i in range(0, len(requests), batch):
+        group = requests[i: i + batch]
+        width = max(len(r.input_ids) for r in group)
+        ids = torch.tensor([[pad_id] * (width - len(r.input_ids)) + r.input_ids for r in group], device=target.device)
+        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in group],
+                            device=target.device)
+        extra = {"assistant_model": assistant} if assistant is not None else {}
+        out = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=list(eos), pad_token_id=pad_id, **collate_images(group, target), **extra)
+        outputs += [_trim(row[width:].tolist(), set(eos)) for row in out]
+    return outputs, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def cost_ratio(target, draft_model, requests: list[Request], steps: int = 20) -> float:
+    """c = time of one draft forward / time of one target forward, one new token per row, same batch and
+    context: the cost model behind tau / (gamma * c + 1)."""
+
+    def step_time(model, rows: list[Request], with_images: bool) -> float:
+        ids = [r.input_ids for r in rows]
+        width = max(len(x) for x in ids)
+        runner = ModelRunner(model, len(rows), width + steps + 2)
+        tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=model.device)
+        images = collate_images(rows, model) if with_images else {}
+        runner.prefill(tokens, torch.tensor([len(x) for x in ids], device=model.device), **images)
+        one = tokens[:, :1]
+        attend = causal_attend(torch.ones(len(rows), dtype=torch.long, device=model.device), 1)
+        runner.forward(one, attend)  # warm-up
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.forward(one, attend)
+            runner.kv_len += 1
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps
+
+    if hasattr(draft_model.config, "vision_config"):
+        draft_time = step_time(draft_model, requests, True)
+    else:  # a text-only draft reads the prompt without image placeholders
+        image_token = target.config.image_token_id
+        draft_time = step_time(draft_model, [Request([t for t in r.input_ids if t != image_token]) for r in requests],
+                               False)
+    return draft_time / step_time(target, requests, True)
