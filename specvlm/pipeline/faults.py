@@ -2,6 +2,8 @@
 
     SPECVLM_FAULTS=decode_exit_once:/tmp/marker   the first decode call anywhere kills its process (a crashed
                                                   GPU actor); the marker file makes it happen only once
+    SPECVLM_FAULTS=shard_written_exit_once:/tmp/m  the driver dies right after its first shard file lands (a
+                                                  killed job, at a point that does not depend on timing)
 
 The variable is read where the fault would strike, so it reaches Ray workers through their environment.
 """

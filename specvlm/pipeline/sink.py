@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from specvlm.data.retry import with_retries
+from specvlm.pipeline.faults import inject_fault
 from specvlm.pipeline.schema import OUTPUT_SCHEMA
 
 HASH_METADATA_KEY = b"specvlm.config_hash"
@@ -127,6 +128,7 @@ class ShardCollector:
         self.output.write_shard(shard, table.select(OUTPUT_SCHEMA.names), self.config_hash)
         self.written[shard] = len(rows)
         self.tokens += sum(r["new_tokens"] or 0 for r in rows)
+        inject_fault("shard_written")
 
     @property
     def incomplete(self) -> list[str]:
