@@ -106,13 +106,17 @@ class ModelDraft(Draft):
         lengths = torch.full((n,), gamma, device=self.device)
         tokens, probs, calls = [], [], 1
         for i in range(gamma):
-            p = last.softmax(-1) if params.greedy else probs_from_logits(last, params)
+            if params.greedy:
+                p = last.softmax(-1) if self.min_confidence > 0 else None  # only the stopping rule needs it
+                tokens.append(last.argmax(-1))
+            else:
+                p = probs_from_logits(last, params)
+                tokens.append(sample_from(p, uniforms[:, i]))
+                probs.append(p)
             if i > 0 and self.min_confidence > 0:
+                # Decided from p, which the draft computed before drawing token i: sampling stays exact.
                 unsure = p.max(-1).values < self.min_confidence
                 lengths = torch.where(unsure & (lengths > i), i, lengths)
-            tokens.append(last.argmax(-1) if params.greedy else sample_from(p, uniforms[:, i]))
-            if not params.greedy:
-                probs.append(p)
             if i == gamma - 1 or not bool((lengths > i + 1).any()):
                 break  # the last proposal is never fed: nothing would use its logits
             last = self._align_vocab(runner.forward(tokens[-1][:, None], causal_attend(torch.ones_like(lengths), 1))[:, -1])
