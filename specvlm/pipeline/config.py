@@ -112,6 +112,9 @@ class ComputeConfig(Section):
     actors: int = Field(1, ge=1)  # decode actors (each holds target + draft)
     num_gpus: float | Literal["auto"] = "auto"  # per actor; auto: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_actor: float = Field(1.0, gt=0)
+    # Intra-op threads of each decode actor (default: its cpus_per_actor, as Ray sets it). More than that can
+    # pay when the CPU stages are light, as on a small machine running the demo.
+    torch_threads: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)  # rows per engine call
     # Cache slots per engine call (prompt + generated tokens per row): bounds actor memory when prompts are long;
     # a batch over it is split. A row alone is never split.

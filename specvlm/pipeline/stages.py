@@ -192,6 +192,8 @@ class Decoder:
 
         m, d, s = config.model, config.draft, config.decode
         self.config = config
+        if config.compute.torch_threads:
+            torch.set_num_threads(config.compute.torch_threads)
         self.target = load_target(m.target, device=m.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                                   storage_options=m.storage_options)
         tree = TreeSettings(**d.tree.model_dump()) if d.mode == "tree" else None
