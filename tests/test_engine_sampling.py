@@ -5,8 +5,6 @@ to k^3 sequences) and compared with thousands of seeded engine runs by a chi-squ
 deliberately wrong acceptance rules must reject them, which shows it has the power to catch a subtle bias.
 """
 
-import itertools
-
 import numpy as np
 import pytest
 import torch

@@ -8,7 +8,7 @@ from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.proposal import ancestors
 from specvlm.specdec.sampling import SamplingParams, probs_from_logits, sample_from
 from specvlm.specdec.tree import TreeSettings
-from specvlm.specdec.verify import Verdict, verify_sampling
+from specvlm.specdec.verify import Verdict
 from tests.fixtures_models import SHAPES
 from tests.test_engine_sampling import LENGTH, PARAMS, RUNS, chi_square_p, exact_distribution
 

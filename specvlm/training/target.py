@@ -1,0 +1,77 @@
+"""The demo target: a small LLaVA (CLIP vision tower + projector + Llama LM) trained from scratch on the world.
+
+Sizing. The image side is 48 with 16-pixel patches: a 3x3 patch grid that coincides with the world's 3x3 grid
+of object cells, so each of the 9 image tokens sees exactly one cell (the CLS token is dropped). The vision
+tower is small (hidden 128, 2 layers, last layer's features): it only has to tell 5 shapes, 7 colours and 2
+sizes apart inside one cell. The LM is the model the engine speeds up, so its size is chosen for the engine
+(see DEMO_TARGET and the measurements in the README of issue 5's note): large enough that one forward pass of
+the target costs clearly more than one of the drafts (hidden 128), small enough to train from scratch on this
+2-core CPU in about 20 minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from specvlm.models.build import LlavaShape, build_llava
+from specvlm.training.loop import TrainConfig, train
+from specvlm.training.tokenizer import CHAT_TEMPLATE
+from specvlm.training.vision import CellReader, SceneImages, cell_step
+from specvlm.training.world_data import WorldBatches
+
+DEMO_TARGET = LlavaShape(
+    hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024,
+    vision_hidden=128, vision_layers=2, vision_heads=4, image_size=48, patch_size=16,
+    vision_feature_layer=-1, select_strategy="default", max_positions=512,
+)  # fmt: skip
+
+
+def build_target(tokenizer, shape: LlavaShape = DEMO_TARGET, seed: int = 0
+                 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised demo target whose processor carries the LLaVA-1.5 chat template."""
+    model, processor = build_llava(tokenizer, shape, seed=seed)
+    processor.chat_template = CHAT_TEMPLATE
+    # The pipeline stops on the generation config's EOS; say so explicitly rather than rely on inheritance.
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, processor
+
+
+def save_checkpoint(model: torch.nn.Module, saver, out_dir: Path, dtype: torch.dtype = torch.float32) -> None:
+    """save_pretrained (safetensors) in `dtype`, plus the processor or tokenizer `saver` beside it.
+
+    The in-memory model is left untouched: it is cast on a copy of its state, never in place.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
+             for name, tensor in model.state_dict().items()}
+    config = model.config
+    previous = getattr(config, "dtype", None)
+    config.dtype = dtype  # recorded in config.json; loaders cast to what they ask for anyway
+    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    config.dtype = previous
+    saver.save_pretrained(out_dir)
+
+
+def train_target(tokenizer, out_dir: Path, work_dir: Path, config: TrainConfig, *, vision: TrainConfig | None = None,
+                 shape: LlavaShape = DEMO_TARGET, scenes_per_step: int = 8, vqa_per_scene: int = 3,
+                 vision_images_per_step: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32
+                 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Pretrain the vision tower on cell labels (vision.py), freeze it, then train projector and LM on world scenes
+    of seed `seed` (every task of each scene); save the checkpoint to out_dir."""
+    model, processor = build_target(tokenizer, shape, seed=seed)
+    work_dir = Path(work_dir)
+    if vision is not None and vision.steps > 0:
+        reader = CellReader(model)
+        train(reader, SceneImages(seed, vision_images_per_step), vision, work_dir / "vision",
+              step_fn=cell_step(processor.image_processor), desc="vision")
+        # Frozen from here on, as LLaVA-1.5 keeps its CLIP: the language loss trains projector and LM only.
+        model.model.vision_tower.requires_grad_(False)
+    batches = WorldBatches(processor, seed=seed, scenes_per_step=scenes_per_step, vqa_per_scene=vqa_per_scene)
+    model = train(model, batches, config, work_dir / "llava", pad_id=tokenizer.pad_token_id, desc="target")
+    save_checkpoint(model, processor, out_dir, dtype)
+    return model, processor
