@@ -223,6 +223,7 @@ def test_unreadable_and_truncated_shards_become_error_rows(models, tmp_path, ray
 @pytest.mark.parametrize("override,field", [
     ("decode.max_new_tokenz=3", "decode.max_new_tokenz: unknown field"),
     ("decode.max_new_tokens=many", "decode.max_new_tokens"),
+    ("compute.torch_threads=0", "compute.torch_threads"),
     ("model.target=/no/such/model", "model.target"),
     ("input.uri=/no/such/shards/*.tar", "input.uri"),
     ("input.storage_options.secret=hunter2", "looks like a credential"),
