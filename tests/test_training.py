@@ -22,7 +22,8 @@ from specvlm.training.outputs import OutputsError, check_tokenizer, load_images,
 from specvlm.training.tokenizer import build_demo_tokenizer
 
 TINY = [
-    "--tokenizer-scenes", "200", "--vision-steps", "2", "--target-steps", "4", "--scenes-per-step", "2",
+    "--tokenizer-scenes", "200", "--vision-steps", "2", "--target-steps", "4", "--finetune-steps", "2",
+    "--scenes-per-step", "2",
     "--target-hidden", "32", "--target-layers", "1", "--target-heads", "2", "--target-intermediate", "64",
     "--target-vision-hidden", "32", "--distill-scenes", "8", "--shard-size", "4", "--pretrain-scenes", "20",
     "--text-pretrain-steps", "3", "--text-distill-steps", "3", "--vlm-steps", "3", "--draft-hidden", "32",
@@ -45,6 +46,8 @@ def outputs_glob(demo):
 
 def test_make_demo_family_loads_and_decodes_losslessly_through_the_engine(demo):
     models = demo / "models"
+    for stage, steps in (("vision", 2), ("llava", 4), ("finetune", 2)):
+        assert last_step(demo / "work" / "target" / stage) == steps, stage
     target = load_target(str(models / "target"), device="cpu", dtype="float32")
     assert render("what is it?", target.processor) == "USER: <image>\nwhat is it? ASSISTANT:"
     requests = scene_requests([make_scene(1, i) for i in range(3)], "caption", target.processor)

@@ -106,6 +106,8 @@ def make_demo_main(argv: list[str] | None = None) -> int:
                         help="stage 0 of the target: its vision tower on cell labels")
     parser.add_argument("--target-steps", type=int, default=plan.target.steps)
     parser.add_argument("--target-lr", type=float, default=plan.target.lr)
+    parser.add_argument("--finetune-steps", type=int, default=plan.target_finetune.steps,
+                        help="then the whole target, vision tower included, with more questions per scene")
     parser.add_argument("--scenes-per-step", type=int, default=plan.scenes_per_step)
     for name in ("hidden", "layers", "heads", "intermediate", "vision_hidden"):
         parser.add_argument(f"--target-{name.replace('_', '-')}", type=int, default=getattr(plan.target_shape, name))
@@ -138,7 +140,8 @@ def make_demo_main(argv: list[str] | None = None) -> int:
             plan.target_shape, hidden=args.target_hidden, layers=args.target_layers, heads=args.target_heads,
             kv_heads=args.target_heads, intermediate=args.target_intermediate, vision_hidden=args.target_vision_hidden),
         vision=steps(plan.vision, args.vision_steps),
-        target=steps(plan.target, args.target_steps, lr=args.target_lr), scenes_per_step=args.scenes_per_step,
+        target=steps(plan.target, args.target_steps, lr=args.target_lr),
+        target_finetune=steps(plan.target_finetune, args.finetune_steps), scenes_per_step=args.scenes_per_step,
         distill_scenes=args.distill_scenes, shard_size=args.shard_size, pretrain_scenes=args.pretrain_scenes,
         draft_shape=DraftShape(args.draft_hidden, args.draft_layers, args.draft_heads),
         text_pretrain=steps(plan.text_pretrain, args.text_pretrain_steps),

@@ -46,8 +46,12 @@ class DemoPlan:
     vision: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=3e-3, warmup=50))
     target: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1.5e-3, warmup=100,
                                                                      checkpoint_every=250))
+    # Then everything, vision tower included, on fresh scenes with more questions each (target.train_target).
+    target_finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, lr=3e-4, warmup=50,
+                                                                              checkpoint_every=250))
     scenes_per_step: int = 8  # each gives a caption, a multiple-choice and vqa_per_scene question examples
     vqa_per_scene: int = 3
+    finetune_vqa_per_scene: int = 8
     distill_scenes: int = 2000  # training scenes whose target outputs (x 3 tasks) the drafts learn from
     shard_size: int = 250
     pretrain_scenes: int = 4000  # world text lines (x 3 per scene) for the text draft's stage 1
@@ -119,8 +123,9 @@ def make_demo(plan: DemoPlan, log=print) -> dict[str, float]:
         log(f"{len(tokenizer)} tokens")
     with _stage("target", timings, log):
         train_target(tokenizer, out / "target", work / "target", plan.target, vision=plan.vision,
-                     shape=plan.target_shape, scenes_per_step=plan.scenes_per_step,
-                     vqa_per_scene=plan.vqa_per_scene, seed=plan.seed, dtype=plan.dtype)
+                     finetune=plan.target_finetune, shape=plan.target_shape, scenes_per_step=plan.scenes_per_step,
+                     vqa_per_scene=plan.vqa_per_scene, finetune_vqa_per_scene=plan.finetune_vqa_per_scene,
+                     seed=plan.seed, dtype=plan.dtype)
     with _stage("target outputs", timings, log):
         outputs = distillation_outputs(out / "target", plan, log)
     pretrain_text = work / "pretrain.txt"

@@ -38,7 +38,7 @@ KINDS = ("text", "vlm")
 @dataclass(frozen=True)
 class DraftShape:
     hidden: int = 128
-    layers: int = 2
+    layers: int = 1  # one layer: on a CPU a draft call costs per layer, and a second layer bought no tau (README)
     heads: int = 4
 
 

@@ -58,11 +58,18 @@ def save_checkpoint(model: torch.nn.Module, saver, out_dir: Path, dtype: torch.d
 
 
 def train_target(tokenizer, out_dir: Path, work_dir: Path, config: TrainConfig, *, vision: TrainConfig | None = None,
-                 shape: LlavaShape = DEMO_TARGET, scenes_per_step: int = 8, vqa_per_scene: int = 3,
-                 vision_images_per_step: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32
+                 finetune: TrainConfig | None = None, shape: LlavaShape = DEMO_TARGET, scenes_per_step: int = 8,
+                 vqa_per_scene: int = 3, finetune_vqa_per_scene: int = 8, vision_images_per_step: int = 128,
+                 seed: int = 0, dtype: torch.dtype = torch.float32
                  ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Pretrain the vision tower on cell labels (vision.py), freeze it, then train projector and LM on world scenes
-    of seed `seed` (every task of each scene); save the checkpoint to out_dir."""
+    of seed `seed` (every task of each scene); then, when `finetune` is given, train everything (the vision tower
+    too) on fresh scenes with more questions per scene; save the checkpoint to out_dir.
+
+    Why the fine-tune (300 held-out scenes of seed 1): after the main stage the target captioned 92% of scenes
+    exactly but answered only 86% of questions. It sees the objects (its captions name them) but often fails to
+    bind a question's object to its position or colour ("where is the green circle?"). 1000 steps with the tower
+    unfrozen and 8 questions per scene raised captions to 97% and answers to 89% (84% on seed 2)."""
     model, processor = build_target(tokenizer, shape, seed=seed)
     work_dir = Path(work_dir)
     if vision is not None and vision.steps > 0:
@@ -73,5 +80,12 @@ def train_target(tokenizer, out_dir: Path, work_dir: Path, config: TrainConfig, 
         model.model.vision_tower.requires_grad_(False)
     batches = WorldBatches(processor, seed=seed, scenes_per_step=scenes_per_step, vqa_per_scene=vqa_per_scene)
     model = train(model, batches, config, work_dir / "llava", pad_id=tokenizer.pad_token_id, desc="target")
+    if finetune is not None and finetune.steps > 0:
+        model.model.vision_tower.requires_grad_(True)
+        questions = WorldBatches(processor, seed=seed, scenes_per_step=scenes_per_step,
+                                 vqa_per_scene=finetune_vqa_per_scene)
+        fresh = lambda step: questions(config.steps + step)  # noqa: E731  (scenes the main stage never saw)
+        model = train(model, fresh, finetune, work_dir / "finetune", pad_id=tokenizer.pad_token_id,
+                      desc="finetune")
     save_checkpoint(model, processor, out_dir, dtype)
     return model, processor
