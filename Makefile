@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # GPU clusters keep the CUDA build they already have.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench load-test
 
 install: $(VENV)/.installed
 
@@ -17,10 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m benchmarks.engine_speed --quick
+	$(PY) -m jobs.caption
 
 test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m benchmarks.engine_speed
+	$(PY) -m jobs.benchmark
+
+load-test: install
+	$(PY) -m pytest -q -s -m load tests/test_load.py
