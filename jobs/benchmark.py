@@ -61,14 +61,14 @@ def main(argv=None) -> None:
     requests = demo_requests(target, args.shards, args.requests)
     text = lambda **kw: load_draft("text", target, args.text_draft, **kw)  # noqa: E731
     vlm = lambda **kw: load_draft("vlm", target, args.vlm_draft, **kw)  # noqa: E731
-    tree = TreeSettings(topk=3, beam=3, max_nodes=16)
+    tree = TreeSettings()  # the defaults, tuned on the demo family: narrow and deep
     drafts = {
         "text chain γ=3": (text, 3),
         "text chain γ=5": (text, 5),
         "vlm chain γ=3": (vlm, 3),
         "vlm chain γ=5": (vlm, 5),
-        "vlm tree depth 5": (lambda: vlm(tree=tree), 5),
-        "text tree depth 5": (lambda: text(tree=tree), 5),
+        "vlm tree depth 8": (lambda: vlm(tree=tree), 8),
+        "text tree depth 8": (lambda: text(tree=tree), 8),
         "prompt lookup γ=5": (lambda: load_draft("prompt_lookup", target), 5),
     }
     assistants = {"text draft": text().model, "vlm draft": vlm().model}
