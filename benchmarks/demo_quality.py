@@ -6,6 +6,8 @@ words (colours, shapes, sizes, counts, positions, backgrounds) against the other
 
     python -m benchmarks.demo_quality                   # the shipped models, 100 scenes
     python -m benchmarks.demo_quality --scenes 20 --models out/make_demo-models
+
+The report is also written to results/demo-quality.md (--out).
 """
 
 from __future__ import annotations
@@ -35,20 +37,25 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="world seed of the held-out scenes")
     parser.add_argument("--gammas", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("results/demo-quality.md"))
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
 
     target = load_target(str(args.models / "target"), device="cpu", dtype="float32")
     drafts = {kind: load_draft(kind, target, str(args.models / f"draft-{kind}")) for kind in ("text", "vlm")}
-    print(describe("target", target.model, args.models / "target"))
+    lines = [describe("target", target.model, args.models / "target")]
     for kind, draft in drafts.items():
-        print(describe(f"draft-{kind}", draft.model, args.models / f"draft-{kind}") + f", c = {draft.cost_ratio:.3f}")
+        lines.append(describe(f"draft-{kind}", draft.model, args.models / f"draft-{kind}")
+                     + f", c = {draft.cost_ratio:.3f}")
     start = time.perf_counter()
     report = evaluate(target, drafts, seed=args.seed, scenes=args.scenes, gammas=tuple(args.gammas),
                       batch_size=args.batch_size)
-    print()
-    print(report.table())
+    text = "\n".join(lines) + "\n\n" + report.table()
+    print(text)
     print(f"\n({time.perf_counter() - start:.0f} s, {torch.get_num_threads()} threads)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = f"python -m benchmarks.demo_quality --scenes {args.scenes} --seed {args.seed}"
+    args.out.write_text(f"Demo family quality, greedy, through the engine (`{command}`):\n\n```\n{text}\n```\n")
 
 
 if __name__ == "__main__":

@@ -76,5 +76,8 @@ def test_benchmark_suite_compares_every_mode_with_the_target(family):
     assert replay["replay a=0.9"].tau > replay["replay a=0.5"].tau > 1.0
     engine = [r for r in rows if r.mode.startswith("engine vlm")]
     assert all(r.c > 0 and r.limit == pytest.approx(r.tau / (r.c * 3 + 1), rel=0.5) for r in engine)
+    # r prices the verification pass (measured per row); replay drafts cost nothing, so only r limits them.
+    assert all(r.r > 0 and r.hardware_limit < r.tau / r.r for r in engine)
+    assert all(r.hardware_limit == pytest.approx(r.tau / r.r) for r in replay.values())
     table = markdown_table(rows)
     assert table.count("\n") == len(rows) + 1 and json.dumps([r.mode for r in rows])

@@ -1,6 +1,7 @@
 """What users would run instead, timed the same way: Hugging Face `generate` (batched, greedy) and Hugging
-Face assisted generation (`assistant_model`, batch size 1 only), plus the measurement of the draft/target cost
-ratio c that the analytic speedup limit tau / (gamma * c + 1) needs."""
+Face assisted generation (`assistant_model`, batch size 1 only), plus the measurements of the draft/target cost
+ratio c that the analytic speedup limit tau / (gamma * c + 1) needs, and of the verification cost r that it
+assumes to be 1."""
 
 from __future__ import annotations
 
@@ -40,34 +41,43 @@ def hf_generate(target, requests: list[Request], max_new_tokens: int, batch: int
 
 
 @torch.inference_mode()
-def cost_ratio(target, draft_model, requests: list[Request], steps: int = 20) -> float:
+def _forward_time(model, rows: list[Request], with_images: bool, q: int = 1, steps: int = 20) -> float:
+    """Seconds per forward of `model` with q new tokens per row, after prefilling the rows' prompts."""
+    ids = [r.input_ids for r in rows]
+    width = max(len(x) for x in ids)
+    runner = ModelRunner(model, len(rows), width + steps * q + 2 * q)
+    tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=model.device)
+    images = collate_images(rows, model) if with_images else {}
+    runner.prefill(tokens, torch.tensor([len(x) for x in ids], device=model.device), **images)
+    new = tokens[:, :1].expand(-1, q)
+    attend = causal_attend(torch.full((len(rows),), q, dtype=torch.long, device=model.device), q)
+    runner.forward(new, attend)  # warm-up
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.forward(new, attend)
+        runner.kv_len += q
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def cost_ratio(target, draft_model, requests: list[Request]) -> float:
     """c = time of one draft forward / time of one target forward, one new token per row, same batch and
     context: the cost model behind tau / (gamma * c + 1)."""
-
-    def step_time(model, rows: list[Request], with_images: bool) -> float:
-        ids = [r.input_ids for r in rows]
-        width = max(len(x) for x in ids)
-        runner = ModelRunner(model, len(rows), width + steps + 2)
-        tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=model.device)
-        images = collate_images(rows, model) if with_images else {}
-        runner.prefill(tokens, torch.tensor([len(x) for x in ids], device=model.device), **images)
-        one = tokens[:, :1]
-        attend = causal_attend(torch.ones(len(rows), dtype=torch.long, device=model.device), 1)
-        runner.forward(one, attend)  # warm-up
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            runner.forward(one, attend)
-            runner.kv_len += 1
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps
-
     if hasattr(draft_model.config, "vision_config"):
-        draft_time = step_time(draft_model, requests, True)
+        draft_time = _forward_time(draft_model, requests, True)
     else:  # a text-only draft reads the prompt without image placeholders
         image_token = target.config.image_token_id
-        draft_time = step_time(draft_model, [Request([t for t in r.input_ids if t != image_token]) for r in requests],
-                               False)
-    return draft_time / step_time(target, requests, True)
+        draft_time = _forward_time(draft_model, [Request([t for t in r.input_ids if t != image_token])
+                                                 for r in requests], False)
+    return draft_time / _forward_time(target, requests, True)
+
+
+def verify_cost(target, requests: list[Request], q: int) -> float:
+    """r = time of a target forward over q new tokens per row / time of one over 1 token (same batch).
+
+    The analytic limit tau / (gamma * c + 1) assumes r = 1: a forward is bound by reading the weights, as a
+    7B model on a GPU is. A small model on a CPU is bound by arithmetic instead, and r grows with q."""
+    return _forward_time(target, requests, True, q) / _forward_time(target, requests, True)
