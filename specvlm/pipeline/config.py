@@ -77,7 +77,7 @@ class ModelConfig(Section):
 class TreeConfig(Section):
     """Dynamic tree drafting (model drafts); the tree's depth is draft.gamma."""
 
-    topk: int = Field(2, ge=1)  # children per expanded node (defaults: tuned on the demo family, see README)
+    topk: int = Field(2, ge=1)  # children per expanded node (defaults tuned on the demo family: README, Benchmarks)
     beam: int = Field(2, ge=1)  # nodes expanded per level
     max_nodes: int = Field(16, ge=1)  # nodes verified per row and step
     min_score: float = Field(0.0, ge=0.0, lt=1.0)  # path probability below which nodes are not expanded

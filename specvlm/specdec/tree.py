@@ -26,7 +26,8 @@ from specvlm.specdec.sampling import probs_from_logits
 
 @dataclass(frozen=True)
 class TreeSettings:
-    # Defaults tuned on the demo family (README, "Trees"): its drafts are confident, so a narrow, deep tree wins.
+    # Defaults tuned on the demo family (README, Benchmarks, Trees): its drafts are confident, so narrow and
+    # deep beats wide.
     topk: int = 2  # children per expanded node
     beam: int = 2  # nodes expanded per level
     max_nodes: int = 16  # nodes verified per row and step

@@ -1,0 +1,75 @@
+"""Chains against trees of several shapes on the demo family: how the tree defaults were chosen.
+
+Every strategy decodes the same demo images (caption, greedy) with the VLM draft; the table gives tau, the
+tokens/s relative to the engine's autoregressive mode (best of `--repeats` runs) and token identity.
+
+    python -m benchmarks.tree_sweep                    # -> results/tree-sweep.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from jobs.benchmark import DEMO, demo_requests
+from specvlm.models.loading import load_draft, load_target
+from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
+from specvlm.specdec.tree import TreeSettings
+
+CHAINS = (3, 5, 7)
+TREES = (  # depth, topk, beam, max_nodes
+    (5, 2, 1, 8), (5, 2, 2, 10), (5, 3, 3, 16), (6, 2, 2, 12), (8, 2, 2, 16),
+)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("results/tree-sweep.md"))
+    args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+
+    target = load_target(str(DEMO / "models/target"), device="cpu", dtype="float32")
+    requests = demo_requests(target, str(DEMO / "shards/*.tar"), args.requests)
+    eos = (target.tokenizer.eos_token_id,)
+    strategies = {"autoregressive": (lambda: None, 1)}
+    for gamma in CHAINS:
+        strategies[f"chain γ={gamma}"] = (lambda: load_draft("vlm", target, str(DEMO / "models/draft-vlm")), gamma)
+    for depth, topk, beam, nodes in TREES:
+        tree = TreeSettings(topk=topk, beam=beam, max_nodes=nodes)
+        strategies[f"tree depth {depth}, top-{topk}, beam {beam}, {nodes} nodes"] = (
+            lambda tree=tree: load_draft("vlm", target, str(DEMO / "models/draft-vlm"), tree=tree), depth)
+
+    lines = ["| batch | strategy | tau | tok/s vs autoregressive | identical |", "|---:|---|---:|---:|---:|"]
+    for batch in args.batches:
+        best, outputs = {}, {}
+        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every strategy alike
+            for name, (make, gamma) in strategies.items():
+                decoder = SpeculativeDecoder(target.model, make(), DecodeConfig(max_new_tokens=64, gamma=gamma,
+                                                                                eos_token_ids=eos))
+                start = time.perf_counter()
+                out = [r for i in range(0, len(requests), batch) for r in decoder.generate(requests[i: i + batch])]
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+                outputs[name] = out
+        reference = [r.tokens for r in outputs["autoregressive"]]
+        for name, out in outputs.items():
+            tau = sum(len(r.tokens) for r in out) / sum(r.metrics.target_calls for r in out)
+            same = sum(r.tokens == ref for r, ref in zip(out, reference)) / len(reference)
+            lines.append(f"| {batch} | {name} | {tau:.2f} | {best['autoregressive'] / best[name]:.2f} | {same:.0%} |")
+            print(lines[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"Chains and trees, VLM draft, {len(requests)} demo images, caption, greedy, CPU with "
+                        f"{args.threads} torch thread(s) (`python -m benchmarks.tree_sweep`):\n\n"
+                        + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
