@@ -143,8 +143,13 @@ def write_report(results: list[StrategyResult], out: Path) -> Path:
             ax.bar([x + i * width for x in range(len(strategies))], values, width, label=task)
         ax.set_xticks([x + width * (len(tasks) - 1) / 2 for x in range(len(strategies))], strategies,
                       rotation=30, ha="right")
+        return save(fig, ax, name, None, ylabel, legend_size=None)
+
+    def save(fig, ax, name: str, xlabel: str | None, ylabel: str, legend_size: int | None = 7) -> str:
+        if xlabel:
+            ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.legend()
+        ax.legend(fontsize=legend_size)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
@@ -157,13 +162,8 @@ def write_report(results: list[StrategyResult], out: Path) -> Path:
         if r.task == tasks[0] and r.strategy != BASELINE and r.accepted_lengths:
             ax.hist(r.accepted_lengths, bins=range(0, max(r.accepted_lengths) + 2), histtype="step", label=r.strategy,
                     density=True)
-    ax.set_xlabel(f"accepted draft tokens per step ({tasks[0]})")
-    ax.set_ylabel("fraction of steps")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accepted_lengths.png", dpi=120)
-    plt.close(fig)
-    figures.append("accepted_lengths.png")
+    figures.append(save(fig, ax, "accepted_lengths.png", f"accepted draft tokens per step ({tasks[0]})",
+                        "fraction of steps"))
 
     batches = sorted({r.batch for r in results})
     if len(batches) > 1:
@@ -172,13 +172,7 @@ def write_report(results: list[StrategyResult], out: Path) -> Path:
             points = sorted((r.batch, r.speedup) for r in results if r.strategy == s and r.task == tasks[0])
             if s != BASELINE and len(points) > 1:
                 ax.plot(*zip(*points), marker="o", label=s)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("latency speedup vs autoregressive")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "speedup_vs_batch.png", dpi=120)
-        plt.close(fig)
-        figures.append("speedup_vs_batch.png")
+        figures.append(save(fig, ax, "speedup_vs_batch.png", "batch size", "latency speedup vs autoregressive"))
 
     lines = ["# Evaluation report", "",
              "Each strategy decoded the same samples; `identical` compares its output token by token with the "
