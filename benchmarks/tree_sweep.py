@@ -17,8 +17,8 @@ from transformers.utils import logging as hf_logging
 
 from jobs.benchmark import DEMO, demo_requests
 from specvlm.models.loading import load_draft, load_target
-from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.tree import TreeSettings
+from specvlm.training.evaluate import decode_all
 
 CHAINS = (3, 5, 7)
 TREES = (  # depth, topk, beam, max_nodes
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
 
     target = load_target(str(DEMO / "models/target"), device="cpu", dtype="float32")
     requests = demo_requests(target, str(DEMO / "shards/*.tar"), args.requests)
-    eos = (target.tokenizer.eos_token_id,)
+    eos = target.tokenizer.eos_token_id
     strategies = {"autoregressive": (lambda: None, 1)}
     for gamma in CHAINS:
         strategies[f"chain γ={gamma}"] = (lambda: load_draft("vlm", target, str(DEMO / "models/draft-vlm")), gamma)
@@ -53,10 +53,9 @@ def main(argv=None) -> None:
         best, outputs = {}, {}
         for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every strategy alike
             for name, (make, gamma) in strategies.items():
-                decoder = SpeculativeDecoder(target.model, make(), DecodeConfig(max_new_tokens=64, gamma=gamma,
-                                                                                eos_token_ids=eos))
                 start = time.perf_counter()
-                out = [r for i in range(0, len(requests), batch) for r in decoder.generate(requests[i: i + batch])]
+                out = decode_all(target.model, make(), requests, gamma=gamma, max_new_tokens=64, eos_token_id=eos,
+                                 batch_size=batch)
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
                 outputs[name] = out
         reference = [r.tokens for r in outputs["autoregressive"]]
