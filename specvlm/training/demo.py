@@ -28,7 +28,7 @@ from specvlm.training.draft import DraftShape, train_draft
 from specvlm.training.evaluate import evaluate
 from specvlm.training.loop import TrainConfig
 from specvlm.training.target import DEMO_TARGET, train_target
-from specvlm.training.tokenizer import DEMO_VOCAB_SIZE, build_demo_tokenizer
+from specvlm.training.tokenizer import DEMO_VOCAB_SIZE, TOKENIZER_SCENES, build_demo_tokenizer
 
 # The world's metadata keeps the open question under "question" and the multiple-choice one under "mc_question"
 # (configs/demo-mc.yaml maps it the same way).
@@ -41,7 +41,7 @@ class DemoPlan:
     work_dir: Path = Path("out/make_demo")
     seed: int = 0
     vocab_size: int = DEMO_VOCAB_SIZE
-    tokenizer_scenes: int = 2000
+    tokenizer_scenes: int = TOKENIZER_SCENES
     target_shape: LlavaShape = DEMO_TARGET
     vision: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=3e-3, warmup=50))
     target: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1.5e-3, warmup=100,

@@ -17,8 +17,6 @@ The weights of the heads come from measurements (held-out, teacher-forced, 500-1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -41,12 +39,6 @@ def cell_labels(scene: Scene) -> tuple[torch.Tensor, int]:
     return labels, list(BACKGROUNDS).index(scene.background)
 
 
-@dataclass
-class _Output:
-    loss: torch.Tensor
-    accuracy: float  # of every cell attribute and background in the batch
-
-
 class CellReader(nn.Module):
     """The target's vision tower plus throwaway linear heads over the image tokens the LM will receive."""
 
@@ -61,25 +53,23 @@ class CellReader(nn.Module):
         self.cell = nn.Linear(hidden, len(POSITIONS))
         self.background = nn.Linear(hidden, len(BACKGROUNDS))
 
-    def forward(self, pixel_values: torch.Tensor, cells: torch.Tensor, background: torch.Tensor) -> _Output:
+    def forward(self, pixel_values: torch.Tensor, cells: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        """The weighted loss of every head."""
         features = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.layer]  # [B, 1+9, H]
         if self.drop_cls:
             features = features[:, 1:]
         n, cells_per_image = features.shape[:2]
         targets = [cells[:, :, a] for a in range(len(ATTRIBUTES))]
         targets.append(torch.arange(cells_per_image, device=features.device).expand(n, -1))  # which cell
-        loss, right, total = 0.0, 0, 0
+        loss = 0.0
         for name, head, target in zip([*ATTRIBUTES, "cell"], [*self.heads, self.cell], targets):
             logits = head(features)  # [B, 9, classes]
             smoothing = CELL_LABEL_SMOOTHING if name == "cell" else 0.0
             loss = loss + WEIGHTS[name] * nn.functional.cross_entropy(
                 logits.flatten(0, 1), target.flatten(), label_smoothing=smoothing)
-            right += int((logits.argmax(-1) == target).sum())
-            total += target.numel()
         logits = self.background(features.mean(1))
         loss = loss + WEIGHTS["background"] * nn.functional.cross_entropy(logits, background)
-        right += int((logits.argmax(-1) == background).sum())
-        return _Output(loss, right / (total + n))
+        return loss
 
 
 class SceneImages:
@@ -101,18 +91,9 @@ def cell_step(image_processor):
         device = next(reader.parameters()).device
         pixels = image_processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
         labels = [cell_labels(s) for s in scenes]
-        out = reader(pixels.to(device), torch.stack([c for c, _ in labels]).to(device),
-                     torch.tensor([b for _, b in labels], device=device))
-        out.loss.backward()
-        return out.loss.item()
+        loss = reader(pixels.to(device), torch.stack([c for c, _ in labels]).to(device),
+                      torch.tensor([b for _, b in labels], device=device))
+        loss.backward()
+        return loss.item()
 
     return step
-
-
-@torch.no_grad()
-def cell_accuracy(reader: CellReader, image_processor, scenes: list[Scene]) -> float:
-    pixels = image_processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
-    labels = [cell_labels(s) for s in scenes]
-    device = next(reader.parameters()).device
-    return reader(pixels.to(device), torch.stack([c for c, _ in labels]).to(device),
-                  torch.tensor([b for _, b in labels], device=device)).accuracy
