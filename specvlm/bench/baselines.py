@@ -1,7 +1,9 @@
 """What users would run instead, timed the same way: Hugging Face `generate` (batched, greedy) and Hugging
-Face assisted generation (`assistant_model`, batch size 1 only), plus the measurements of the draft/target cost
-ratio c that the analytic speedup limit tau / (gamma * c + 1) needs, and of the verification cost r that it
-assumes to be 1."""
+Face assisted generation (`assistant_model`, batch size 1 only), plus the forward-pass timings behind the cost
+ratios of the speedup limits (specvlm/bench/suite.py): c = draft forward / target forward, one token per row,
+which tau / (gamma * c + 1) needs, and r = target forward over q tokens per row / over one, which that limit
+assumes to be 1 (a forward bound by reading the weights, as a 7B model on a GPU is; a small model on a CPU is
+bound by arithmetic instead, and r grows with q)."""
 
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def hf_generate(target, requests: list[Request], max_new_tokens: int, batch: int
 
 
 @torch.inference_mode()
-def _forward_time(model, rows: list[Request], with_images: bool, q: int = 1, steps: int = 20) -> float:
+def forward_time(model, rows: list[Request], with_images: bool, q: int = 1, steps: int = 20) -> float:
     """Seconds per forward of `model` with q new tokens per row, after prefilling the rows' prompts."""
     ids = [r.input_ids for r in rows]
     width = max(len(x) for x in ids)
@@ -63,21 +65,11 @@ def _forward_time(model, rows: list[Request], with_images: bool, q: int = 1, ste
     return (time.perf_counter() - start) / steps
 
 
-def cost_ratio(target, draft_model, requests: list[Request]) -> float:
-    """c = time of one draft forward / time of one target forward, one new token per row, same batch and
-    context: the cost model behind tau / (gamma * c + 1)."""
+def draft_forward_time(target, draft_model, requests: list[Request]) -> float:
+    """Seconds per one-token draft forward on the same rows; a text-only draft reads the prompt without its
+    image placeholders, as the engine feeds it."""
     if hasattr(draft_model.config, "vision_config"):
-        draft_time = _forward_time(draft_model, requests, True)
-    else:  # a text-only draft reads the prompt without image placeholders
-        image_token = target.config.image_token_id
-        draft_time = _forward_time(draft_model, [Request([t for t in r.input_ids if t != image_token])
-                                                 for r in requests], False)
-    return draft_time / _forward_time(target, requests, True)
-
-
-def verify_cost(target, requests: list[Request], q: int) -> float:
-    """r = time of a target forward over q new tokens per row / time of one over 1 token (same batch).
-
-    The analytic limit tau / (gamma * c + 1) assumes r = 1: a forward is bound by reading the weights, as a
-    7B model on a GPU is. A small model on a CPU is bound by arithmetic instead, and r grows with q."""
-    return _forward_time(target, requests, True, q) / _forward_time(target, requests, True)
+        return forward_time(draft_model, requests, True)
+    image_token = target.config.image_token_id
+    return forward_time(draft_model, [Request([t for t in r.input_ids if t != image_token]) for r in requests],
+                        False)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specvlm.bench.baselines import cost_ratio, hf_generate, verify_cost
+from specvlm.bench.baselines import draft_forward_time, forward_time, hf_generate
 from specvlm.bench.replay import ReplayDraft
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import Draft
@@ -91,13 +91,14 @@ def run_suite(
     rows: list[Row] = []
     base = DecodeConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos)
     for batch in batches:
-        r_of = {}  # tokens per verification pass -> r, measured once per batch size
+        one_token = forward_time(target, requests[:batch], True)  # the unit of c and r at this batch size
+        r_of = {}  # tokens per verification pass -> r
 
         def r_for(metrics) -> float:
             nodes = [n for m in metrics for n in m.nodes_per_step]
             q = round(sum(nodes) / len(nodes)) + 1 if nodes else 1
             if q not in r_of:
-                r_of[q] = verify_cost(target, requests[:batch], q)
+                r_of[q] = forward_time(target, requests[:batch], True, q) / one_token
             return r_of[q]
 
         ar, ar_time = _median_time(lambda: _engine(target, None, base, requests, batch), repeats)
@@ -116,7 +117,8 @@ def run_suite(
             tau = sum(m.new_tokens for m in metrics) / sum(m.target_calls for m in metrics)
             proposed = sum(m.proposed_tokens for m in metrics)
             draft = make()
-            c = cost_ratio(target, draft.model, requests[:batch]) if hasattr(draft, "model") else 0.0
+            has_model = hasattr(draft, "model")
+            c = draft_forward_time(target, draft.model, requests[:batch]) / one_token if has_model else 0.0
             per_step = sum(m.draft_calls for m in metrics) / sum(m.target_calls for m in metrics)
             r_verify = r_for(metrics)
             batch_rows.append(Row(
