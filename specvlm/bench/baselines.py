@@ -43,11 +43,13 @@ def hf_generate(target, requests: list[Request], max_new_tokens: int, batch: int
 
 
 @torch.inference_mode()
-def forward_time(model, rows: list[Request], with_images: bool, q: int = 1, steps: int = 20) -> float:
-    """Seconds per forward of `model` with q new tokens per row, after prefilling the rows' prompts."""
+def forward_time(model, rows: list[Request], with_images: bool, q: int = 1, steps: int = 20,
+                 lean: bool = False) -> float:
+    """Seconds per forward of `model` with q new tokens per row, after prefilling the rows' prompts (lean: as a
+    draft runs, see ModelRunner)."""
     ids = [r.input_ids for r in rows]
     width = max(len(x) for x in ids)
-    runner = ModelRunner(model, len(rows), width + steps * q + 2 * q)
+    runner = ModelRunner(model, len(rows), width + steps * q + 2 * q, lean=lean)
     tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=model.device)
     images = collate_images(rows, model) if with_images else {}
     runner.prefill(tokens, torch.tensor([len(x) for x in ids], device=model.device), **images)
@@ -66,10 +68,10 @@ def forward_time(model, rows: list[Request], with_images: bool, q: int = 1, step
 
 
 def draft_forward_time(target, draft_model, requests: list[Request]) -> float:
-    """Seconds per one-token draft forward on the same rows; a text-only draft reads the prompt without its
-    image placeholders, as the engine feeds it."""
+    """Seconds per one-token draft forward on the same rows, run as the engine runs a draft; a text-only draft
+    reads the prompt without its image placeholders, as the engine feeds it."""
     if hasattr(draft_model.config, "vision_config"):
-        return forward_time(draft_model, requests, True)
+        return forward_time(draft_model, requests, True, lean=True)
     image_token = target.config.image_token_id
     return forward_time(draft_model, [Request([t for t in r.input_ids if t != image_token]) for r in requests],
-                        False)
+                        False, lean=True)

@@ -55,11 +55,15 @@ class ModelDraft(Draft):
     With min_confidence > 0 the chain adapts its length: a row stops drafting when the draft's next
     distribution has no token above that probability, and the batch stops when every row has. The decision is
     made before the token is drawn, from what the draft has already seen, so sampling stays exact.
+
+    Decode steps run through LeanLlama where the architecture allows (lean=False keeps Hugging Face's forward):
+    the draft is called gamma times a step, and at its size framework overhead is most of its cost.
     """
 
     def __init__(self, model: torch.nn.Module, *, text_only: bool, image_token_id: int | None, vocab_size: int,
-                 cost_ratio: float, name: str, min_confidence: float = 0.0):
+                 cost_ratio: float, name: str, min_confidence: float = 0.0, lean: bool = True):
         self.model = model
+        self.lean = lean
         self.min_confidence = min_confidence
         self.text_only = text_only
         self.image_token_id = image_token_id
@@ -81,7 +85,7 @@ class ModelDraft(Draft):
         for row, prompt in enumerate(prompts):
             self.tokens[row, : len(prompt)] = torch.tensor(prompt)
         self.length = torch.tensor([len(p) for p in prompts], device=self.device)
-        self.runner = ModelRunner(self.model, n, capacity)
+        self.runner = ModelRunner(self.model, n, capacity, lean=self.lean)
         # Like the target, the draft caches all but the last prompt token; that one is fed by the first proposal.
         images = {} if self.text_only else collate_images(requests, self.model)
         self.runner.prefill(self.tokens[:, : longest - 1], self.length - 1, **images)

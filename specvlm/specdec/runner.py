@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from specvlm.specdec.cache import SlotKVCache
+from specvlm.specdec.lean_llama import LeanLlama
 
 
 def causal_attend(q_lens: torch.Tensor, q: int) -> torch.Tensor:
@@ -29,8 +30,11 @@ def causal_attend(q_lens: torch.Tensor, q: int) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, rows: int, capacity: int):
+    def __init__(self, model: torch.nn.Module, rows: int, capacity: int, lean: bool = False):
+        """lean: run text-only forwards through LeanLlama where the architecture allows (drafts only: the
+        target's Hugging Face forward is the reference for losslessness)."""
         self.model = model
+        self.lean = LeanLlama.of(model) if lean else None
         self.device = model.device
         self.dtype = model.dtype
         num_layers = model.config.get_text_config().num_hidden_layers
@@ -68,6 +72,8 @@ class ModelRunner:
 
         self.cache.write_slots = write_slots
         self.cache.read_len = read_len
+        if self.lean is not None and not model_inputs:
+            return self.lean(tokens, positions, mask, self.cache, logits_to_keep)
         out = self.model(
             input_ids=tokens,
             attention_mask=mask,

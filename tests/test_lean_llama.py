@@ -1,0 +1,78 @@
+"""The draft's lean forward computes what Hugging Face's forward computes, through the same cache and masks."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from specvlm.specdec.lean_llama import LeanLlama
+from specvlm.specdec.requests import collate_images
+from specvlm.specdec.runner import ModelRunner, causal_attend
+
+SMALL = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _text_lm(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SMALL, attention_bias=True))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**SMALL))  # q/k/v carry biases
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # make zero-initialised biases matter
+    return model.eval()
+
+
+def _steps(model, prompt: torch.Tensor, lengths: torch.Tensor, lean: bool, **images) -> list[torch.Tensor]:
+    """Logits of a prefill, a ragged chain step and a tree step, with rows of different committed lengths."""
+    n = prompt.shape[0]
+    draw = torch.Generator().manual_seed(1)
+    runner = ModelRunner(model, n, prompt.shape[1] + 16, lean=lean)
+    assert (runner.lean is not None) == lean
+    out = [runner.forward(prompt, causal_attend(lengths, prompt.shape[1]), **images)]
+    runner.kv_len[:n] = lengths
+    chain = torch.randint(5, 90, (n, 3), generator=draw)
+    out.append(runner.forward(chain, causal_attend(torch.tensor([3, 1] * (n // 2) + [2] * (n % 2)), 3)))
+    # A tree: node 0 is the root's child, nodes 1 and 2 are both children of node 0, at depth 1, 2, 2.
+    tree = torch.randint(5, 90, (n, 3), generator=draw)
+    attend = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool).expand(n, 3, 3)
+    out.append(runner.forward(tree, attend, depth=torch.tensor([0, 1, 1]).expand(n, 3)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_lean_forward_matches_hugging_face_text_models(kind):
+    model = _text_lm(kind)
+    assert LeanLlama.of(model) is not None
+    prompt = torch.randint(5, 90, (3, 7))
+    lengths = torch.tensor([7, 4, 6])
+    for hf, lean in zip(_steps(model, prompt, lengths, False), _steps(model, prompt, lengths, True)):
+        torch.testing.assert_close(lean, hf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["mha", "gqa", "mqa"])
+def test_lean_forward_matches_hugging_face_vlm_drafts(families, shape):
+    """A VLM draft's prefill (with pixels) runs through Hugging Face; its decode steps through the lean forward,
+    reading the keys and values the prefill left in the cache."""
+    family = families[shape]
+    requests = family.requests(4)
+    width = max(len(r.input_ids) for r in requests)
+    prompt = torch.tensor([r.input_ids + [0] * (width - len(r.input_ids)) for r in requests])
+    lengths = torch.tensor([len(r.input_ids) for r in requests])
+    model = family.drafts["vlm_noisy"]
+    images = collate_images(requests, model)
+    hf, lean = _steps(model, prompt, lengths, False, **images), _steps(model, prompt, lengths, True, **images)
+    for a, b in zip(hf, lean):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_architectures_it_does_not_reproduce_keep_hugging_face():
+    scaled = LlamaForCausalLM(LlamaConfig(**SMALL, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    gelu = LlamaForCausalLM(LlamaConfig(**SMALL, hidden_act="gelu"))
+    windowed = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=4))
+    for model in (scaled, gelu, windowed):
+        assert LeanLlama.of(model) is None
+        assert ModelRunner(model, 1, 8, lean=True).lean is None
