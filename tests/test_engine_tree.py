@@ -5,7 +5,6 @@ import torch
 
 import specvlm.specdec.decode as decode_module
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
-from specvlm.specdec.proposal import ancestors
 from specvlm.specdec.sampling import SamplingParams, probs_from_logits, sample_from
 from specvlm.specdec.tree import TreeSettings
 from specvlm.specdec.verify import Verdict
@@ -85,8 +84,21 @@ def test_tree_proposals_are_well_formed_trees(family, references):
         for p, t in zip(parents, tokens):
             siblings.setdefault(p, []).append(t)
         assert all(len(set(ts)) == len(ts) for ts in siblings.values()), "siblings carry distinct tokens"
-    seen = ancestors(proposal.parents)
-    assert bool(seen[:, index, index].all())
+    assert torch.equal(proposal.ancestry & valid[:, :, None] & valid[:, None, :], ancestors_of(proposal.parents, valid)), \
+        "the ancestry the draft built level by level is the one its parent pointers give"
+
+
+def ancestors_of(parents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[n, k, k]: node j is valid node i or one of its ancestors, by walking parent pointers."""
+    n, k = parents.shape
+    seen = torch.zeros(n, k, k, dtype=torch.bool)
+    for row in range(n):
+        for i in range(k):
+            node = i
+            while node >= 0 and bool(valid[row, i]):
+                seen[row, i, node] = True
+                node = int(parents[row, node])
+    return seen
 
 
 @pytest.mark.parametrize("threshold", [0.004, 0.0065])

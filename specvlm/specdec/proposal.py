@@ -7,6 +7,8 @@ For each of the n rows there are k node slots, in breadth-first order (a parent 
     lengths[row]      how many node slots are real; the rest is padding
     probs[row, i]     the draft distribution node i was drawn from (its parent's), for sampling; None when the
                       draft is deterministic (prompt lookup) or decoding is greedy
+    ancestry[row, i, j]  node j is node i or one of its ancestors: the verification mask. A tree draft builds it
+                      level by level as it grows the tree, so nobody walks parent pointers afterwards.
 
 Siblings appear in the order they were drawn, which sampling verification relies on. Because nodes are
 breadth-first, dropping every node deeper than d keeps a prefix of the slots.
@@ -26,13 +28,15 @@ class Proposal:
     lengths: torch.Tensor  # [n]
     probs: torch.Tensor | None  # [n, k, V]
     draft_calls: int  # draft forward passes spent on it
+    ancestry: torch.Tensor  # [n, k, k] bool
     is_chain: bool = False  # parents[:, i] == i - 1: the accepted path is always a prefix
 
     @classmethod
     def chain(cls, tokens: torch.Tensor, lengths: torch.Tensor, probs: torch.Tensor | None, draft_calls: int):
         n, k = tokens.shape
         parents = (torch.arange(k, device=tokens.device) - 1).expand(n, k)
-        return cls(tokens, parents, lengths, probs, draft_calls, is_chain=True)
+        causal = torch.ones(k, k, dtype=torch.bool, device=tokens.device).tril().expand(n, k, k)
+        return cls(tokens, parents, lengths, probs, draft_calls, causal, is_chain=True)
 
     @classmethod
     def empty(cls, n: int, device: torch.device) -> "Proposal":
@@ -48,16 +52,13 @@ class Proposal:
     def depth(self) -> torch.Tensor:  # [n, k]: 1 for children of the root
         if self.is_chain:
             return (torch.arange(self.tokens.shape[1], device=self.tokens.device) + 1).expand_as(self.tokens)
-        return depth_of(self.parents)
+        return self.ancestry.sum(-1)
 
     def verification_attend(self) -> torch.Tensor:  # [n, k+1, k+1]: window = [root, node 0, ..., node k-1]
         n, k = self.parents.shape
         attend = torch.zeros(n, k + 1, k + 1, dtype=torch.bool, device=self.parents.device)
         attend[:, :, 0] = True  # everyone sees the root
-        if self.is_chain:
-            attend[:, 1:, 1:] = torch.ones(k, k, dtype=torch.bool, device=self.parents.device).tril()
-        else:
-            attend[:, 1:, 1:] = ancestors(self.parents)
+        attend[:, 1:, 1:] = self.ancestry
         return attend
 
     def limit_depth(self, max_depth: torch.Tensor) -> None:
@@ -65,27 +66,3 @@ class Proposal:
         shallow = (self.depth() <= max_depth[:, None]) & self.valid
         # Breadth-first order makes the kept nodes a prefix.
         self.lengths = shallow.sum(1)
-
-
-def _parent_of(parents: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-    """parents[row, nodes[row, i]], -1 where nodes is already -1 (the root has no parent)."""
-    return torch.where(nodes >= 0, parents.gather(1, nodes.clamp(min=0)), -1)
-
-
-def depth_of(parents: torch.Tensor) -> torch.Tensor:  # [n, k]
-    depth = torch.ones_like(parents)
-    ancestor = parents
-    while bool((ancestor >= 0).any()):
-        depth += ancestor >= 0
-        ancestor = _parent_of(parents, ancestor)
-    return depth
-
-
-def ancestors(parents: torch.Tensor) -> torch.Tensor:  # [n, k, k] bool: node j is node i or one of its ancestors
-    n, k = parents.shape
-    seen = torch.eye(k, dtype=torch.bool, device=parents.device).repeat(n, 1, 1)
-    ancestor = parents
-    while bool((ancestor >= 0).any()):
-        seen |= torch.nn.functional.one_hot(ancestor.clamp(min=0), k).bool() & (ancestor >= 0)[..., None]
-        ancestor = _parent_of(parents, ancestor)
-    return seen

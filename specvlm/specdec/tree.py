@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from specvlm.specdec.drafts import ModelDraft
-from specvlm.specdec.proposal import Proposal, ancestors
+from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.sampling import probs_from_logits
 
 
@@ -63,6 +63,7 @@ class TreeDraft(ModelDraft):
         tokens, probs = self._children(dist, t.topk, rng)  # [n, topk]
         parents = torch.full_like(tokens, -1)
         scores, depth = probs, torch.ones_like(tokens)
+        ancestry = _identity(n, t.topk, tokens.device)  # [n, nodes, nodes], see Proposal
         node_dists = [dist[:, None].expand(-1, t.topk, -1)] if not greedy else []
         level, calls = slice(0, t.topk), 1
 
@@ -75,9 +76,10 @@ class TreeDraft(ModelDraft):
             chosen_scores = scores.gather(1, chosen)
             if not bool((chosen_scores > t.min_score).any()):
                 break
+            seen = ancestry.gather(1, chosen[..., None].expand(-1, -1, ancestry.shape[2]))  # [n, width, nodes]
             logits = self.runner.forward(
                 tokens.gather(1, chosen),
-                ancestors(parents).gather(1, chosen[..., None].expand(-1, -1, parents.shape[1])),
+                seen,
                 offsets=chosen,  # node i of the tree lives in window slot i
                 depth=depth.gather(1, chosen) - 1,
             )
@@ -92,6 +94,12 @@ class TreeDraft(ModelDraft):
             parents = torch.cat([parents, chosen.repeat_interleave(t.topk, dim=1)], 1)
             scores = torch.cat([scores, child_scores.flatten(1)], 1)
             depth = torch.cat([depth, torch.full_like(child_tokens.flatten(1), d)], 1)
+            # A child sees what its parent sees, and itself.
+            born = width * t.topk
+            ancestry = torch.cat([
+                torch.nn.functional.pad(ancestry, (0, born)),
+                torch.cat([seen.repeat_interleave(t.topk, dim=1), _identity(n, born, tokens.device)], 2),
+            ], 1)  # fmt: skip
             if not greedy:
                 node_dists.append(dist.repeat_interleave(t.topk, dim=1))
 
@@ -104,7 +112,7 @@ class TreeDraft(ModelDraft):
                 1, torch.sort(-scores, dim=1, stable=True).indices,
                 torch.arange(scores.shape[1], device=scores.device).expand_as(scores))
             keep &= rank < t.max_nodes
-        return _compact(tokens, parents, keep, torch.cat(node_dists, 1) if node_dists else None, calls)
+        return _compact(tokens, parents, ancestry, keep, torch.cat(node_dists, 1) if node_dists else None, calls)
 
     def _distribution(self, logits: torch.Tensor, params) -> torch.Tensor:
         # Greedy ranks nodes by the draft's plain probabilities; sampling must use exactly the p it draws from.
@@ -125,7 +133,11 @@ class TreeDraft(ModelDraft):
         return tokens, torch.where(probs > 0, probs, -1.0)
 
 
-def _compact(tokens, parents, keep, dists, calls) -> Proposal:
+def _identity(n: int, k: int, device) -> torch.Tensor:
+    return torch.eye(k, dtype=torch.bool, device=device).expand(n, k, k)
+
+
+def _compact(tokens, parents, ancestry, keep, dists, calls) -> Proposal:
     """Move the kept nodes of each row to the front (in their breadth-first order) and renumber parents."""
     order = torch.sort((~keep).long(), dim=1, stable=True).indices  # kept first, original order preserved
     new_index = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
@@ -136,4 +148,7 @@ def _compact(tokens, parents, keep, dists, calls) -> Proposal:
     width = int(lengths.max())
     if dists is not None:
         dists = dists.gather(1, order[:, :width, None].expand(-1, -1, dists.shape[-1]))
-    return Proposal(tokens.gather(1, order)[:, :width], parents[:, :width], lengths, dists, calls)
+    kept = order[:, :width]
+    k = ancestry.shape[1]
+    ancestry = ancestry.gather(1, kept[..., None].expand(-1, -1, k)).gather(2, kept[:, None, :].expand(-1, width, -1))
+    return Proposal(tokens.gather(1, kept), parents[:, :width], lengths, dists, calls, ancestry)

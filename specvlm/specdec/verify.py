@@ -40,22 +40,20 @@ def verify_greedy(logits: torch.Tensor, proposal: Proposal) -> Verdict:
         path = torch.where(torch.arange(k, device=best.device) < accepted[:, None], torch.arange(k, device=best.device), -1)
         return Verdict(accepted, path, best.gather(1, accepted[:, None]).squeeze(1))
 
-    rows = torch.arange(n, device=best.device)
-    node = torch.full((n,), -1, device=best.device)  # -1 = the root
-    path = torch.full((n, k), -1, device=best.device)
-    accepted = torch.zeros(n, dtype=torch.long, device=best.device)
-    for _ in range(k):
-        want = best[rows, node + 1]
-        match = (proposal.parents == node[:, None]) & (proposal.tokens == want[:, None]) & proposal.valid
-        found = match.any(1)
-        if not bool(found.any()):
-            break
-        child = match.long().argmax(1)  # siblings carry distinct tokens, so at most one matches
-        path[rows[found], accepted[found]] = child[found]
-        node = torch.where(found, child, node)
-        accepted += found
-        # A row that found no match keeps node fixed, and no child of a fixed node matches later either.
-    return Verdict(accepted, path, best[rows, node + 1])
+    # A node survives when it and each of its ancestors carry the target's argmax after their parent. Siblings
+    # carry distinct tokens in every tree draft here; should two match, the first one counts, as in a walk.
+    want = best.gather(1, proposal.parents + 1)  # the target's pick after each node's parent (slot 0: root)
+    match = (proposal.tokens == want) & proposal.valid
+    same_parent_before = (proposal.parents[:, :, None] == proposal.parents[:, None, :]).tril(-1)
+    match &= ~(same_parent_before & match[:, None, :]).any(2)
+    on_path = ~(proposal.ancestry & ~match[:, None, :]).any(2)  # [n, k]
+    accepted = on_path.sum(1)
+    # Breadth-first order puts the path's nodes in depth order.
+    index = torch.arange(k, device=best.device)
+    order = torch.sort((~on_path).long(), dim=1, stable=True).indices
+    path = torch.where(index < accepted[:, None], order, -1)
+    last = path.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)  # -1 (the root) when nothing survived
+    return Verdict(accepted, path, best.gather(1, (last + 1)[:, None]).squeeze(1))
 
 
 def _normalise(p: torch.Tensor) -> torch.Tensor:
