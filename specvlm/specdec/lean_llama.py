@@ -49,7 +49,11 @@ class LeanLlama:
         self.embed = decoder.embed_tokens.weight
         self.final_norm = decoder.norm.weight
         self.lm_head = lm_head.weight
-        self.inv_freq = decoder.rotary_emb.inv_freq.float()
+        inv_freq = decoder.rotary_emb.inv_freq.float()
+        self.inv_freq = torch.cat([inv_freq, inv_freq])  # one angle per head dimension, as HF lays them out
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: one op instead of slicing and concatenating.
+        self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.inv_freq.device)
         self.layers = []
         for layer in decoder.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -86,12 +90,7 @@ class LeanLlama:
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As Hugging Face's RMSNorm: normalise in float32, scale in the model's dtype.
-        x32 = x.float()
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
                  logits_to_keep: int = 0) -> torch.Tensor:
@@ -100,16 +99,16 @@ class LeanLlama:
         n, q = tokens.shape
         h = self.embed[tokens]
         dtype = h.dtype
-        angles = positions[..., None].float() * self.inv_freq
-        angles = torch.cat([angles, angles], -1)[:, None]  # [n, 1, q, head_dim]
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        width = self.heads * self.head_dim
+        angles = (positions[..., None].float() * self.inv_freq)[:, None]  # [n, 1, q, head_dim]
+        cos, sin = angles.cos().to(dtype), (angles.sin() * self.sin_sign).to(dtype)
+        width, half, rotated = self.heads * self.head_dim, self.head_dim // 2, self.heads + self.kv_heads
         for index, layer in enumerate(self.layers):
             qkv = F.linear(self._norm(h, layer.input_norm), layer.qkv, layer.qkv_bias)
-            query, key, value = qkv.view(n, q, -1, self.head_dim).transpose(1, 2).split(
-                [self.heads, self.kv_heads, self.kv_heads], 1)
-            keys, values = cache.update(self._rotate(key, cos, sin), value, index)
-            attended = F.scaled_dot_product_attention(self._rotate(query, cos, sin), keys, values, attn_mask=mask,
+            qkv = qkv.view(n, q, -1, self.head_dim).transpose(1, 2)  # [n, heads + 2 kv_heads, q, head_dim]
+            qk = qkv[:, :rotated]
+            query, key = (qk * cos + qk.roll(half, -1) * sin).split([self.heads, self.kv_heads], 1)
+            keys, values = cache.update(key, qkv[:, rotated:], index)
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
                                                       enable_gqa=self.heads != self.kv_heads)
             h = h + F.linear(attended.transpose(1, 2).reshape(n, q, width), layer.out, layer.out_bias)
             gate, up = F.linear(self._norm(h, layer.post_norm), layer.gate_up).chunk(2, -1)
