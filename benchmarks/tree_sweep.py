@@ -1,9 +1,10 @@
 """Chains against trees of several shapes on the demo family: how the tree defaults were chosen.
 
-Every strategy decodes the same demo images (caption, greedy) with the VLM draft; the table gives tau, the
+Every strategy decodes the same demo images (caption, greedy) with one draft; the table gives tau, the
 tokens/s relative to the engine's autoregressive mode (best of `--repeats` runs) and token identity.
 
-    python -m benchmarks.tree_sweep                    # -> results/tree-sweep.md
+    python -m benchmarks.tree_sweep                                            # -> results/tree-sweep.md
+    python -m benchmarks.tree_sweep --draft text --out results/tree-sweep-text.md
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from specvlm.models.loading import load_draft, load_target
 from specvlm.specdec.tree import TreeSettings
 from specvlm.training.evaluate import decode_all
 
-CHAINS = (3, 5, 7)
+CHAINS = (3, 5, 7, 9, 11)
 TREES = (  # depth, topk, beam, max_nodes
-    (5, 2, 1, 8), (5, 2, 2, 10), (5, 3, 3, 16), (6, 2, 2, 12), (8, 2, 2, 16),
+    (4, 2, 2, 8), (5, 2, 2, 10), (6, 3, 3, 16), (8, 2, 1, 10), (8, 2, 2, 16), (8, 4, 4, 24), (12, 2, 1, 14),
 )
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--draft", choices=["vlm", "text"], default="vlm")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
@@ -41,12 +43,12 @@ def main(argv=None) -> None:
     requests = demo_requests(target, str(DEMO / "shards/*.tar"), args.requests)
     eos = target.tokenizer.eos_token_id
     strategies = {"autoregressive": (lambda: None, 1)}
+    draft = lambda tree=None: load_draft(args.draft, target, str(DEMO / f"models/draft-{args.draft}"), tree=tree)  # noqa: E731
     for gamma in CHAINS:
-        strategies[f"chain γ={gamma}"] = (lambda: load_draft("vlm", target, str(DEMO / "models/draft-vlm")), gamma)
+        strategies[f"chain γ={gamma}"] = (draft, gamma)
     for depth, topk, beam, nodes in TREES:
         tree = TreeSettings(topk=topk, beam=beam, max_nodes=nodes)
-        strategies[f"tree depth {depth}, top-{topk}, beam {beam}, {nodes} nodes"] = (
-            lambda tree=tree: load_draft("vlm", target, str(DEMO / "models/draft-vlm"), tree=tree), depth)
+        strategies[f"tree depth {depth}, top-{topk}, beam {beam}, {nodes} nodes"] = (lambda tree=tree: draft(tree), depth)
 
     lines = ["| batch | strategy | tau | tok/s vs autoregressive | identical |", "|---:|---|---:|---:|---:|"]
     for batch in args.batches:
@@ -65,8 +67,8 @@ def main(argv=None) -> None:
             lines.append(f"| {batch} | {name} | {tau:.2f} | {best['autoregressive'] / best[name]:.2f} | {same:.0%} |")
             print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(f"Chains and trees, VLM draft, {len(requests)} demo images, caption, greedy, CPU with "
-                        f"{args.threads} torch thread(s) (`python -m benchmarks.tree_sweep`):\n\n"
+    args.out.write_text(f"Chains and trees, {args.draft} draft, {len(requests)} demo images, caption, greedy, CPU with "
+                        f"{args.threads} torch thread(s) (`python -m benchmarks.tree_sweep --draft {args.draft}`):\n\n"
                         + "\n".join(lines) + "\n")
 
 
