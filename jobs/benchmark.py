@@ -68,6 +68,7 @@ def main(argv=None) -> None:
         "vlm chain γ=3": (vlm, 3),
         "vlm chain γ=5": (vlm, 5),
         "vlm chain γ=7": (vlm, 7),
+        "vlm chain γ=5, HF draft forward": (lambda: vlm(lean=False), 5),
         "vlm tree depth 8": (lambda: vlm(tree=tree), 8),
         "text tree depth 8": (lambda: text(tree=tree), 8),
         "prompt lookup γ=5": (lambda: load_draft("prompt_lookup", target), 5),

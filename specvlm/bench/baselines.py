@@ -67,11 +67,11 @@ def forward_time(model, rows: list[Request], with_images: bool, q: int = 1, step
     return (time.perf_counter() - start) / steps
 
 
-def draft_forward_time(target, draft_model, requests: list[Request]) -> float:
-    """Seconds per one-token draft forward on the same rows, run as the engine runs a draft; a text-only draft
-    reads the prompt without its image placeholders, as the engine feeds it."""
+def draft_forward_time(target, draft_model, requests: list[Request], lean: bool) -> float:
+    """Seconds per one-token draft forward on the same rows, run as the engine runs that draft (see ModelDraft);
+    a text-only draft reads the prompt without its image placeholders, as the engine feeds it."""
     if hasattr(draft_model.config, "vision_config"):
-        return forward_time(draft_model, requests, True, lean=True)
+        return forward_time(draft_model, requests, True, lean=lean)
     image_token = target.config.image_token_id
     return forward_time(draft_model, [Request([t for t in r.input_ids if t != image_token]) for r in requests],
-                        False, lean=True)
+                        False, lean=lean)

@@ -118,7 +118,7 @@ def run_suite(
             proposed = sum(m.proposed_tokens for m in metrics)
             draft = make()
             has_model = hasattr(draft, "model")
-            c = draft_forward_time(target, draft.model, requests[:batch]) / one_token if has_model else 0.0
+            c = draft_forward_time(target, draft.model, requests[:batch], draft.lean) / one_token if has_model else 0.0
             per_step = sum(m.draft_calls for m in metrics) / sum(m.target_calls for m in metrics)
             r_verify = r_for(metrics)
             batch_rows.append(Row(

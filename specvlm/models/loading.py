@@ -172,9 +172,10 @@ def check_vocabulary(target_tokenizer, draft_tokenizer, draft_location: str) -> 
 def load_draft(kind: str, target: LoadedTarget, location: str | None = None, *, dtype: str = "auto",
                trust_remote_code: bool = False, storage_options: dict | None = None,
                max_ngram: int = 3, min_ngram: int = 1, tree: TreeSettings | None = None,
-               min_confidence: float = 0.0) -> Draft | None:
+               min_confidence: float = 0.0, lean: bool = True) -> Draft | None:
     """kind: none | text | vlm | prompt_lookup. A model draft proposes a chain, or a dynamic tree when `tree`
-    is given; min_confidence > 0 makes chains stop early where the draft is unsure."""
+    is given; min_confidence > 0 makes chains stop early where the draft is unsure. lean=False runs the draft's
+    decode steps through Hugging Face instead of LeanLlama (for comparison)."""
     if kind == "none":
         return None
     if kind == "prompt_lookup":
@@ -208,6 +209,7 @@ def load_draft(kind: str, target: LoadedTarget, location: str | None = None, *, 
         vocab_size=target.vocab_size,
         cost_ratio=decode_parameters(model) / decode_parameters(target.model),
         name=f"{kind}:{location}",
+        lean=lean,
     )
     if tree is not None:
         return TreeDraft(model, tree=tree, **common)
