@@ -43,9 +43,10 @@ def _steps(model, prompt: torch.Tensor, lengths: torch.Tensor, lean: bool, **ima
     return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_lean_forward_matches_hugging_face_text_models(kind):
-    model = _text_lm(kind)
+def test_lean_forward_matches_hugging_face_text_models(kind, dtype):
+    model = _text_lm(kind).to(dtype)
     assert LeanLlama.of(model) is not None
     prompt = torch.randint(5, 90, (3, 7))
     lengths = torch.tensor([7, 4, 6])
