@@ -47,7 +47,7 @@ class DemoPlan:
     target: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1.5e-3, warmup=100,
                                                                      checkpoint_every=250))
     # Then everything, vision tower included, on fresh scenes with more questions each (target.train_target).
-    target_finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, lr=3e-4, warmup=50,
+    target_finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, lr=3e-4, warmup=50,
                                                                               checkpoint_every=250))
     scenes_per_step: int = 8  # each gives a caption, a multiple-choice and vqa_per_scene question examples
     vqa_per_scene: int = 3
