@@ -3,6 +3,7 @@
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+import torch
+from transformers import AutoModelForImageTextToText
 
 from specvlm.data.images import decode_image
 from specvlm.data.prompts import format_choices
@@ -136,7 +139,9 @@ def test_vqa_and_multiple_choice_prompts_come_from_the_records(family, models, t
 
 def test_rerun_skips_finished_shards_and_redoes_missing_ones(models, tmp_path, ray_local):
     write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=SHARDS, per_shard=PER_SHARD)
-    config = config_for(models, f"{tmp_path}/in", f"{tmp_path}/out")
+    draft = tmp_path / "draft"
+    shutil.copytree(models / "draft", draft)
+    config = config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", f"draft.path={draft}")
     run_job(config, log=lambda *_: None)
     first = read_output(f"{tmp_path}/out")
     (tmp_path / "out" / "00001.parquet").unlink()
@@ -147,7 +152,16 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(models, tmp_path, r
         k: t.drop(["latency_s", "tokens_per_s"]) for k, t in first.items()}
 
     with pytest.raises(ResumeConflict, match="other settings"):
-        run_job(config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", "decode.max_new_tokens=5"), log=print)
+        run_job(config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", f"draft.path={draft}",
+                           "decode.max_new_tokens=5"), log=print)
+
+    # The same settings, but the draft retrained in place: its output must not be resumed into.
+    retrained = AutoModelForImageTextToText.from_pretrained(draft)
+    with torch.no_grad():
+        retrained.lm_head.weight.mul_(1.01)
+    retrained.save_pretrained(draft)
+    with pytest.raises(ResumeConflict, match="other settings"):
+        run_job(config, log=print)
 
 
 def test_killed_job_then_rerun_writes_every_row_exactly_once(models, tmp_path):

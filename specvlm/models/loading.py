@@ -51,6 +51,29 @@ def resolve_model_dir(location: str, *, storage_options: dict | None = None, cac
         ) from None
 
 
+FINGERPRINT_SAMPLE = 64 * 1024
+
+
+def weights_fingerprint(location: str, storage_options: dict | None = None) -> str:
+    """A short digest that changes when a checkpoint is retrained or replaced under the same name, read cheaply
+    (no full download): config.json and every safetensors file's name, size, first and last 64 KiB. The first
+    bytes hold the tensor index, the last the final tensor's values, which any retraining changes."""
+    import fsspec
+
+    if "://" in location and not location.startswith("file://"):
+        fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    else:
+        fs, root = fsspec.filesystem("file"), str(resolve_model_dir(location))
+    root = root.rstrip("/")
+    digest = hashlib.sha256()
+    for path in [f"{root}/config.json", *sorted(fs.glob(f"{root}/*.safetensors"))]:
+        size = fs.size(path)
+        digest.update(f"{path.rsplit('/', 1)[-1]}:{size};".encode())
+        digest.update(fs.cat_file(path, start=0, end=min(size, FINGERPRINT_SAMPLE)))
+        digest.update(fs.cat_file(path, start=max(0, size - FINGERPRINT_SAMPLE), end=size))
+    return digest.hexdigest()[:16]
+
+
 def check_model_location(location: str, storage_options: dict | None = None) -> None:
     """Cheaply confirm a checkpoint exists (config.json readable) without copying or loading it."""
     if "://" in location and not location.startswith("file://"):

@@ -138,14 +138,17 @@ class JobConfig(Section):
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    def output_hash(self) -> str:
-        """A hash of everything that shapes the generated text (not paths, compute or storage settings)."""
+    def output_hash(self, weights: dict[str, str]) -> str:
+        """A hash of everything that shapes the generated text (not paths, compute or storage settings). weights:
+        fingerprints of the checkpoints (models.loading.weights_fingerprint), so that a model retrained under the
+        same path never resumes into output made by the old one."""
         shaping = {
             "task": self.task.model_dump(),
             "target": self.model.target,
             "dtype": self.model.dtype,
             "draft": self.draft.model_dump(),
             "decode": self.decode.model_dump(),
+            "weights": weights,
         }
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 

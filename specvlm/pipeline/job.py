@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from specvlm.data.sources import SourceError, list_shards
-from specvlm.models.loading import ModelLoadError, check_model_location
+from specvlm.models.loading import ModelLoadError, check_model_location, weights_fingerprint
 from specvlm.pipeline.config import ConfigError, JobConfig
 from specvlm.pipeline.sink import OutputDir, ShardCollector
 from specvlm.pipeline.stages import Decoder, preprocess, read_shards, shard_to_item
@@ -72,15 +72,18 @@ class Summary:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
 
 
-def preflight(config: JobConfig) -> tuple[OutputDir, list]:
-    """Everything that can be checked before Ray starts: models, input listing, output writability."""
+def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
+    """Everything that can be checked before Ray starts: models, input listing, output writability. Returns the
+    output directory, the shards and the hash that output written by this job carries."""
     try:
         check_model_location(config.model.target, config.model.storage_options)
+        weights = {"target": weights_fingerprint(config.model.target, config.model.storage_options)}
         if config.draft.kind in ("text", "vlm"):
             if not config.draft.path:
                 raise ConfigError(f"draft.path: a {config.draft.kind!r} draft needs a model path")
             check_model_location(config.draft.path, config.model.storage_options)
-    except ModelLoadError as exc:
+            weights["draft"] = weights_fingerprint(config.draft.path, config.model.storage_options)
+    except (ModelLoadError, OSError) as exc:
         raise ConfigError(f"model.target / draft.path: {exc}") from None
     try:
         shards = list_shards(config.input.uri, config.input.format, storage_options=config.input.storage_options,
@@ -93,7 +96,7 @@ def preflight(config: JobConfig) -> tuple[OutputDir, list]:
         output.check_writable()
     except OSError as exc:
         raise ConfigError(f"output.uri: cannot write to {config.output.uri}: {exc}") from None
-    return output, shards
+    return output, shards, config.output_hash(weights)
 
 
 def init_ray(config: JobConfig) -> None:
@@ -116,7 +119,7 @@ def _gpus_per_actor(config: JobConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def build_dataset(config: JobConfig, shards: list):
+def build_dataset(config: JobConfig, shards: list, config_hash: str):
     import ray
 
     c = config.compute
@@ -126,7 +129,7 @@ def build_dataset(config: JobConfig, shards: list):
     ds = ds.map_batches(preprocess, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=16)
     return ds.map_batches(
         Decoder,
-        fn_constructor_kwargs={"config": config},
+        fn_constructor_kwargs={"config": config, "config_hash": config_hash},
         batch_format="pyarrow",
         batch_size=c.batch_size,
         compute=ray.data.ActorPoolStrategy(size=c.actors),
@@ -137,8 +140,7 @@ def build_dataset(config: JobConfig, shards: list):
 
 def run_job(config: JobConfig, *, log=print) -> Summary:
     """Run the job to completion. Raises ConfigError before any work, JobFailed past the error limit."""
-    output, shards = preflight(config)
-    config_hash = config.output_hash()
+    output, shards, config_hash = preflight(config)
     done = output.finished(config_hash)
     pending = [s for s in shards if s.shard_id not in done]
     log(f"{len(shards)} shards, {len(done & {s.shard_id for s in shards})} already written, {len(pending)} to do")
@@ -147,14 +149,14 @@ def run_job(config: JobConfig, *, log=print) -> Summary:
     collector = ShardCollector(output, config_hash)
     if pending:
         init_ray(config)
-        for batch in build_dataset(config, pending).iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in build_dataset(config, pending, config_hash).iter_batches(batch_format="pyarrow", batch_size=None):
             collector.add(batch)
         if collector.incomplete:
             raise JobFailed(f"shards {collector.incomplete} did not receive all their rows; rerun to finish them")
     elapsed = time.perf_counter() - started
 
     summary = _summarise(output, shards, len(done), collector, elapsed)
-    output.write_manifest(_manifest(config, summary, collector))
+    output.write_manifest(_manifest(config, config_hash, summary, collector))
     output.clean_staging()
     log(summary.table())
     if summary.error_fraction > config.output.max_error_fraction:
@@ -184,7 +186,7 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
     )  # fmt: skip
 
 
-def _manifest(config: JobConfig, summary: Summary, collector: ShardCollector) -> dict:
+def _manifest(config: JobConfig, config_hash: str, summary: Summary, collector: ShardCollector) -> dict:
     import ray
     import torch
     import transformers
@@ -193,7 +195,7 @@ def _manifest(config: JobConfig, summary: Summary, collector: ShardCollector) ->
 
     return {
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "config_hash": config.output_hash(),
+        "config_hash": config_hash,
         "model": config.model.target,
         "draft": config.draft_name(),
         "task": config.task.kind,

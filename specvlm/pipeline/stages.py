@@ -180,7 +180,7 @@ def _reference(task: str, fields: dict) -> str | None:
 class Decoder:
     """A decode actor: loads the target and the draft once, then maps batches of prepared rows to output rows."""
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, config_hash: str):
         from transformers.utils import logging as hf_logging
 
         from specvlm.models.loading import load_draft, load_target
@@ -209,7 +209,7 @@ class Decoder:
         )
         self.decoder = SpeculativeDecoder(self.target.model, draft, decode_config)
         self.window = self.decoder.max_nodes + 1
-        self.identity = {"model": m.target, "draft": config.draft_name(), "config_hash": config.output_hash()}
+        self.identity = {"model": m.target, "draft": config.draft_name(), "config_hash": config_hash}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         inject_fault("decode")
