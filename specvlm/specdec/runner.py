@@ -10,6 +10,8 @@ level by level). The runner never advances kv_len by itself: the caller commits 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from specvlm.specdec.cache import SlotKVCache
@@ -35,6 +37,9 @@ class ModelRunner:
         target's Hugging Face forward is the reference for losslessness)."""
         self.model = model
         self.lean = LeanLlama.of(model) if lean else None
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40);
+        # older 5.x releases know only the old name.
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.device = model.device
         self.dtype = model.dtype
         num_layers = model.config.get_text_config().num_hidden_layers
@@ -78,9 +83,9 @@ class ModelRunner:
             input_ids=tokens,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            **{self.cache_kwarg: self.cache},
             **model_inputs,
         )
         return out.logits
