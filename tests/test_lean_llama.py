@@ -30,8 +30,9 @@ def _steps(model, prompt: torch.Tensor, lengths: torch.Tensor, lean: bool, **ima
     """Logits of a prefill, a ragged chain step and a tree step, with rows of different committed lengths."""
     n = prompt.shape[0]
     draw = torch.Generator().manual_seed(1)
-    runner = ModelRunner(model, n, prompt.shape[1] + 16, lean=lean)
-    assert (runner.lean is not None) == lean
+    forward = LeanLlama.of(model) if lean else None
+    assert (forward is not None) == lean
+    runner = ModelRunner(model, n, prompt.shape[1] + 16, lean=forward)
     out = [runner.forward(prompt, causal_attend(lengths, prompt.shape[1]), **images)]
     runner.kv_len[:n] = lengths
     chain = torch.randint(5, 90, (n, 3), generator=draw)
@@ -76,4 +77,3 @@ def test_architectures_it_does_not_reproduce_keep_hugging_face():
     windowed = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=4))
     for model in (scaled, gelu, windowed):
         assert LeanLlama.of(model) is None
-        assert ModelRunner(model, 1, 8, lean=True).lean is None

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.requests import Request, collate_images
 from specvlm.specdec.runner import ModelRunner, causal_attend
 
@@ -49,7 +50,7 @@ def forward_time(model, rows: list[Request], with_images: bool, q: int = 1, step
     draft runs, see ModelRunner)."""
     ids = [r.input_ids for r in rows]
     width = max(len(x) for x in ids)
-    runner = ModelRunner(model, len(rows), width + steps * q + 2 * q, lean=lean)
+    runner = ModelRunner(model, len(rows), width + steps * q + 2 * q, lean=LeanLlama.of(model) if lean else None)
     tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=model.device)
     images = collate_images(rows, model) if with_images else {}
     runner.prefill(tokens, torch.tensor([len(x) for x in ids], device=model.device), **images)

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, collate_images
 from specvlm.specdec.runner import ModelRunner, causal_attend
@@ -63,7 +64,8 @@ class ModelDraft(Draft):
     def __init__(self, model: torch.nn.Module, *, text_only: bool, image_token_id: int | None, vocab_size: int,
                  cost_ratio: float, name: str, min_confidence: float = 0.0, lean: bool = True):
         self.model = model
-        self.lean = lean
+        # Built once per draft: it holds fused copies of the projection weights.
+        self.lean = LeanLlama.of(model) if lean else None
         self.min_confidence = min_confidence
         self.text_only = text_only
         self.image_token_id = image_token_id

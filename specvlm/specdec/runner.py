@@ -32,11 +32,11 @@ def causal_attend(q_lens: torch.Tensor, q: int) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, rows: int, capacity: int, lean: bool = False):
-        """lean: run text-only forwards through LeanLlama where the architecture allows (drafts only: the
+    def __init__(self, model: torch.nn.Module, rows: int, capacity: int, lean: LeanLlama | None = None):
+        """lean: the model's LeanLlama, to run text-only forwards through (drafts only: the
         target's Hugging Face forward is the reference for losslessness)."""
         self.model = model
-        self.lean = LeanLlama.of(model) if lean else None
+        self.lean = lean
         # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40);
         # older 5.x releases know only the old name.
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
