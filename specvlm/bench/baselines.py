@@ -45,12 +45,12 @@ def hf_generate(target, requests: list[Request], max_new_tokens: int, batch: int
 
 @torch.inference_mode()
 def forward_time(model, rows: list[Request], with_images: bool, q: int = 1, steps: int = 20,
-                 lean: bool = False) -> float:
-    """Seconds per forward of `model` with q new tokens per row, after prefilling the rows' prompts (lean: as a
-    draft runs, see ModelRunner)."""
+                 lean: LeanLlama | None = None) -> float:
+    """Seconds per forward of `model` with q new tokens per row, after prefilling the rows' prompts (lean: the
+    draft's LeanLlama, as a draft runs; see ModelRunner)."""
     ids = [r.input_ids for r in rows]
     width = max(len(x) for x in ids)
-    runner = ModelRunner(model, len(rows), width + steps * q + 2 * q, lean=LeanLlama.of(model) if lean else None)
+    runner = ModelRunner(model, len(rows), width + steps * q + 2 * q, lean=lean)
     tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=model.device)
     images = collate_images(rows, model) if with_images else {}
     runner.prefill(tokens, torch.tensor([len(x) for x in ids], device=model.device), **images)
@@ -68,7 +68,7 @@ def forward_time(model, rows: list[Request], with_images: bool, q: int = 1, step
     return (time.perf_counter() - start) / steps
 
 
-def draft_forward_time(target, draft_model, requests: list[Request], lean: bool) -> float:
+def draft_forward_time(target, draft_model, requests: list[Request], lean: LeanLlama | None) -> float:
     """Seconds per one-token draft forward on the same rows, run as the engine runs that draft (see ModelDraft);
     a text-only draft reads the prompt without its image placeholders, as the engine feeds it."""
     if hasattr(draft_model.config, "vision_config"):

@@ -120,7 +120,7 @@ def run_suite(
             has_model = hasattr(draft, "model")
             c = 0.0
             if has_model:
-                c = draft_forward_time(target, draft.model, requests[:batch], draft.lean is not None) / one_token
+                c = draft_forward_time(target, draft.model, requests[:batch], draft.lean) / one_token
             per_step = sum(m.draft_calls for m in metrics) / sum(m.target_calls for m in metrics)
             r_verify = r_for(metrics)
             batch_rows.append(Row(

@@ -10,6 +10,7 @@ level by level). The runner never advances kv_len by itself: the caller commits 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -31,15 +32,20 @@ def causal_attend(q_lens: torch.Tensor, q: int) -> torch.Tensor:
     return attend | torch.eye(q, dtype=torch.bool, device=q_lens.device)[None]
 
 
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
+    # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40);
+    # older 5.x releases know only the old name. Looked up once per class, not per batch.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, rows: int, capacity: int, lean: LeanLlama | None = None):
         """lean: the model's LeanLlama, to run text-only forwards through (drafts only: the
         target's Hugging Face forward is the reference for losslessness)."""
         self.model = model
         self.lean = lean
-        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40);
-        # older 5.x releases know only the old name.
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_kwarg = _cache_kwarg(type(model))
         self.device = model.device
         self.dtype = model.dtype
         num_layers = model.config.get_text_config().num_hidden_layers

@@ -62,12 +62,12 @@ class TreeDraft(ModelDraft):
         dist = self._distribution(root, params)  # [n, V]
         tokens, probs = self._children(dist, t.topk, rng)  # [n, topk]
         parents = torch.full_like(tokens, -1)
-        scores, depth = probs, torch.ones_like(tokens)
+        scores = probs
         ancestry = _identity(n, t.topk, tokens.device)  # [n, nodes, nodes], see Proposal
         node_dists = [dist[:, None].expand(-1, t.topk, -1)] if not greedy else []
         level, calls = slice(0, t.topk), 1
 
-        for d in range(2, gamma + 1):
+        for _ in range(2, gamma + 1):  # one level per draft call, down to depth gamma
             size = level.stop - level.start
             width = min(t.beam, size)
             if not greedy and scores.shape[1] + width * t.topk > t.max_nodes:
@@ -81,7 +81,7 @@ class TreeDraft(ModelDraft):
                 tokens.gather(1, chosen),
                 seen,
                 offsets=chosen,  # node i of the tree lives in window slot i
-                depth=depth.gather(1, chosen) - 1,
+                depth=seen.sum(-1) - 1,  # position past kv_len: depth - 1, depth = ancestors incl. itself
             )
             calls += 1
             dist = self._distribution(self._align_vocab(logits), params)  # [n, width, V]
@@ -93,7 +93,6 @@ class TreeDraft(ModelDraft):
             tokens = torch.cat([tokens, child_tokens.flatten(1)], 1)
             parents = torch.cat([parents, chosen.repeat_interleave(t.topk, dim=1)], 1)
             scores = torch.cat([scores, child_scores.flatten(1)], 1)
-            depth = torch.cat([depth, torch.full_like(child_tokens.flatten(1), d)], 1)
             # A child sees what its parent sees, and itself.
             born = width * t.topk
             ancestry = torch.cat([
