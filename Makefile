@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # GPU clusters keep the CUDA build they already have.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench load-test
+.PHONY: install demo test lint format bench load-test
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: install
 	$(PY) -m jobs.benchmark

@@ -4,7 +4,7 @@
     python -m jobs.benchmark --requests 16 --repeats 1     # quicker
     python -m jobs.benchmark --target DIR --text-draft DIR --vlm-draft DIR --shards 's3://b/x/*.tar'
 
-Prints the table and writes it (Markdown and JSON) under results/. See specvlm/bench/suite.py for what each
+Prints the table and writes it (Markdown and JSON) under results/. See specvlm/evaluation/benchmark.py for what each
 row measures.
 """
 
@@ -19,34 +19,18 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from specvlm.bench.suite import markdown_table, run_suite
-from specvlm.data.images import decode_image
-from specvlm.data.prompts import instruction, render
-from specvlm.data.sources import list_shards, read_shard
+from specvlm.demo import ASSETS
+from specvlm.evaluation.benchmark import caption_requests, markdown_table, run_suite
 from specvlm.models.loading import load_draft, load_target
-from specvlm.specdec.requests import Request
 from specvlm.specdec.tree import TreeSettings
-
-DEMO = Path("assets/demo")
-
-
-def demo_requests(target, shards: str, count: int) -> list[Request]:
-    requests = []
-    for shard in list_shards(shards):
-        for record in read_shard(shard):
-            if record["error"] is None and len(requests) < count:
-                prompt = render(instruction("caption", record), target.processor)
-                enc = target.processor(images=decode_image(record["image"]), text=prompt, return_tensors="pt")
-                requests.append(Request(enc.input_ids[0].tolist(), enc.pixel_values))
-    return requests
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=str(DEMO / "models/target"))
-    parser.add_argument("--text-draft", default=str(DEMO / "models/draft-text"))
-    parser.add_argument("--vlm-draft", default=str(DEMO / "models/draft-vlm"))
-    parser.add_argument("--shards", default=str(DEMO / "shards/*.tar"))
+    parser.add_argument("--target", default=str(ASSETS / "models/target"))
+    parser.add_argument("--text-draft", default=str(ASSETS / "models/draft-text"))
+    parser.add_argument("--vlm-draft", default=str(ASSETS / "models/draft-vlm"))
+    parser.add_argument("--shards", default=str(ASSETS / "shards/*.tar"))
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -58,9 +42,9 @@ def main(argv=None) -> None:
     hf_logging.set_verbosity_error()
 
     target = load_target(args.target, device=args.device, dtype="float32" if args.device == "cpu" else "auto")
-    requests = demo_requests(target, args.shards, args.requests)
-    text = lambda **kw: load_draft("text", target, args.text_draft, **kw)  # noqa: E731
-    vlm = lambda **kw: load_draft("vlm", target, args.vlm_draft, **kw)  # noqa: E731
+    requests = caption_requests(target, args.shards, args.requests)
+    text = lambda **kw: load_draft("text", target, args.text_draft, **kw)
+    vlm = lambda **kw: load_draft("vlm", target, args.vlm_draft, **kw)
     tree = TreeSettings()  # the defaults, tuned on the demo family: narrow and deep
     drafts = {
         "text chain γ=3": (text, 3),
@@ -76,12 +60,27 @@ def main(argv=None) -> None:
     assistants = {"text draft": text().model, "vlm draft": vlm().model}
     eos = target.model.generation_config.eos_token_id
     eos = tuple(eos) if isinstance(eos, list) else (eos,)
-    rows = run_suite(target.model, drafts, assistants, requests, max_new_tokens=args.max_new_tokens, eos=eos,
-                     pad_id=target.tokenizer.pad_token_id, batches=tuple(args.batches), repeats=args.repeats)
+    rows = run_suite(
+        target.model,
+        drafts,
+        assistants,
+        requests,
+        max_new_tokens=args.max_new_tokens,
+        eos=eos,
+        pad_id=target.tokenizer.pad_token_id,
+        batches=tuple(args.batches),
+        repeats=args.repeats,
+    )
 
-    device = torch.cuda.get_device_name() if target.model.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    header = (f"Device: {device}. Target {args.target}; {len(requests)} demo images, caption task, greedy, "
-              f"max {args.max_new_tokens} new tokens; median of {args.repeats} timed runs after a warm-up.\n\n")
+    device = (
+        torch.cuda.get_device_name()
+        if target.model.device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    header = (
+        f"Device: {device}. Target {args.target}; {len(requests)} demo images, caption task, greedy, "
+        f"max {args.max_new_tokens} new tokens; median of {args.repeats} timed runs after a warm-up.\n\n"
+    )
     table = markdown_table(rows)
     print(table)
     out = Path(args.out)

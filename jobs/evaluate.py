@@ -1,7 +1,7 @@
 """Evaluation: target alone vs every draft strategy on the same samples, through the pipeline, with a report.
 
-    python -m jobs.evaluate                                   # configs/evaluate-demo.yaml
-    python -m jobs.evaluate --config my-eval.yaml --set compute.actors=4
+python -m jobs.evaluate                                   # configs/evaluate-demo.yaml
+python -m jobs.evaluate --config my-eval.yaml --set compute.actors=4
 """
 
 from __future__ import annotations
@@ -10,16 +10,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from specvlm.pipeline.config import ConfigError
-from specvlm.pipeline.evaluate import load_evaluate_config, run_evaluation, write_report
-from specvlm.pipeline.job import JobFailed
+from pipeline.config import ConfigError
+from pipeline.evaluate import load_evaluate_config, run_evaluation, write_report
+from pipeline.job import JobFailed
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/evaluate-demo.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a job config value in every run (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job config value in every run (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         config = load_evaluate_config(args.config, args.set)

@@ -39,14 +39,31 @@ SHAPES = {
     # multi-head attention, CLS dropped, penultimate vision layer
     "mha": LlavaShape(hidden=64, layers=2, heads=4, kv_heads=4, image_size=32, patch_size=8),
     # grouped-query attention, CLS kept, last vision layer, larger images
-    "gqa": LlavaShape(hidden=48, layers=3, heads=4, kv_heads=2, vision_hidden=48, image_size=48, patch_size=16,
-                      vision_feature_layer=-1, select_strategy="full"),
+    "gqa": LlavaShape(
+        hidden=48,
+        layers=3,
+        heads=4,
+        kv_heads=2,
+        vision_hidden=48,
+        image_size=48,
+        patch_size=16,
+        vision_feature_layer=-1,
+        select_strategy="full",
+    ),
     # multi-query attention, wider model, small images
     "mqa": LlavaShape(hidden=96, layers=2, heads=6, kv_heads=1, intermediate=192, image_size=24, patch_size=8),
 }
 
-QUESTIONS = ["what is this?", "describe the picture in detail, please", "", "fox", "a red circle",
-             "what colour is the square at the top?", "count the shapes", "the lazy dog"]
+QUESTIONS = [
+    "what is this?",
+    "describe the picture in detail, please",
+    "",
+    "fox",
+    "a red circle",
+    "what colour is the square at the top?",
+    "count the shapes",
+    "the lazy dog",
+]
 
 
 @dataclass
@@ -70,8 +87,13 @@ class Family:
             return None
         if kind == "prompt_lookup":
             return PromptLookupDraft(image_token_id=self.image_token_id, device=torch.device("cpu"))
-        common = dict(text_only=kind.startswith("text"), image_token_id=self.image_token_id,
-                      vocab_size=self.vocab_size, cost_ratio=0.1, name=kind)
+        common = dict(
+            text_only=kind.startswith("text"),
+            image_token_id=self.image_token_id,
+            vocab_size=self.vocab_size,
+            cost_ratio=0.1,
+            name=kind,
+        )
         if tree is not None:
             return TreeDraft(self.drafts[kind], tree=tree, **common)
         return ModelDraft(self.drafts[kind], min_confidence=min_confidence, **common)
@@ -90,10 +112,14 @@ class Family:
         """The target's own greedy decoding of one request, through Hugging Face generate."""
         kwargs = {} if request.pixel_values is None else {"pixel_values": request.pixel_values}
         out = self.target.generate(
-            input_ids=torch.tensor([request.input_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id, pad_token_id=0, **kwargs,
+            input_ids=torch.tensor([request.input_ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id,
+            pad_token_id=0,
+            **kwargs,
         )
-        return out[0, len(request.input_ids):].tolist()
+        return out[0, len(request.input_ids) :].tolist()
 
 
 def _language_model_copy(target) -> torch.nn.Module:

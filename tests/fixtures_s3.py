@@ -13,9 +13,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import s3fs
@@ -148,8 +148,11 @@ class _FlakyHandler(BaseHTTPRequestHandler):
 def flaky_s3_endpoint(s3_endpoint: str) -> Iterator[tuple[str, type]]:
     """An S3 endpoint in front of moto that throttles every third request; yields (url, handler class)."""
     upstream = urllib.parse.urlparse(s3_endpoint)
-    handler = type("Flaky", (_FlakyHandler,), {"upstream": (upstream.hostname, upstream.port), "every": 3,
-                                                "counter": itertools.count(1), "failed": 0})
+    handler = type(
+        "Flaky",
+        (_FlakyHandler,),
+        {"upstream": (upstream.hostname, upstream.port), "every": 3, "counter": itertools.count(1), "failed": 0},
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

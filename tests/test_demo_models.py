@@ -10,9 +10,9 @@ from specvlm.data.images import decode_image
 from specvlm.data.prompts import render
 from specvlm.data.sources import list_shards, read_shard
 from specvlm.demo.world import make_scene
+from specvlm.evaluation.demo_quality import decode_all, is_correct, scene_requests
 from specvlm.models.loading import load_draft, load_target
 from specvlm.specdec.requests import Request
-from specvlm.training.evaluate import decode_all, is_correct, scene_requests
 
 MODELS = Path(__file__).resolve().parents[1] / "assets" / "demo" / "models"
 SHARDS = Path(__file__).resolve().parents[1] / "assets" / "demo" / "shards"
@@ -40,7 +40,8 @@ def test_chat_template_renders_the_llava_1_5_format(target):
     assert render("describe the image.", target.processor) == "USER: <image>\ndescribe the image. ASSISTANT:"
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
     assert target.processor.apply_chat_template(conversation, add_generation_prompt=True) == (
-        "USER: <image>\nwhat is it? ASSISTANT:")
+        "USER: <image>\nwhat is it? ASSISTANT:"
+    )
 
 
 def test_target_captions_the_bundled_shard_images_exactly(target):
@@ -60,8 +61,9 @@ def test_target_captions_the_bundled_shard_images_exactly(target):
 @pytest.mark.parametrize("task, min_right", [("caption", 0.9), ("vqa", 0.9)])
 def test_target_answers_held_out_scenes(target, task, min_right):
     scenes = [make_scene(HELD_OUT_SEED, i) for i in range(300)]
-    results = decode_all(target.model, None, scene_requests(scenes, task, target.processor),
-                         eos_token_id=target.tokenizer.eos_token_id)
+    results = decode_all(
+        target.model, None, scene_requests(scenes, task, target.processor), eos_token_id=target.tokenizer.eos_token_id
+    )
     right = sum(is_correct(text_of(target, r), s, task) for r, s in zip(results, scenes))
     assert right >= min_right * len(scenes), f"{task}: {right} of {len(scenes)} exactly right"
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+)
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from specvlm.models.build import build_tokenizer
@@ -23,13 +29,27 @@ GRID = [[32, 32], [32, 64], [64, 32]]
 def next_family():
     tokenizer = build_tokenizer(CORPUS, vocab_size=160)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_token,
-                             image_grid_pinpoints=GRID, vision_feature_layer=-2)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token,
+        image_grid_pinpoints=GRID,
+        vision_feature_layer=-2,
+    )
     torch.manual_seed(0)
     target = LlavaNextForConditionalGeneration(config).eval()
     noisy = copy.deepcopy(target)
@@ -38,9 +58,14 @@ def next_family():
             if "language_model" in name:
                 p.add_(torch.randn_like(p) * p.std() * 0.3)
     processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                                   image_grid_pinpoints=GRID),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=GRID
+        ),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     rng = np.random.default_rng(0)
     requests = []
     for i, (h, w) in enumerate([(40, 70), (70, 40), (30, 30), (50, 90)]):
@@ -60,14 +85,28 @@ def test_llava_next_requests_really_differ_in_crop_count(next_family):
 def test_llava_next_greedy_matches_generate(next_family, draft):
     tokenizer, target, noisy, requests = next_family
     expected = [
-        target.generate(input_ids=torch.tensor([r.input_ids]), pixel_values=r.pixel_values, image_sizes=r.image_sizes,
-                        max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(r.input_ids):].tolist()
+        target.generate(
+            input_ids=torch.tensor([r.input_ids]),
+            pixel_values=r.pixel_values,
+            image_sizes=r.image_sizes,
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, len(r.input_ids) :].tolist()
         for r in requests
     ]
-    common = dict(text_only=False, image_token_id=target.config.image_token_id, vocab_size=len(tokenizer),
-                  cost_ratio=1.0, name=draft)
-    drafts = {"none": None, "chain": ModelDraft(noisy, **common),
-              "tree": TreeDraft(noisy, tree=TreeSettings(topk=2, beam=2, max_nodes=8), **common)}
+    common = dict(
+        text_only=False,
+        image_token_id=target.config.image_token_id,
+        vocab_size=len(tokenizer),
+        cost_ratio=1.0,
+        name=draft,
+    )
+    drafts = {
+        "none": None,
+        "chain": ModelDraft(noisy, **common),
+        "tree": TreeDraft(noisy, tree=TreeSettings(topk=2, beam=2, max_nodes=8), **common),
+    }
     config = DecodeConfig(max_new_tokens=12, gamma=3, eos_token_ids=(tokenizer.eos_token_id,))
     results = SpeculativeDecoder(target, drafts[draft], config).generate(requests)
     assert [r.tokens for r in results] == expected

@@ -56,7 +56,7 @@ def test_test_drafts_cover_no_some_and_full_acceptance(families, references, sha
 
 
 def test_self_draft_commits_gamma_plus_one_per_step(family, references):
-    requests, expected = references["mha"]
+    requests, _ = references["mha"]
     results = decode(family, "vlm_self", 5, requests[:4])
     for r in results:
         # 24 tokens in steps of 6: exactly 4 target passes.

@@ -70,8 +70,9 @@ def setup(family):
     return request, exact_distribution(family, request, PARAMS, LENGTH)
 
 
-@pytest.mark.parametrize("draft,gamma", [("vlm_noisy", 2), ("vlm_noisy", 5), ("text_copy", 3),
-                                         ("prompt_lookup", 3), ("none", 1)])
+@pytest.mark.parametrize(
+    "draft,gamma", [("vlm_noisy", 2), ("vlm_noisy", 5), ("text_copy", 3), ("prompt_lookup", 3), ("none", 1)]
+)
 def test_sampling_matches_target_distribution(family, setup, draft, gamma):
     request, exact = setup
     samples = sample_sequences(family, draft, request, PARAMS, gamma)
@@ -82,7 +83,9 @@ def _accept_everything(logits, proposal, params, uniforms):
     """Wrong: keeps every draft of a chain, so the output follows the draft."""
     q = probs_from_logits(logits, params)
     accepted = proposal.lengths.clone()
-    path = torch.where(torch.arange(proposal.tokens.shape[1]) < accepted[:, None], torch.arange(proposal.tokens.shape[1]), -1)
+    path = torch.where(
+        torch.arange(proposal.tokens.shape[1]) < accepted[:, None], torch.arange(proposal.tokens.shape[1]), -1
+    )
     return Verdict(accepted, path, sample_from(q[torch.arange(len(accepted)), accepted], uniforms[:, -1]))
 
 

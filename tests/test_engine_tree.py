@@ -28,9 +28,13 @@ def references(families):
     return out
 
 
-def run(fam, draft, requests, gamma=4, max_new=MAX_NEW, sampling=SamplingParams()):
-    config = DecodeConfig(max_new_tokens=max_new, gamma=gamma, sampling=sampling,
-                          eos_token_ids=(fam.tokenizer.eos_token_id,))
+GREEDY = SamplingParams()
+
+
+def run(fam, draft, requests, gamma=4, max_new=MAX_NEW, sampling=GREEDY):
+    config = DecodeConfig(
+        max_new_tokens=max_new, gamma=gamma, sampling=sampling, eos_token_ids=(fam.tokenizer.eos_token_id,)
+    )
     return SpeculativeDecoder(fam.target, draft, config).generate(requests)
 
 
@@ -84,8 +88,9 @@ def test_tree_proposals_are_well_formed_trees(family, references):
         for p, t in zip(parents, tokens):
             siblings.setdefault(p, []).append(t)
         assert all(len(set(ts)) == len(ts) for ts in siblings.values()), "siblings carry distinct tokens"
-    assert torch.equal(proposal.ancestry & valid[:, :, None] & valid[:, None, :], ancestors_of(proposal.parents, valid)), \
-        "the ancestry the draft built level by level is the one its parent pointers give"
+    assert torch.equal(
+        proposal.ancestry & valid[:, :, None] & valid[:, None, :], ancestors_of(proposal.parents, valid)
+    ), "the ancestry the draft built level by level is the one its parent pointers give"
 
 
 def ancestors_of(parents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -125,8 +130,10 @@ def sample_tree_sequences(fam, draft, request, gamma=3):
     out = []
     for start in range(0, RUNS, 500):
         batch = [Request(request.input_ids, request.pixel_values, seed=s) for s in range(start, start + 500)]
-        out += [tuple(r.tokens) for r in run(fam, fam.draft(draft, tree=TREE_SAMPLING), batch, gamma=gamma,
-                                               max_new=LENGTH, sampling=PARAMS)]
+        out += [
+            tuple(r.tokens)
+            for r in run(fam, fam.draft(draft, tree=TREE_SAMPLING), batch, gamma=gamma, max_new=LENGTH, sampling=PARAMS)
+        ]
     return out
 
 
@@ -143,8 +150,9 @@ def test_adaptive_chain_sampling_matches_target_distribution(family, sampling_se
     samples = []
     for start in range(0, RUNS, 500):
         batch = [Request(request.input_ids, request.pixel_values, seed=s) for s in range(start, start + 500)]
-        results = run(family, family.draft("vlm_noisy", min_confidence=0.3), batch, gamma=3, max_new=LENGTH,
-                      sampling=PARAMS)
+        results = run(
+            family, family.draft("vlm_noisy", min_confidence=0.3), batch, gamma=3, max_new=LENGTH, sampling=PARAMS
+        )
         samples += [tuple(r.tokens) for r in results]
     assert chi_square_p(samples, exact) > 1e-3
 

@@ -5,34 +5,47 @@ import json
 import pytest
 import yaml
 
-from specvlm.bench.suite import markdown_table, run_suite
+from pipeline.config import ConfigError
+from pipeline.evaluate import load_evaluate_config, run_evaluation, write_report
 from specvlm.demo.shards import write_webdataset_shards
-from specvlm.pipeline.config import ConfigError
-from specvlm.pipeline.evaluate import load_evaluate_config, run_evaluation, write_report
+from specvlm.evaluation.benchmark import markdown_table, run_suite
 from specvlm.specdec.tree import TreeSettings
 
 
 def test_evaluate_runs_every_strategy_through_the_pipeline_and_reports(models, tmp_path, ray_local):
     write_webdataset_shards(str(tmp_path / "in"), seed=3, num_shards=3, per_shard=3)
-    job = {"input": {"uri": f"{tmp_path}/in/*.tar"}, "output": {"uri": "unused"},
-           "model": {"target": str(models / "target")}, "decode": {"max_new_tokens": 8},
-           "compute": {"batch_size": 2}}
+    job = {
+        "input": {"uri": f"{tmp_path}/in/*.tar"},
+        "output": {"uri": "unused"},
+        "model": {"target": str(models / "target")},
+        "decode": {"max_new_tokens": 8},
+        "compute": {"batch_size": 2},
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     draft = [f"draft.path={models / 'draft'}", "draft.kind=vlm"]
     evaluation = {
-        "job": str(tmp_path / "job.yaml"), "output": str(tmp_path / "runs"), "report_dir": str(tmp_path / "report"),
+        "job": str(tmp_path / "job.yaml"),
+        "output": str(tmp_path / "runs"),
+        "report_dir": str(tmp_path / "report"),
         "max_shards": 2,
         "tasks": {"caption": ["task.kind=caption"], "vqa": ["task.kind=vqa"]},
-        "strategies": {"autoregressive": ["draft.kind=none"], "vlm chain": [*draft, "draft.gamma=3"],
-                       "vlm tree": [*draft, "draft.mode=tree", "draft.gamma=3"],
-                       "prompt lookup": ["draft.kind=prompt_lookup"]},
-        "batch_sizes": [1, 2], "sweep_strategies": ["vlm chain"],
+        "strategies": {
+            "autoregressive": ["draft.kind=none"],
+            "vlm chain": [*draft, "draft.gamma=3"],
+            "vlm tree": [*draft, "draft.mode=tree", "draft.gamma=3"],
+            "prompt lookup": ["draft.kind=prompt_lookup"],
+        },
+        "batch_sizes": [1, 2],
+        "sweep_strategies": ["vlm chain"],
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation, allow_unicode=True))
     config = load_evaluate_config(str(tmp_path / "eval.yaml"))
     results = run_evaluation(config, log=lambda *_: None)
-    assert {(r.task, r.strategy, r.batch) for r in results} >= {("caption", "vlm tree", 2), ("vqa", "prompt lookup", 2),
-                                                                 ("caption", "vlm chain", 1)}
+    assert {(r.task, r.strategy, r.batch) for r in results} >= {
+        ("caption", "vlm tree", 2),
+        ("vqa", "prompt lookup", 2),
+        ("caption", "vlm chain", 1),
+    }
     assert all(r.samples == 6 and r.identical == 1.0 for r in results)  # 2 shards x 3 samples, all identical
     drafted = [r for r in results if r.strategy.startswith("vlm")]
     assert all(r.tau > 1.0 and 0 < r.acceptance < 1 for r in drafted)
@@ -44,14 +57,24 @@ def test_evaluate_runs_every_strategy_through_the_pipeline_and_reports(models, t
 
 
 def test_evaluate_config_errors_name_the_problem(tmp_path):
-    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"job": "configs/demo.yaml", "output": "x", "tasks": {},
-                                                        "strategies": {"chain": ["draft.gamma=3"]}}))
+    (tmp_path / "eval.yaml").write_text(
+        yaml.safe_dump(
+            {"job": "configs/demo.yaml", "output": "x", "tasks": {}, "strategies": {"chain": ["draft.gamma=3"]}}
+        )
+    )
     with pytest.raises(ConfigError, match="autoregressive"):
         load_evaluate_config(str(tmp_path / "eval.yaml"))
-    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"job": "configs/demo.yaml", "output": "x",
-                                                        "tasks": {"caption": ["task.kind=caption"]},
-                                                        "strategies": {"autoregressive": ["draft.gamma=zero"]}}))
-    with pytest.raises(ConfigError, match="draft.gamma"):
+    (tmp_path / "eval.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "job": "configs/demo.yaml",
+                "output": "x",
+                "tasks": {"caption": ["task.kind=caption"]},
+                "strategies": {"autoregressive": ["draft.gamma=zero"]},
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match=r"draft\.gamma"):
         load_evaluate_config(str(tmp_path / "eval.yaml"))
 
 
@@ -64,8 +87,18 @@ def test_benchmark_suite_compares_every_mode_with_the_target(family):
         "text chain": (lambda: family.draft("text_copy"), 3),
         "prompt lookup": (lambda: family.draft("prompt_lookup"), 3),
     }
-    rows = run_suite(family.target, drafts, {"text": family.drafts["text_copy"]}, requests, max_new_tokens=10,
-                     eos=eos, pad_id=0, batches=(1, 2), repeats=1, log=lambda *_: None)
+    rows = run_suite(
+        family.target,
+        drafts,
+        {"text": family.drafts["text_copy"]},
+        requests,
+        max_new_tokens=10,
+        eos=eos,
+        pad_id=0,
+        batches=(1, 2),
+        repeats=1,
+        log=lambda *_: None,
+    )
     modes = {(r.batch, r.mode) for r in rows}
     assert (1, "HF assisted (text)") in modes and (2, "engine vlm tree") in modes and (2, "replay a=0.9") in modes
     for r in rows:

@@ -7,9 +7,9 @@ import sys
 import pytest
 import s3fs
 
+from pipeline.job import run_job
+from pipeline.stages import DecodeActor
 from specvlm.demo.shards import write_webdataset_shards
-from specvlm.pipeline.job import run_job
-from specvlm.pipeline.stages import Decoder
 from specvlm.specdec.requests import Request, Result
 from tests.test_pipeline import PER_SHARD, SEED, check_against_inputs, config_for, read_output
 
@@ -19,10 +19,17 @@ JOB = [sys.executable, "-m", "jobs.caption", "--config", os.devnull]
 def test_crashed_decode_actor_is_restarted_and_every_row_is_written_once(models, tmp_path):
     write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=4, per_shard=PER_SHARD)
     marker = tmp_path / "crashed"
-    args = JOB + [f"--set=input.uri={tmp_path}/in", f"--set=output.uri={tmp_path}/out",
-                  f"--set=model.target={models / 'target'}", "--set=draft.kind=vlm", f"--set=draft.path={models / 'draft'}",
-                  "--set=decode.max_new_tokens=8", "--set=compute.batch_size=2", "--set=ray.num_cpus=2",
-                  "--set=output.max_error_fraction=0"]
+    args = JOB + [
+        f"--set=input.uri={tmp_path}/in",
+        f"--set=output.uri={tmp_path}/out",
+        f"--set=model.target={models / 'target'}",
+        "--set=draft.kind=vlm",
+        f"--set=draft.path={models / 'draft'}",
+        "--set=decode.max_new_tokens=8",
+        "--set=compute.batch_size=2",
+        "--set=ray.num_cpus=2",
+        "--set=output.max_error_fraction=0",
+    ]
     # Its own local Ray, so the fault variable reaches the workers' environment.
     env = {**os.environ, "RAY_ADDRESS": "", "SPECVLM_FAULTS": f"decode_exit_once:{marker}"}
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
@@ -33,12 +40,14 @@ def test_crashed_decode_actor_is_restarted_and_every_row_is_written_once(models,
     assert all(r["error"] is None for r in rows)
 
 
-def test_throttling_object_storage_is_retried_and_output_is_complete(family, models, s3_bucket, flaky_s3_endpoint,
-                                                                    ray_local):
+def test_throttling_object_storage_is_retried_and_output_is_complete(
+    family, models, s3_bucket, flaky_s3_endpoint, ray_local
+):
     bucket, _ = s3_bucket
     url, proxy = flaky_s3_endpoint
-    write_webdataset_shards(f"s3://{bucket}/in", seed=SEED, num_shards=3, per_shard=PER_SHARD,
-                            storage_options={"endpoint_url": url})
+    write_webdataset_shards(
+        f"s3://{bucket}/in", seed=SEED, num_shards=3, per_shard=PER_SHARD, storage_options={"endpoint_url": url}
+    )
     config = config_for(models, f"s3://{bucket}/in/*.tar", f"s3://{bucket}/out", endpoint=url)
     summary = run_job(config, log=lambda *_: None)
     assert proxy.failed > 10, "the proxy should have refused many requests"
@@ -61,7 +70,7 @@ class _PoisonDecoder:
 
 
 def test_a_row_that_crashes_the_model_is_isolated_and_the_rest_decode():
-    decoder = Decoder.__new__(Decoder)  # the isolation logic alone, without loading models
+    decoder = DecodeActor.__new__(DecodeActor)  # the isolation logic alone, without loading models
     decoder.decoder = _PoisonDecoder()
     requests = [Request([1, 2], seed=s) for s in (1, 2, 3, 666, 5, 6, 7, 8)]
     results = decoder._generate(requests)
@@ -72,9 +81,10 @@ def test_a_row_that_crashes_the_model_is_isolated_and_the_rest_decode():
 
 def test_token_budget_splits_a_batch_into_bounded_engine_calls(models, tmp_path):
     write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=1, per_shard=1)
-    config = config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", "compute.max_batch_tokens=200",
-                        "decode.max_new_tokens=20")
-    decoder = Decoder.__new__(Decoder)
+    config = config_for(
+        models, f"{tmp_path}/in", f"{tmp_path}/out", "compute.max_batch_tokens=200", "decode.max_new_tokens=20"
+    )
+    decoder = DecodeActor.__new__(DecodeActor)
     decoder.config, decoder.window = config, 4
     rows = [{"input_ids": [0] * n} for n in (50, 60, 70, 300, 10, 10)]
     groups = decoder._token_budget_groups(rows, list(range(6)))
@@ -87,8 +97,9 @@ def test_token_budget_splits_a_batch_into_bounded_engine_calls(models, tmp_path)
 @pytest.mark.parametrize("max_pixels,expect_error", [(10_000, False), (1_000, True)])
 def test_pixel_limit_refuses_large_images_before_decoding(models, tmp_path, ray_local, max_pixels, expect_error):
     write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=1, per_shard=2)  # 64x64 = 4096 pixels
-    config = config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", f"compute.max_pixels={max_pixels}",
-                        "output.max_error_fraction=1")
+    config = config_for(
+        models, f"{tmp_path}/in", f"{tmp_path}/out", f"compute.max_pixels={max_pixels}", "output.max_error_fraction=1"
+    )
     run_job(config, log=lambda *_: None)
     errors = [r["error"] for t in read_output(f"{tmp_path}/out").values() for r in t.to_pylist()]
     assert len(errors) == 2

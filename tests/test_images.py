@@ -100,7 +100,7 @@ def test_animated_image_gives_first_frame(corpus, name):
 
 def test_bomb_rejected_from_header_even_with_pil_limit_disabled(corpus, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    with pytest.raises(ImageError, match="100000x100000.*over max_pixels"):
+    with pytest.raises(ImageError, match=r"100000x100000.*over max_pixels"):
         _decode(corpus, "bomb.png")
 
 
@@ -124,4 +124,3 @@ def test_truncated_file_fails_and_pil_stays_strict(corpus):
     with pytest.raises(ImageError):
         _decode(corpus, "truncated.jpg")
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-

@@ -22,7 +22,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from specvlm.pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 
 try:
     import tomllib
@@ -203,11 +203,13 @@ def job_invocations(command_line: str) -> list[tuple[str, list[str]]]:
     tokens = list(lexer)
     found = []
     for i in range(len(tokens) - 2):
-        if re.fullmatch(r"(.*/)?python(3(\.\d+)?)?", tokens[i]) and tokens[i + 1] == "-m" and (
-            tokens[i + 2].startswith("jobs.")
+        if (
+            re.fullmatch(r"(.*/)?python(3(\.\d+)?)?", tokens[i])
+            and tokens[i + 1] == "-m"
+            and (tokens[i + 2].startswith("jobs."))
         ):
             args = []
-            for token in tokens[i + 3:]:
+            for token in tokens[i + 3 :]:
                 if token in SHELL_BREAKS:
                     break
                 args.append(token)
@@ -244,12 +246,12 @@ def job_commands() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
 
 @cache
 def cli_defaults() -> dict[str, str]:
-    """DEFAULT_CONFIGS from specvlm/pipeline/cli.py, read without importing it (the import pulls in torch)."""
-    tree = ast.parse((ROOT / "specvlm/pipeline/cli.py").read_text())
+    """DEFAULT_CONFIGS from pipeline/cli.py, read without importing it (the import pulls in torch)."""
+    tree = ast.parse((ROOT / "pipeline/cli.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEFAULT_CONFIGS" for t in node.targets):
             return ast.literal_eval(node.value)
-    raise AssertionError("specvlm/pipeline/cli.py has no DEFAULT_CONFIGS")
+    raise AssertionError("pipeline/cli.py has no DEFAULT_CONFIGS")
 
 
 def job_task(module: str) -> str:
@@ -263,7 +265,7 @@ def job_task(module: str) -> str:
 
 
 def parse_job_args(args) -> argparse.Namespace:
-    """The job CLI's arguments (specvlm/pipeline/cli.py): --config PATH and repeated --set KEY=VALUE, nothing else."""
+    """The job CLI's arguments (pipeline/cli.py): --config PATH and repeated --set KEY=VALUE, nothing else."""
     parser = argparse.ArgumentParser(add_help=False, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config")
     parser.add_argument("--set", action="append", default=[])
@@ -514,7 +516,8 @@ def test_job_commands_are_written_where_expected():
     assert any(parse_job_args(a).config for a in readme), "README: show a real job (--config configs/...)"
     assert any(
         "ray job submit" in line and "--working-dir" in line and "python -m jobs." in line
-        for block in readme_code_blocks() for line in shell_lines(block)
+        for block in readme_code_blocks()
+        for line in shell_lines(block)
     ), "README: show `ray job submit --working-dir . -- python -m jobs....`"
     for _, job in rayjobs():
         assert job_invocations(job["spec"]["entrypoint"]), "the RayJob entrypoint must run a job module"
@@ -594,8 +597,12 @@ def test_cronjob_runs_the_same_rayjob_without_overlap():
 
     role = doc(MANIFESTS["cronjob"], "Role")
     binding = doc(MANIFESTS["cronjob"], "RoleBinding")
-    granted = {v for rule in role["rules"] if "ray.io" in rule["apiGroups"] and "rayjobs" in rule["resources"]
-               for v in rule["verbs"]}
+    granted = {
+        v
+        for rule in role["rules"]
+        if "ray.io" in rule["apiGroups"] and "rayjobs" in rule["resources"]
+        for v in rule["verbs"]
+    }
     assert {"create", "get", "list"} <= granted, f"the submitter may only {sorted(granted)} rayjobs"
     assert not granted & {"delete", "deletecollection", "*"}, "the submitter needs no delete rights"
     role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}

@@ -8,8 +8,15 @@ from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.requests import collate_images
 from specvlm.specdec.runner import ModelRunner, causal_attend
 
-SMALL = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def _text_lm(kind: str) -> torch.nn.Module:

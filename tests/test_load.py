@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_config
+from pipeline.job import run_job
 from specvlm.demo.shards import write_webdataset_shards
-from specvlm.pipeline.config import load_config
-from specvlm.pipeline.job import run_job
 from tests.test_pipeline import read_output
 
 SHARDS = int(os.environ.get("SPECVLM_LOAD_SHARDS", 100))
@@ -56,28 +56,40 @@ class PeakMemory:
 @pytest.mark.load
 def test_ten_thousand_images_through_the_demo_job(tmp_path, ray_local):
     write_webdataset_shards(str(tmp_path / "in"), seed=7, num_shards=SHARDS, per_shard=PER_SHARD)
-    config = load_config("configs/demo.yaml", [f"input.uri={tmp_path}/in/*.tar", f"output.uri={tmp_path}/out",
-                                               "decode.max_new_tokens=48", "output.max_error_fraction=0"])
+    config = load_config(
+        "configs/demo.yaml",
+        [
+            f"input.uri={tmp_path}/in/*.tar",
+            f"output.uri={tmp_path}/out",
+            "decode.max_new_tokens=48",
+            "output.max_error_fraction=0",
+        ],
+    )
     start = time.perf_counter()
     with PeakMemory() as memory:
         summary = run_job(config)
     seconds = time.perf_counter() - start
 
-    rows = [(r["shard_id"], r["key"]) for t in read_output(f"{tmp_path}/out").values()
-            for r in t.select(["shard_id", "key"]).to_pylist()]
+    rows = [
+        (r["shard_id"], r["key"])
+        for t in read_output(f"{tmp_path}/out").values()
+        for r in t.select(["shard_id", "key"]).to_pylist()
+    ]
     assert len(rows) == len(set(rows)) == SHARDS * PER_SHARD, "rows lost or duplicated"
     assert summary.errors == 0
 
     driver_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = sorted(memory.peaks.values(), key=lambda p: -p[1])
-    decode_mib = max((kib for name, kib in workers if "Decoder" in name), default=0) / 1024
-    other_mib = max((kib for name, kib in workers if "Decoder" not in name), default=0) / 1024
+    decode_mib = max((kib for name, kib in workers if "DecodeActor" in name), default=0) / 1024
+    other_mib = max((kib for name, kib in workers if "DecodeActor" not in name), default=0) / 1024
     report = (
         f"| images | shards | wall s | images/s | tokens/s | tau | driver peak MiB | decode actor peak MiB | "
         f"other worker peak MiB | lost | duplicated |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {len(rows)} | {SHARDS} | {seconds:.0f} | {len(rows) / seconds:.1f} | {summary.new_tokens / seconds:.0f} | "
-        f"{summary.block_efficiency:.2f} | {driver_mib:.0f} | {decode_mib:.0f} | {other_mib:.0f} | 0 | 0 |\n")
+        f"{summary.block_efficiency:.2f} | {driver_mib:.0f} | {decode_mib:.0f} | {other_mib:.0f} | 0 | 0 |\n"
+    )
     print("\n" + report)
     Path("results").mkdir(exist_ok=True)
     Path("results/load-test.md").write_text(
-        "Load test (`make load-test`): the demo caption job on this machine, local Ray, CPU.\n\n" + report)
+        "Load test (`make load-test`): the demo caption job on this machine, local Ray, CPU.\n\n" + report
+    )

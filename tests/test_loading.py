@@ -67,7 +67,7 @@ def test_pickle_weights_are_refused(saved, tmp_path):
 def test_unknown_location_says_where_it_looked(tmp_path):
     with pytest.raises(ModelLoadError, match="not a local directory, not a URI"):
         resolve_model_dir("no-such-org/no-such-model-xyz")
-    with pytest.raises(ModelLoadError, match="unknown draft kind|not one of"):
+    with pytest.raises(ModelLoadError, match=r"unknown draft kind|not one of"):
         load_draft("medusa", None)
 
 

@@ -15,16 +15,16 @@ import s3fs
 import torch
 from transformers import AutoModelForImageTextToText
 
+from pipeline import job as job_module
+from pipeline.config import ConfigError, load_config
+from pipeline.job import JobFailed, run_job
+from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.sink import ResumeConflict
 from specvlm.data.images import decode_image
 from specvlm.data.prompts import format_choices
 from specvlm.data.sources import list_shards, read_shard
 from specvlm.demo.shards import write_parquet_shards, write_webdataset_shards
 from specvlm.demo.world import make_scene
-from specvlm.pipeline import job as job_module
-from specvlm.pipeline.config import ConfigError, load_config
-from specvlm.pipeline.job import JobFailed, run_job
-from specvlm.pipeline.schema import OUTPUT_SCHEMA
-from specvlm.pipeline.sink import ResumeConflict
 from specvlm.specdec.requests import Request
 from tests.badfiles import write_bad_image_corpus
 
@@ -34,12 +34,22 @@ SEED, SHARDS, PER_SHARD = 5, 3, 4
 
 def config_for(models, input_uri, output_uri, *extra, endpoint=None):
     overrides = [
-        f"input.uri={input_uri}", f"output.uri={output_uri}", f"model.target={models / 'target'}",
-        "draft.kind=vlm", f"draft.path={models / 'draft'}", "draft.gamma=3", f"decode.max_new_tokens={MAX_NEW}",
-        "compute.batch_size=4", "output.max_error_fraction=0", *extra,
-    ]  # fmt: skip
+        f"input.uri={input_uri}",
+        f"output.uri={output_uri}",
+        f"model.target={models / 'target'}",
+        "draft.kind=vlm",
+        f"draft.path={models / 'draft'}",
+        "draft.gamma=3",
+        f"decode.max_new_tokens={MAX_NEW}",
+        "compute.batch_size=4",
+        "output.max_error_fraction=0",
+        *extra,
+    ]
     if endpoint:
-        overrides += [f"input.storage_options.endpoint_url={endpoint}", f"output.storage_options.endpoint_url={endpoint}"]
+        overrides += [
+            f"input.storage_options.endpoint_url={endpoint}",
+            f"output.storage_options.endpoint_url={endpoint}",
+        ]
     return load_config(None, overrides)
 
 
@@ -128,12 +138,19 @@ def test_vqa_and_multiple_choice_prompts_come_from_the_records(family, models, t
     assert [r["prompt"] for r in rows] == [f"USER: <image>\n{s.question} ASSISTANT:" for s in scenes]
     assert [r["reference"] for r in rows] == [s.answer for s in scenes]
 
-    mc = config_for(models, f"{tmp_path}/in", f"{tmp_path}/mc", "task.kind=mc", "input.fields.question=mc_question",
-                    "input.fields.answer=answer_index")
+    mc = config_for(
+        models,
+        f"{tmp_path}/in",
+        f"{tmp_path}/mc",
+        "task.kind=mc",
+        "input.fields.question=mc_question",
+        "input.fields.answer=answer_index",
+    )
     run_job(mc, log=lambda *_: None)
     rows = read_output(f"{tmp_path}/mc")["00000.parquet"].to_pylist()
     assert [r["prompt"] for r in rows] == [
-        f"USER: <image>\n{format_choices(s.mc_question, s.choices)} ASSISTANT:" for s in scenes]
+        f"USER: <image>\n{format_choices(s.mc_question, s.choices)} ASSISTANT:" for s in scenes
+    ]
     assert [r["reference"] for r in rows] == ["abcd"[s.answer_index] for s in scenes]
 
 
@@ -149,11 +166,14 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(models, tmp_path, r
     assert (summary.shards_skipped, summary.shards_written, summary.rows) == (SHARDS - 1, 1, SHARDS * PER_SHARD)
     again = read_output(f"{tmp_path}/out")
     assert {k: t.drop(["latency_s", "tokens_per_s"]) for k, t in again.items()} == {
-        k: t.drop(["latency_s", "tokens_per_s"]) for k, t in first.items()}
+        k: t.drop(["latency_s", "tokens_per_s"]) for k, t in first.items()
+    }
 
     with pytest.raises(ResumeConflict, match="other settings"):
-        run_job(config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", f"draft.path={draft}",
-                           "decode.max_new_tokens=5"), log=print)
+        run_job(
+            config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", f"draft.path={draft}", "decode.max_new_tokens=5"),
+            log=print,
+        )
 
     # The same settings, but the draft retrained in place: its output must not be resumed into.
     retrained = AutoModelForImageTextToText.from_pretrained(draft)
@@ -169,14 +189,26 @@ def test_killed_job_then_rerun_writes_every_row_exactly_once(models, tmp_path):
 
     The death comes from a fault hook, not a timer, so it lands mid-run however fast the machine is."""
     write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=12, per_shard=PER_SHARD)
-    args = [sys.executable, "-m", "jobs.caption", "--config", os.devnull,
-            f"--set=input.uri={tmp_path}/in", f"--set=output.uri={tmp_path}/out",
-            f"--set=model.target={models / 'target'}", "--set=draft.kind=vlm", f"--set=draft.path={models / 'draft'}",
-            "--set=decode.max_new_tokens=64", "--set=compute.batch_size=1", "--set=ray.num_cpus=2"]
+    args = [
+        sys.executable,
+        "-m",
+        "jobs.caption",
+        "--config",
+        os.devnull,
+        f"--set=input.uri={tmp_path}/in",
+        f"--set=output.uri={tmp_path}/out",
+        f"--set=model.target={models / 'target'}",
+        "--set=draft.kind=vlm",
+        f"--set=draft.path={models / 'draft'}",
+        "--set=decode.max_new_tokens=64",
+        "--set=compute.batch_size=1",
+        "--set=ray.num_cpus=2",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray, killed with it
     crash = {**env, "SPECVLM_FAULTS": f"shard_written_exit_once:{tmp_path / 'crashed'}"}
-    proc = subprocess.Popen(args, env=crash, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args, env=crash, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         assert proc.wait(timeout=180) == 17, "the driver should die at the fault hook"
     finally:
@@ -234,14 +266,17 @@ def test_unreadable_and_truncated_shards_become_error_rows(models, tmp_path, ray
     assert cut[-1]["key"] == "00001:__truncated__" and cut[-1]["stop_reason"] == "error"
 
 
-@pytest.mark.parametrize("override,field", [
-    ("decode.max_new_tokenz=3", "decode.max_new_tokenz: unknown field"),
-    ("decode.max_new_tokens=many", "decode.max_new_tokens"),
-    ("compute.torch_threads=0", "compute.torch_threads"),
-    ("model.target=/no/such/model", "model.target"),
-    ("input.uri=/no/such/shards/*.tar", "input.uri"),
-    ("input.storage_options.secret=hunter2", "looks like a credential"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("decode.max_new_tokenz=3", "decode.max_new_tokenz: unknown field"),
+        ("decode.max_new_tokens=many", "decode.max_new_tokens"),
+        ("compute.torch_threads=0", "compute.torch_threads"),
+        ("model.target=/no/such/model", "model.target"),
+        ("input.uri=/no/such/shards/*.tar", "input.uri"),
+        ("input.storage_options.secret=hunter2", "looks like a credential"),
+    ],
+)
 def test_config_errors_name_the_field_before_ray_starts(models, tmp_path, monkeypatch, override, field):
     monkeypatch.setattr(job_module, "init_ray", lambda config: pytest.fail("Ray started despite a bad config"))
     write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=1, per_shard=1)
@@ -251,7 +286,11 @@ def test_config_errors_name_the_field_before_ray_starts(models, tmp_path, monkey
 
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "jobs.caption", "--set", "compute.batch_size=0"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.caption", "--set", "compute.batch_size=0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "compute.batch_size" in result.stderr and "greater than or equal to 1" in result.stderr

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from specvlm.pipeline.schema import OUTPUT_SCHEMA
+from pipeline.schema import OUTPUT_SCHEMA
 
 
 def documented_columns() -> dict[str, str]:

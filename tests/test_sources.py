@@ -150,13 +150,21 @@ def test_webdataset_records(store):
     meta1 = json.dumps({"caption": "green", "question": "Colour?", "choices": ["green", "red"], "answer": 0})
     store.put(
         "wds/000.tar",
-        _tar([
-            ("000.jpg", BLUE), ("000.txt", b"a blue square"), ("000.json", meta0.encode()),
-            ("001.png", GREEN), ("001.json", meta1.encode()),
-            ("002.txt", b"caption without an image"),
-            ("sub/003.webp", RED), ("sub/003.seg.png", GREEN), ("sub/003.cls", b"3"),
-            ("004.jpg", RED), ("004.json", b"{not json"),
-        ]),  # fmt: skip
+        _tar(
+            [
+                ("000.jpg", BLUE),
+                ("000.txt", b"a blue square"),
+                ("000.json", meta0.encode()),
+                ("001.png", GREEN),
+                ("001.json", meta1.encode()),
+                ("002.txt", b"caption without an image"),
+                ("sub/003.webp", RED),
+                ("sub/003.seg.png", GREEN),
+                ("sub/003.cls", b"3"),
+                ("004.jpg", RED),
+                ("004.json", b"{not json"),
+            ]
+        ),
     )
     (shard,) = store.list("wds")
     assert shard == Shard(uri=store.uri("wds/000.tar"), format="webdataset", shard_id="000")
@@ -164,12 +172,20 @@ def test_webdataset_records(store):
     bad_json = records[4].pop("error")
     assert records == [
         _record(shard, "000", image=BLUE, caption="a blue square", meta=meta0),
-        _record(shard, "001", image=GREEN, caption="green", question="Colour?", choices=["green", "red"], answer="0",
-                meta=meta1),
+        _record(
+            shard,
+            "001",
+            image=GREEN,
+            caption="green",
+            question="Colour?",
+            choices=["green", "red"],
+            answer="0",
+            meta=meta1,
+        ),
         _record(shard, "002", error=f"no image member for key '002' in {shard.uri}; expected exactly one"),
         _record(shard, "sub/003", image=RED),
         {k: v for k, v in _record(shard, "004", image=RED, meta="{not json").items() if k != "error"},
-    ]  # fmt: skip
+    ]
     assert "bad 004.json" in bad_json
 
 
@@ -200,26 +216,40 @@ def test_truncated_tar_yields_good_records_then_error(store, cut, good):
 
 
 def test_parquet_records(store):
-    table = pa.table({
-        "key": ["k0", "k1", "k2"],
-        "image": pa.array([RED, GREEN, None], pa.binary()),
-        "caption": ["red", None, "nothing"],
-        "question": [None, "Which?", None],
-        "choices": pa.array([None, ["a", "b"], None], pa.list_(pa.string())),
-        "answer": [None, "b", None],
-        "width": [4, 4, None],
-        "url": ["u0", "u1", "u2"],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "key": ["k0", "k1", "k2"],
+            "image": pa.array([RED, GREEN, None], pa.binary()),
+            "caption": ["red", None, "nothing"],
+            "question": [None, "Which?", None],
+            "choices": pa.array([None, ["a", "b"], None], pa.list_(pa.string())),
+            "answer": [None, "b", None],
+            "width": [4, 4, None],
+            "url": ["u0", "u1", "u2"],
+        }
+    )
     store.put("pq/part-0.parquet", _parquet(table))
     (shard,) = store.list("pq")
     assert shard == Shard(uri=store.uri("pq/part-0.parquet"), format="parquet", shard_id="part-0")
     assert store.read(shard) == [
         _record(shard, "k0", image=RED, caption="red", meta='{"width": 4, "url": "u0"}'),
-        _record(shard, "k1", image=GREEN, question="Which?", choices=["a", "b"], answer="b",
-                meta='{"width": 4, "url": "u1"}'),
-        _record(shard, "k2", caption="nothing", meta='{"width": null, "url": "u2"}',
-                error="row 2 has no image bytes in column 'image'"),
-    ]  # fmt: skip
+        _record(
+            shard,
+            "k1",
+            image=GREEN,
+            question="Which?",
+            choices=["a", "b"],
+            answer="b",
+            meta='{"width": 4, "url": "u1"}',
+        ),
+        _record(
+            shard,
+            "k2",
+            caption="nothing",
+            meta='{"width": null, "url": "u2"}',
+            error="row 2 has no image bytes in column 'image'",
+        ),
+    ]
 
 
 def test_parquet_hugging_face_struct_image_column(store):

@@ -8,28 +8,64 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.schema import OUTPUT_SCHEMA
 from specvlm.data.prompts import render
+from specvlm.demo.cli import make_demo_main
 from specvlm.demo.shards import write_parquet_shards
+from specvlm.demo.tokenizer import build_demo_tokenizer
 from specvlm.demo.world import make_scene
+from specvlm.evaluation.demo_quality import content_tokens, decode_all, scene_requests, token_outcomes
 from specvlm.models.build import build_text_lm, build_tokenizer
 from specvlm.models.loading import ModelLoadError, load_draft, load_target
-from specvlm.pipeline.schema import OUTPUT_SCHEMA
-from specvlm.training.cli import make_demo_main, train_draft_main
-from specvlm.training.evaluate import content_tokens, decode_all, scene_requests, token_outcomes
+from specvlm.training.cli import train_draft_main
 from specvlm.training.examples import Example
 from specvlm.training.loop import TrainConfig, last_step, train
 from specvlm.training.outputs import OutputsError, check_tokenizer, load_images, read_outputs
-from specvlm.training.tokenizer import build_demo_tokenizer
 
 TINY = [
-    "--tokenizer-scenes", "200", "--vision-steps", "2", "--target-steps", "4", "--finetune-steps", "2",
-    "--scenes-per-step", "2",
-    "--target-hidden", "32", "--target-layers", "1", "--target-heads", "2", "--target-intermediate", "64",
-    "--target-vision-hidden", "32", "--distill-scenes", "8", "--shard-size", "4", "--pretrain-scenes", "20",
-    "--text-pretrain-steps", "3", "--text-distill-steps", "3", "--vlm-steps", "3", "--draft-hidden", "32",
-    "--draft-layers", "1", "--draft-heads", "2", "--max-new-tokens", "12",
-    "--checkpoint-every", "2",
-]  # fmt: skip
+    "--tokenizer-scenes",
+    "200",
+    "--vision-steps",
+    "2",
+    "--target-steps",
+    "4",
+    "--finetune-steps",
+    "2",
+    "--scenes-per-step",
+    "2",
+    "--target-hidden",
+    "32",
+    "--target-layers",
+    "1",
+    "--target-heads",
+    "2",
+    "--target-intermediate",
+    "64",
+    "--target-vision-hidden",
+    "32",
+    "--distill-scenes",
+    "8",
+    "--shard-size",
+    "4",
+    "--pretrain-scenes",
+    "20",
+    "--text-pretrain-steps",
+    "3",
+    "--text-distill-steps",
+    "3",
+    "--vlm-steps",
+    "3",
+    "--draft-hidden",
+    "32",
+    "--draft-layers",
+    "1",
+    "--draft-heads",
+    "2",
+    "--max-new-tokens",
+    "12",
+    "--checkpoint-every",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +116,28 @@ def test_distillation_outputs_follow_the_output_schema(demo):
 
 
 def test_train_draft_resumes_from_its_last_checkpoint(demo, tmp_path, capsys):
-    args = ["--target", str(demo / "models" / "target"), "--kind", "text", "--outputs", outputs_glob(demo),
-            "--out", str(tmp_path / "draft"), "--hidden", "32", "--layers", "1", "--heads", "2",
-            "--pretrain-steps", "0", "--checkpoint-every", "1", "--batch-size", "4"]
+    args = [
+        "--target",
+        str(demo / "models" / "target"),
+        "--kind",
+        "text",
+        "--outputs",
+        outputs_glob(demo),
+        "--out",
+        str(tmp_path / "draft"),
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--pretrain-steps",
+        "0",
+        "--checkpoint-every",
+        "1",
+        "--batch-size",
+        "4",
+    ]
     assert train_draft_main([*args, "--steps", "2"]) == 0
     work = tmp_path / "draft-work" / "distill"
     assert last_step(work) == 2
@@ -105,15 +160,16 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     def batches(step, stop_at=None):
         if step == stop_at:
             raise Interrupt
-        return examples[(step * 4) % 16: (step * 4) % 16 + 4]
+        return examples[(step * 4) % 16 : (step * 4) % 16 + 4]
 
     straight = train(build_text_lm(tokenizer, seed=3), batches, config, tmp_path / "straight", pad_id=3)
     with pytest.raises(Interrupt):
         train(build_text_lm(tokenizer, seed=3), lambda s: batches(s, stop_at=5), config, tmp_path / "cut", pad_id=3)
     assert last_step(tmp_path / "cut") == 4
     seen = []
-    resumed = train(build_text_lm(tokenizer, seed=3), lambda s: seen.append(s) or batches(s), config,
-                    tmp_path / "cut", pad_id=3)
+    resumed = train(
+        build_text_lm(tokenizer, seed=3), lambda s: seen.append(s) or batches(s), config, tmp_path / "cut", pad_id=3
+    )
     assert seen == [4, 5]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -124,9 +180,22 @@ def test_init_draft_with_another_tokenizer_is_refused(demo, tmp_path, capsys):
     stranger = build_text_lm(other, hidden=32)
     stranger.save_pretrained(tmp_path / "stranger")
     other.save_pretrained(tmp_path / "stranger")
-    code = train_draft_main(["--target", str(demo / "models" / "target"), "--kind", "text", "--outputs",
-                             outputs_glob(demo), "--out", str(tmp_path / "draft"), "--init", str(tmp_path / "stranger"),
-                             "--steps", "1"])
+    code = train_draft_main(
+        [
+            "--target",
+            str(demo / "models" / "target"),
+            "--kind",
+            "text",
+            "--outputs",
+            outputs_glob(demo),
+            "--out",
+            str(tmp_path / "draft"),
+            "--init",
+            str(tmp_path / "stranger"),
+            "--steps",
+            "1",
+        ]
+    )
     assert code == 2
     assert "does not share the target's vocabulary" in capsys.readouterr().err
 

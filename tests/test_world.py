@@ -8,6 +8,7 @@ import itertools
 import json
 import re
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,9 +24,15 @@ SCENES = [world.make_scene(7, i, SIZE) for i in range(400)]
 NUMBER = {1: "one", 2: "two", 3: "three"}
 # Independent of world._WHERE: how each grid cell is spoken of.
 WHERE = {
-    "top left": "at the top left", "top": "at the top", "top right": "at the top right",
-    "left": "on the left", "center": "in the center", "right": "on the right",
-    "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right",
+    "top left": "at the top left",
+    "top": "at the top",
+    "top right": "at the top right",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "at the bottom left",
+    "bottom": "at the bottom",
+    "bottom right": "at the bottom right",
 }
 PLACE = {phrase: position for position, phrase in WHERE.items()}
 
@@ -84,7 +91,7 @@ def test_objects_are_inside_the_image_apart_and_drawn_in_their_colour():
         for obj, (x0, y0, x1, y1) in zip(scene.objects, boxes):
             assert 1 <= x0 < x1 <= SIZE - 2 and 1 <= y0 < y1 <= SIZE - 2, "touches the border"
             assert tuple(pixels[(y0 + y1) // 2, (x0 + x1) // 2]) == world.COLOURS[obj.colour]
-            outside[y0:y1 + 1, x0:x1 + 1] = False
+            outside[y0 : y1 + 1, x0 : x1 + 1] = False
         for (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) in itertools.combinations(boxes, 2):
             # At least one background pixel between any two objects.
             assert ax1 + 1 < bx0 or bx1 + 1 < ax0 or ay1 + 1 < by0 or by1 + 1 < ay0
@@ -176,7 +183,8 @@ def test_counting_reasoning_lists_the_objects_before_the_count():
     last = scene.objects[2]
     assert scene.reasoning.startswith(
         f"the image shows {listed} and a {last.size} {last.colour} {last.shape} {WHERE[last.position]}, "
-        "so there are three shapes.")
+        "so there are three shapes."
+    )
 
 
 def test_webdataset_shards_round_trip(tmp_path):
@@ -195,12 +203,17 @@ def test_webdataset_shards_round_trip(tmp_path):
             assert files[f"{scene.key}.txt"].decode() == scene.caption
             meta = json.loads(files[f"{scene.key}.json"])
             assert meta["key"] == scene.key and meta["choices"] == list(scene.choices)
-            assert (meta["question"], meta["answer"], meta["reasoning"]) == (scene.question, scene.answer, scene.reasoning)
+            assert (meta["question"], meta["answer"], meta["reasoning"]) == (
+                scene.question,
+                scene.answer,
+                scene.reasoning,
+            )
             assert meta["objects"] == [
-                {"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.position} for o in scene.objects]
+                {"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.position} for o in scene.objects
+            ]
             index += 1
     again = write_webdataset_shards(str(tmp_path / "again"), seed=5, num_shards=2, per_shard=3, start_index=10)
-    assert [open(u, "rb").read() for u in uris] == [open(u, "rb").read() for u in again]
+    assert [Path(u).read_bytes() for u in uris] == [Path(u).read_bytes() for u in again]
 
 
 def test_parquet_shards_round_trip(tmp_path):
@@ -216,9 +229,14 @@ def test_parquet_shards_round_trip(tmp_path):
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB")), np.asarray(scene.image))
         assert row["choices"] == list(scene.choices) and row["answer_index"] == scene.answer_index
         assert [row[k] for k in ("caption", "question", "answer", "mc_question", "reasoning")] == [
-            scene.caption, scene.question, scene.answer, scene.mc_question, scene.reasoning]
+            scene.caption,
+            scene.question,
+            scene.answer,
+            scene.mc_question,
+            scene.reasoning,
+        ]
     again = write_parquet_shards(str(tmp_path / "again"), seed=5, num_shards=2, per_shard=3)
-    assert [open(u, "rb").read() for u in uris] == [open(u, "rb").read() for u in again]
+    assert [Path(u).read_bytes() for u in uris] == [Path(u).read_bytes() for u in again]
 
 
 def test_shards_write_through_fsspec_uris_and_jpeg():
@@ -240,4 +258,5 @@ def test_corpus_lines_use_the_pipelines_multiple_choice_format():
     lines = list(world.corpus_lines(0, 1))
     assert lines[2].startswith(format_choices(scene.mc_question, scene.choices) + " ")
     assert format_choices("how many shapes are there?", ["one", "two", "three"]) == (
-        "how many shapes are there? (a) one (b) two (c) three")
+        "how many shapes are there? (a) one (b) two (c) three"
+    )

@@ -22,14 +22,15 @@ class PromptError(ValueError):
 
 
 def format_choices(question: str, choices: Sequence[str]) -> str:
-    """"how many shapes are there? (a) one (b) two (c) three" """
+    """ "how many shapes are there? (a) one (b) two (c) three" """
     if len(choices) > len(LETTERS):
         raise PromptError(f"{len(choices)} choices, at most {len(LETTERS)} are supported")
     return " ".join([question] + [f"({LETTERS[i]}) {c}" for i, c in enumerate(choices)])
 
 
-def instruction(task: str, record: dict, *, caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION,
-                mc_suffix: str = "") -> str:
+def instruction(
+    task: str, record: dict, *, caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION, mc_suffix: str = ""
+) -> str:
     """The user's words for this record and task."""
     if task == "caption":
         return caption_instruction
@@ -50,7 +51,9 @@ def render(instruction_text: str, processor, template: str = "chat") -> str:
     """Wrap an instruction in the model's chat format, with one image placeholder."""
     if template == "chat":
         if getattr(processor, "chat_template", None):
-            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction_text}]}]
+            conversation = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction_text}]}
+            ]
             return processor.apply_chat_template(conversation, add_generation_prompt=True)
         template = LLAVA_1_5_TEMPLATE
     if "{instruction}" not in template:

@@ -13,10 +13,11 @@ import posixpath
 import re
 import tarfile
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator, Literal, TypedDict
+from typing import Literal, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -177,7 +178,11 @@ def _stem_key(root: str, path: str) -> str:
 
 
 def read_shard(
-    shard: Shard, *, storage_options: dict | None = None, image_column: str = "image", skip: int = 0,
+    shard: Shard,
+    *,
+    storage_options: dict | None = None,
+    image_column: str = "image",
+    skip: int = 0,
     raise_transient: bool = False,
 ) -> Iterator[Record]:
     """Yield one record per sample of `shard`. Keys are unique within the shard.
@@ -220,9 +225,17 @@ def read_shard(
 
 def _record(shard: Shard, key: str, **fields) -> Record:
     record = Record(
-        key=key, shard_id=shard.shard_id, source=shard.uri, image=None, caption=None,
-        question=None, choices=None, answer=None, meta=None, error=None,
-    )  # fmt: skip
+        key=key,
+        shard_id=shard.shard_id,
+        source=shard.uri,
+        image=None,
+        caption=None,
+        question=None,
+        choices=None,
+        answer=None,
+        meta=None,
+        error=None,
+    )
     record.update(fields)
     return record
 

@@ -22,17 +22,19 @@ from specvlm.demo.world import Scene, make_scene
 
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG"}
 
-PARQUET_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("image", pa.binary()),
-    ("caption", pa.string()),
-    ("question", pa.string()),
-    ("answer", pa.string()),
-    ("mc_question", pa.string()),
-    ("choices", pa.list_(pa.string())),
-    ("answer_index", pa.int32()),
-    ("reasoning", pa.string()),
-])
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image", pa.binary()),
+        ("caption", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("mc_question", pa.string()),
+        ("choices", pa.list_(pa.string())),
+        ("answer_index", pa.int32()),
+        ("reasoning", pa.string()),
+    ]
+)
 
 
 def encode_image(scene: Scene, image_format: str) -> bytes:
@@ -80,16 +82,27 @@ def _write_tar(f, scenes: Iterator[Scene], image_format: str) -> None:
 
 def _write_parquet(f, scenes: Iterator[Scene], image_format: str) -> None:
     rows = [
-        {**{k: v for k, v in scene_metadata(scene).items() if k in PARQUET_SCHEMA.names},
-         "image": encode_image(scene, image_format)}
+        {
+            **{k: v for k, v in scene_metadata(scene).items() if k in PARQUET_SCHEMA.names},
+            "image": encode_image(scene, image_format),
+        }
         for scene in scenes
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), f)
 
 
 def _write_shards(
-    write: Callable, suffix: str, out_dir_or_uri: str, *, seed: int, num_shards: int,
-    per_shard: int, image_size: int, image_format: str, start_index: int, storage_options: dict | None,
+    write: Callable,
+    suffix: str,
+    out_dir_or_uri: str,
+    *,
+    seed: int,
+    num_shards: int,
+    per_shard: int,
+    image_size: int,
+    image_format: str,
+    start_index: int,
+    storage_options: dict | None,
 ) -> list[str]:
     if image_format not in _PIL_FORMATS:
         raise ValueError(f"image_format must be one of {sorted(_PIL_FORMATS)}, got {image_format!r}")
@@ -108,24 +121,52 @@ def _write_shards(
 
 
 def write_webdataset_shards(
-    out_dir_or_uri: str, *, seed: int, num_shards: int, per_shard: int, image_size: int = 64,
-    image_format: str = "png", start_index: int = 0, storage_options: dict | None = None,
+    out_dir_or_uri: str,
+    *,
+    seed: int,
+    num_shards: int,
+    per_shard: int,
+    image_size: int = 64,
+    image_format: str = "png",
+    start_index: int = 0,
+    storage_options: dict | None = None,
 ) -> list[str]:
     """Write `{i:05d}.tar` shards with `{key}.png|jpg`, `{key}.txt` (caption), `{key}.json`; return their URIs."""
     return _write_shards(
-        _write_tar, "tar", out_dir_or_uri, seed=seed, num_shards=num_shards, per_shard=per_shard,
-        image_size=image_size, image_format=image_format, start_index=start_index,
+        _write_tar,
+        "tar",
+        out_dir_or_uri,
+        seed=seed,
+        num_shards=num_shards,
+        per_shard=per_shard,
+        image_size=image_size,
+        image_format=image_format,
+        start_index=start_index,
         storage_options=storage_options,
     )
 
 
 def write_parquet_shards(
-    out_dir_or_uri: str, *, seed: int, num_shards: int, per_shard: int, image_size: int = 64,
-    image_format: str = "png", start_index: int = 0, storage_options: dict | None = None,
+    out_dir_or_uri: str,
+    *,
+    seed: int,
+    num_shards: int,
+    per_shard: int,
+    image_size: int = 64,
+    image_format: str = "png",
+    start_index: int = 0,
+    storage_options: dict | None = None,
 ) -> list[str]:
     """Write `{i:05d}.parquet` shards with the columns of PARQUET_SCHEMA; return their URIs."""
     return _write_shards(
-        _write_parquet, "parquet", out_dir_or_uri, seed=seed, num_shards=num_shards, per_shard=per_shard,
-        image_size=image_size, image_format=image_format, start_index=start_index,
+        _write_parquet,
+        "parquet",
+        out_dir_or_uri,
+        seed=seed,
+        num_shards=num_shards,
+        per_shard=per_shard,
+        image_size=image_size,
+        image_format=image_format,
+        start_index=start_index,
         storage_options=storage_options,
     )

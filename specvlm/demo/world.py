@@ -43,14 +43,25 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = ("small", "large")
 # Grid cells in reading order; this order is the canonical order of objects in text.
 POSITIONS = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 _WHERE = {
-    "top left": "at the top left", "top": "at the top", "top right": "at the top right",
-    "left": "on the left", "center": "in the center", "right": "on the right",
-    "bottom left": "at the bottom left", "bottom": "at the bottom",
+    "top left": "at the top left",
+    "top": "at the top",
+    "top right": "at the top right",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "at the bottom left",
+    "bottom": "at the bottom",
     "bottom right": "at the bottom right",
 }
 NUMBERS = ("one", "two", "three", "four")
@@ -68,11 +79,17 @@ _TEMPLATE_WORDS = (
     "many on right shape shapes shows so the there top what where size"
 )
 _PUNCTUATION = (".", ",", "?", "(", ")")
-VOCABULARY: tuple[str, ...] = tuple(sorted(
-    set(_TEMPLATE_WORDS.split())
-    | {word for name in (*COLOURS, *BACKGROUNDS) for word in name.split()}
-    | set(SHAPES) | set(SIZES) | set(NUMBERS) | set(LETTERS) | set(_PUNCTUATION)
-))
+VOCABULARY: tuple[str, ...] = tuple(
+    sorted(
+        set(_TEMPLATE_WORDS.split())
+        | {word for name in (*COLOURS, *BACKGROUNDS) for word in name.split()}
+        | set(SHAPES)
+        | set(SIZES)
+        | set(NUMBERS)
+        | set(LETTERS)
+        | set(_PUNCTUATION)
+    )
+)
 
 _WORD_RE = re.compile(r"\w+|[^\w\s]+")
 
@@ -195,23 +212,41 @@ def _mc_items(background: str, objects: Sequence[SceneObject]) -> dict[str, list
     """(question, correct choice, pool of choices, reasoning before the letter) by kind."""
     n = len(objects)
     kinds = {
-        "count": [(
-            "how many shapes are there?", NUMBERS[n - 1], NUMBERS,
-            f"the image shows {_join([_describe(o) for o in objects])}, "
-            f"so there {'is' if n == 1 else 'are'} {NUMBERS[n - 1]} shape{'' if n == 1 else 's'}.",
-        )],
-        "background": [(
-            "what is the background colour?", background, tuple(BACKGROUNDS),
-            f"the background is {background}.",
-        )],
-        "shape": [(
-            f"what shape is {_WHERE[o.position]}?", o.shape, SHAPES,
-            f"the shape {_WHERE[o.position]} is {_looks(o)}.",
-        ) for o in objects],
-        "colour": [(
-            f"what colour is the {o.shape}?", o.colour, tuple(COLOURS),
-            f"the {o.shape} is {_WHERE[o.position]} and it is {o.colour}.",
-        ) for o in _unique(objects, lambda o: o.shape)],
+        "count": [
+            (
+                "how many shapes are there?",
+                NUMBERS[n - 1],
+                NUMBERS,
+                f"the image shows {_join([_describe(o) for o in objects])}, "
+                f"so there {'is' if n == 1 else 'are'} {NUMBERS[n - 1]} shape{'' if n == 1 else 's'}.",
+            )
+        ],
+        "background": [
+            (
+                "what is the background colour?",
+                background,
+                tuple(BACKGROUNDS),
+                f"the background is {background}.",
+            )
+        ],
+        "shape": [
+            (
+                f"what shape is {_WHERE[o.position]}?",
+                o.shape,
+                SHAPES,
+                f"the shape {_WHERE[o.position]} is {_looks(o)}.",
+            )
+            for o in objects
+        ],
+        "colour": [
+            (
+                f"what colour is the {o.shape}?",
+                o.colour,
+                tuple(COLOURS),
+                f"the {o.shape} is {_WHERE[o.position]} and it is {o.colour}.",
+            )
+            for o in _unique(objects, lambda o: o.shape)
+        ],
     }
     return {kind: items for kind, items in kinds.items() if items}
 

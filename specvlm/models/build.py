@@ -65,8 +65,9 @@ class LlavaShape:
     max_positions: int = 2048
 
 
-def build_llava(tokenizer: PreTrainedTokenizerFast, shape: LlavaShape, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_llava(
+    tokenizer: PreTrainedTokenizerFast, shape: LlavaShape, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised LLaVA (CLIP vision tower + projector + Llama LM) and its processor."""
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -101,7 +102,9 @@ def build_llava(tokenizer: PreTrainedTokenizerFast, shape: LlavaShape, seed: int
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     side = shape.image_size
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"height": side, "width": side}, crop_size={"height": side, "width": side}),
+        image_processor=CLIPImageProcessorPil(
+            size={"height": side, "width": side}, crop_size={"height": side, "width": side}
+        ),
         tokenizer=tokenizer,
         patch_size=shape.patch_size,
         vision_feature_select_strategy=shape.select_strategy,
@@ -110,8 +113,15 @@ def build_llava(tokenizer: PreTrainedTokenizerFast, shape: LlavaShape, seed: int
     return model, processor
 
 
-def build_text_lm(tokenizer: PreTrainedTokenizerFast, hidden: int = 32, layers: int = 1, heads: int = 2,
-                  kv_heads: int | None = None, seed: int = 0, max_positions: int = 2048) -> LlamaForCausalLM:
+def build_text_lm(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden: int = 32,
+    layers: int = 1,
+    heads: int = 2,
+    kv_heads: int | None = None,
+    seed: int = 0,
+    max_positions: int = 2048,
+) -> LlamaForCausalLM:
     """A randomly initialised Llama causal LM over `tokenizer`'s vocabulary (a text-only draft)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),

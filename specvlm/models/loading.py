@@ -44,7 +44,7 @@ def resolve_model_dir(location: str, *, storage_options: dict | None = None, cac
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(location, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+    except Exception as exc:
         raise ModelLoadError(
             f"model {location!r} is not a local directory, not a URI (s3://, gs://, ...), and not in the "
             f"Hugging Face cache; download it there first or point to a local copy ({type(exc).__name__})"
@@ -137,8 +137,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def decode_parameters(model: torch.nn.Module) -> int:
     """Parameters touched per decoded token: the vision tower and projector run once, at prefill."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if "vision_tower" not in name and "multi_modal_projector" not in name)
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if "vision_tower" not in name and "multi_modal_projector" not in name
+    )
 
 
 @dataclass
@@ -165,13 +168,21 @@ def _load_kwargs(dtype: torch.dtype, trust_remote_code: bool) -> dict:
     return {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
 
 
-def load_target(location: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-                storage_options: dict | None = None) -> LoadedTarget:
+def load_target(
+    location: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    storage_options: dict | None = None,
+) -> LoadedTarget:
     path = resolve_model_dir(location, storage_options=storage_options)
     _require_safetensors(path)
     dev = pick_device(device)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, **_load_kwargs(pick_dtype(dtype, dev), trust_remote_code))
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, **_load_kwargs(pick_dtype(dtype, dev), trust_remote_code)
+        )
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise ModelLoadError(f"cannot load target {location!r} as an image-text-to-text model: {exc}") from None
@@ -192,18 +203,29 @@ def check_vocabulary(target_tokenizer, draft_tokenizer, draft_location: str) -> 
         )
 
 
-def load_draft(kind: str, target: LoadedTarget, location: str | None = None, *, dtype: str = "auto",
-               trust_remote_code: bool = False, storage_options: dict | None = None,
-               max_ngram: int = 3, min_ngram: int = 1, tree: TreeSettings | None = None,
-               min_confidence: float = 0.0, lean: bool = True) -> Draft | None:
+def load_draft(
+    kind: str,
+    target: LoadedTarget,
+    location: str | None = None,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    storage_options: dict | None = None,
+    max_ngram: int = 3,
+    min_ngram: int = 1,
+    tree: TreeSettings | None = None,
+    min_confidence: float = 0.0,
+    lean: bool = True,
+) -> Draft | None:
     """kind: none | text | vlm | prompt_lookup. A model draft proposes a chain, or a dynamic tree when `tree`
     is given; min_confidence > 0 makes chains stop early where the draft is unsure. lean=False runs the draft's
     decode steps through Hugging Face instead of LeanLlama (for comparison)."""
     if kind == "none":
         return None
     if kind == "prompt_lookup":
-        return PromptLookupDraft(image_token_id=target.image_token_id, device=target.model.device,
-                                 max_ngram=max_ngram, min_ngram=min_ngram)
+        return PromptLookupDraft(
+            image_token_id=target.image_token_id, device=target.model.device, max_ngram=max_ngram, min_ngram=min_ngram
+        )
     if kind not in ("text", "vlm"):
         raise ModelLoadError(f"draft kind {kind!r} is not one of none, text, vlm, prompt_lookup")
     if not location:
@@ -245,8 +267,9 @@ def _check_same_image_tokens(target: torch.nn.Module, draft: torch.nn.Module, lo
     facts = ("image_token_id", "vision_feature_select_strategy")
     vision = ("image_size", "patch_size")
     differ = [f for f in facts if getattr(t, f, None) != getattr(d, f, None)]
-    differ += [f"vision_config.{f}" for f in vision
-               if getattr(t.vision_config, f, None) != getattr(d.vision_config, f, None)]
+    differ += [
+        f"vision_config.{f}" for f in vision if getattr(t.vision_config, f, None) != getattr(d.vision_config, f, None)
+    ]
     if differ:
         raise ModelLoadError(
             f"VLM draft {location!r} does not read images like the target ({', '.join(differ)} differ); "

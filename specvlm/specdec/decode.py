@@ -49,7 +49,7 @@ class DecodeConfig:
 
 
 @dataclass
-class Batch:
+class DecodeState:
     """The ragged state of the requests being decoded together (see the module docstring)."""
 
     tokens: torch.Tensor
@@ -106,7 +106,7 @@ class SpeculativeDecoder:
                 self._retire(batch, done, hit_eos)
         return batch.results
 
-    def _prefill(self, requests: list[Request]) -> Batch:
+    def _prefill(self, requests: list[Request]) -> DecodeState:
         cfg, device = self.config, self.device
         prompt_lens = [len(r.input_ids) for r in requests]
         # Room for the prompt, every generated token, and one verification window of scratch.
@@ -122,14 +122,20 @@ class SpeculativeDecoder:
         if self.draft is not None:
             self.draft.prefill(requests, cfg.max_new_tokens, cfg.gamma)
         cost = self.draft.cost_ratio if self.draft is not None else 0.0
-        return Batch(
-            tokens=tokens, length=length, generated=torch.zeros_like(length), prompt_lens=prompt_lens,
-            target=target, rng=None if cfg.sampling.greedy else RowRandom([r.seed for r in requests], device),
-            row_ids=list(range(len(requests))), metrics=[SampleMetrics(cost_ratio=cost) for _ in requests],
-            results=[None] * len(requests), start=time.perf_counter(),
-        )  # fmt: skip
+        return DecodeState(
+            tokens=tokens,
+            length=length,
+            generated=torch.zeros_like(length),
+            prompt_lens=prompt_lens,
+            target=target,
+            rng=None if cfg.sampling.greedy else RowRandom([r.seed for r in requests], device),
+            row_ids=list(range(len(requests))),
+            metrics=[SampleMetrics(cost_ratio=cost) for _ in requests],
+            results=[None] * len(requests),
+            start=time.perf_counter(),
+        )
 
-    def _draft(self, batch: Batch) -> Proposal:
+    def _draft(self, batch: DecodeState) -> Proposal:
         n = batch.n
         if self.draft is None:
             proposal = Proposal.empty(n, self.device)
@@ -139,22 +145,24 @@ class SpeculativeDecoder:
         proposal.limit_depth(self.config.max_new_tokens - batch.generated[:n] - 1)
         return proposal
 
-    def _verify(self, batch: Batch, proposal: Proposal) -> torch.Tensor:
+    def _verify(self, batch: DecodeState, proposal: Proposal) -> torch.Tensor:
         """One target pass over [last committed token, node 0, ..., node k-1] -> logits [n, k+1, V]."""
         n = batch.n
         last = batch.tokens[:n].gather(1, (batch.length[:n] - 1)[:, None])
         depth = torch.cat([torch.zeros_like(last), proposal.depth()], 1)
         return batch.target.forward(torch.cat([last, proposal.tokens], 1), proposal.verification_attend(), depth=depth)
 
-    def _accept(self, batch: Batch, proposal: Proposal, logits: torch.Tensor) -> Verdict:
+    def _accept(self, batch: DecodeState, proposal: Proposal, logits: torch.Tensor) -> Verdict:
         if batch.rng is None:
             return verify_greedy(logits, proposal)
         # A fixed count per row and step, so a request's randomness never depends on its batch.
         uniforms = batch.rng.uniforms(batch.n, self.max_nodes + 1)
         k = proposal.tokens.shape[1]
-        return verify_sampling(logits, proposal, self.config.sampling, torch.cat([uniforms[:, :k], uniforms[:, -1:]], 1))
+        return verify_sampling(
+            logits, proposal, self.config.sampling, torch.cat([uniforms[:, :k], uniforms[:, -1:]], 1)
+        )
 
-    def _commit(self, batch: Batch, proposal: Proposal, verdict: Verdict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _commit(self, batch: DecodeState, proposal: Proposal, verdict: Verdict) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the accepted path and the target's token; returns (finished rows [n], stopped on EOS [n])."""
         n, k = proposal.tokens.shape
         device = self.device
@@ -168,7 +176,9 @@ class SpeculativeDecoder:
 
         if not proposal.is_chain:
             # Window slot 0 holds the last token, slot 1 + i node i: bring the path's entries to slots 1..a.
-            batch.target.compact_window(n, torch.cat([torch.zeros_like(accepted)[:, None], 1 + verdict.path.clamp(min=0)], 1))
+            batch.target.compact_window(
+                n, torch.cat([torch.zeros_like(accepted)[:, None], 1 + verdict.path.clamp(min=0)], 1)
+            )
         batch.target.kv_len[:n] += counts  # the last token and the accepted drafts are now committed
         append_tokens(batch.tokens, batch.length, new, counts)
         batch.generated[:n] += counts
@@ -177,14 +187,14 @@ class SpeculativeDecoder:
         self._account(batch, proposal, accepted.clamp(max=counts - 1), counts)
         return hit_eos | (batch.generated[:n] >= self.config.max_new_tokens), hit_eos
 
-    def _retire(self, batch: Batch, done: torch.Tensor, hit_eos: torch.Tensor) -> None:
+    def _retire(self, batch: DecodeState, done: torch.Tensor, hit_eos: torch.Tensor) -> None:
         """Record finished rows, then fill their places with survivors from the tail (few rows move)."""
         n, now = batch.n, time.perf_counter() - batch.start
         done_list, eos_list = done.tolist(), hit_eos.tolist()
         for row in (r for r in range(n) if done_list[r]):
             i = batch.row_ids[row]
             batch.metrics[i].latency_s = now
-            out = batch.tokens[row, batch.prompt_lens[i]: batch.length[row]].tolist()
+            out = batch.tokens[row, batch.prompt_lens[i] : batch.length[row]].tolist()
             batch.results[i] = Result(out, "eos" if eos_list[row] else "max_tokens", metrics=batch.metrics[i])
         keep = n - sum(done_list)
         dst = [r for r in range(keep) if done_list[r]]
@@ -203,7 +213,7 @@ class SpeculativeDecoder:
         del batch.row_ids[keep:]
 
     @staticmethod
-    def _account(batch: Batch, proposal: Proposal, accepted: torch.Tensor, counts: torch.Tensor) -> None:
+    def _account(batch: DecodeState, proposal: Proposal, accepted: torch.Tensor, counts: torch.Tensor) -> None:
         for row, (a, c, k) in enumerate(zip(accepted.tolist(), counts.tolist(), proposal.lengths.tolist())):
             m = batch.metrics[batch.row_ids[row]]
             m.new_tokens += c

@@ -10,6 +10,7 @@ plus move_rows, to follow the engine when finished rows are compacted away.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 
@@ -61,8 +62,18 @@ class ModelDraft(Draft):
     the draft is called gamma times a step, and at its size framework overhead is most of its cost.
     """
 
-    def __init__(self, model: torch.nn.Module, *, text_only: bool, image_token_id: int | None, vocab_size: int,
-                 cost_ratio: float, name: str, min_confidence: float = 0.0, lean: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        text_only: bool,
+        image_token_id: int | None,
+        vocab_size: int,
+        cost_ratio: float,
+        name: str,
+        min_confidence: float = 0.0,
+        lean: bool = True,
+    ):
         self.model = model
         # Built once per draft: it holds fused copies of the projection weights.
         self.lean = LeanLlama.of(model) if lean else None
@@ -79,8 +90,9 @@ class ModelDraft(Draft):
         return gamma + 2
 
     def prefill(self, requests: list[Request], max_new_tokens: int, gamma: int) -> None:
-        prompts = [strip_image_tokens(r.input_ids, self.image_token_id) if self.text_only else r.input_ids
-                   for r in requests]
+        prompts = [
+            strip_image_tokens(r.input_ids, self.image_token_id) if self.text_only else r.input_ids for r in requests
+        ]
         n, longest = len(prompts), max(len(p) for p in prompts)
         capacity = longest + max_new_tokens + self.scratch(gamma)
         self.tokens = torch.zeros(n, capacity, dtype=torch.long, device=self.device)
@@ -125,12 +137,18 @@ class ModelDraft(Draft):
                 lengths = torch.where(unsure & (lengths > i), i, lengths)
             if i == gamma - 1 or not bool((lengths > i + 1).any()):
                 break  # the last proposal is never fed: nothing would use its logits
-            last = self._align_vocab(runner.forward(tokens[-1][:, None], causal_attend(torch.ones_like(lengths), 1))[:, -1])
+            last = self._align_vocab(
+                runner.forward(tokens[-1][:, None], causal_attend(torch.ones_like(lengths), 1))[:, -1]
+            )
             runner.kv_len[:n] += 1
             calls += 1
         self.fed_drafts = calls - 1
-        return Proposal.chain(torch.stack(tokens, 1), lengths.clamp(max=len(tokens)),
-                              torch.stack(probs, 1) if probs else None, draft_calls=calls)
+        return Proposal.chain(
+            torch.stack(tokens, 1),
+            lengths.clamp(max=len(tokens)),
+            torch.stack(probs, 1) if probs else None,
+            draft_calls=calls,
+        )
 
     def _align_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft and target may pad their embedding tables differently; verification needs one vocabulary."""
@@ -145,7 +163,7 @@ class ModelDraft(Draft):
         n = counts.shape[0]
         # Drafts fed into the cache stay valid up to the first rejected one.
         accepted = counts - 1
-        self.runner.kv_len[:n] -= (self.fed_drafts - accepted.clamp(max=self.fed_drafts))
+        self.runner.kv_len[:n] -= self.fed_drafts - accepted.clamp(max=self.fed_drafts)
         append_tokens(self.tokens, self.length, tokens, counts)
 
     def move_rows(self, dst, src):
@@ -181,8 +199,9 @@ class PromptLookupDraft(Draft):
 
     def prefill(self, requests, max_new_tokens, gamma):
         # Histories live on the host: the search is a handful of small numpy scans per row.
-        self.history = [np.array(strip_image_tokens(r.input_ids, self.image_token_id), dtype=np.int64)
-                        for r in requests]
+        self.history = [
+            np.array(strip_image_tokens(r.input_ids, self.image_token_id), dtype=np.int64) for r in requests
+        ]
 
     def _lookup(self, history: np.ndarray, gamma: int) -> np.ndarray:
         for size in range(min(self.max_ngram, len(history) - 1), self.min_ngram - 1, -1):
@@ -191,7 +210,7 @@ class PromptLookupDraft(Draft):
             starts = np.flatnonzero((windows == suffix).all(axis=1))
             if len(starts):
                 begin = starts[-1] + size
-                return history[begin: begin + gamma]
+                return history[begin : begin + gamma]
         return history[:0]
 
     def propose(self, n, gamma, params, rng):

@@ -59,16 +59,18 @@ class LeanLlama:
             attn, mlp = layer.self_attn, layer.mlp
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
             biases = [p.bias for p in projections]
-            self.layers.append(_Layer(
-                input_norm=layer.input_layernorm.weight,
-                qkv=torch.cat([p.weight for p in projections]),
-                qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-                out=attn.o_proj.weight,
-                out_bias=attn.o_proj.bias,
-                post_norm=layer.post_attention_layernorm.weight,
-                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                down=mlp.down_proj.weight,
-            ))  # fmt: skip
+            self.layers.append(
+                _Layer(
+                    input_norm=layer.input_layernorm.weight,
+                    qkv=torch.cat([p.weight for p in projections]),
+                    qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+                    out=attn.o_proj.weight,
+                    out_bias=attn.o_proj.bias,
+                    post_norm=layer.post_attention_layernorm.weight,
+                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    down=mlp.down_proj.weight,
+                )
+            )
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> LeanLlama | None:
@@ -81,7 +83,7 @@ class LeanLlama:
             config.model_type not in SUPPORTED
             or config.hidden_act != "silu"
             or rope.get("rope_type", "default") != "default"
-            or getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+            or (getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True))
             or getattr(config, "mlp_bias", False)
             or getattr(decoder.rotary_emb, "attention_scaling", 1.0) != 1.0
         ):
@@ -92,8 +94,9 @@ class LeanLlama:
         # As Hugging Face's RMSNorm: normalise in float32, scale in the model's dtype.
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
-                 logits_to_keep: int = 0) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache, logits_to_keep: int = 0
+    ) -> torch.Tensor:
         """tokens, positions [n, q]; mask [n, 1, q, read_len] additive; cache: the runner's SlotKVCache with
         write_slots and read_len set. Returns logits [n, q or logits_to_keep, vocab]."""
         n, q = tokens.shape
@@ -108,8 +111,9 @@ class LeanLlama:
             qk = qkv[:, :rotated]
             query, key = (qk * cos + qk.roll(half, -1) * sin).split([self.heads, self.kv_heads], 1)
             keys, values = cache.update(key, qkv[:, rotated:], index)
-            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
-                                                      enable_gqa=self.heads != self.kv_heads)
+            attended = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads
+            )
             h = h + F.linear(attended.transpose(1, 2).reshape(n, q, width), layer.out, layer.out_bias)
             gate, up = F.linear(self._norm(h, layer.post_norm), layer.gate_up).chunk(2, -1)
             h = h + F.linear(F.silu(gate) * up, layer.down)

@@ -39,7 +39,7 @@ class Proposal:
         return cls(tokens, parents, lengths, probs, draft_calls, causal, is_chain=True)
 
     @classmethod
-    def empty(cls, n: int, device: torch.device) -> "Proposal":
+    def empty(cls, n: int, device: torch.device) -> Proposal:
         """What autoregressive decoding 'proposes': nothing, so every step is one plain target token."""
         nothing = torch.zeros(n, 0, dtype=torch.long, device=device)
         return cls.chain(nothing, torch.zeros(n, dtype=torch.long, device=device), None, 0)

@@ -28,7 +28,7 @@ class Result:
     metrics: SampleMetrics = field(default_factory=SampleMetrics)
 
     @classmethod
-    def failed(cls, error: str) -> "Result":
+    def failed(cls, error: str) -> Result:
         return cls(tokens=[], stop_reason="error", error=error)
 
 
@@ -43,7 +43,7 @@ class TargetSpec:
     vocab_size: int  # rows of the input embedding table
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "TargetSpec":
+    def from_model(cls, model: torch.nn.Module) -> TargetSpec:
         config = model.config
         text = config.get_text_config()
         image_token_id = getattr(config, "image_token_id", None)
@@ -68,8 +68,10 @@ def validate(request: Request, spec: TargetSpec, max_new_tokens: int) -> str | N
         return "empty prompt: it needs at least one token (build it with the model's processor, which adds BOS)"
     outside = [t for t in ids if not 0 <= t < spec.vocab_size]
     if outside:
-        return (f"prompt token id {outside[0]} is outside the model's vocabulary of {spec.vocab_size}; tokenize with "
-                "the target's own tokenizer")
+        return (
+            f"prompt token id {outside[0]} is outside the model's vocabulary of {spec.vocab_size}; tokenize with "
+            "the target's own tokenizer"
+        )
     placeholders = sum(1 for t in ids if t == spec.image_token_id) if spec.image_token_id is not None else 0
     has_image = request.pixel_values is not None
     if placeholders and not has_image:

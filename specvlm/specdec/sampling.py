@@ -69,9 +69,7 @@ class RowRandom:
             self.generators.append(g)
 
     def uniforms(self, n: int, count: int) -> torch.Tensor:  # [n, count]
-        return torch.stack(
-            [torch.rand(count, generator=g, device=self.device) for g in self.generators[:n]]
-        )
+        return torch.stack([torch.rand(count, generator=g, device=self.device) for g in self.generators[:n]])
 
     def move_rows(self, dst: list[int], src: list[int]) -> None:
         for d, s in zip(dst, src):

@@ -87,18 +87,22 @@ class TreeDraft(ModelDraft):
             dist = self._distribution(self._align_vocab(logits), params)  # [n, width, V]
             child_tokens, child_probs = self._children(dist, t.topk, rng)  # [n, width, topk]
             # A child of a node below min_score is dropped, decided by its parent's score alone.
-            child_scores = torch.where(chosen_scores[..., None] > t.min_score,
-                                       chosen_scores[..., None] * child_probs, -1.0)
+            child_scores = torch.where(
+                chosen_scores[..., None] > t.min_score, chosen_scores[..., None] * child_probs, -1.0
+            )
             level = slice(tokens.shape[1], tokens.shape[1] + width * t.topk)
             tokens = torch.cat([tokens, child_tokens.flatten(1)], 1)
             parents = torch.cat([parents, chosen.repeat_interleave(t.topk, dim=1)], 1)
             scores = torch.cat([scores, child_scores.flatten(1)], 1)
             # A child sees what its parent sees, and itself.
             born = width * t.topk
-            ancestry = torch.cat([
-                torch.nn.functional.pad(ancestry, (0, born)),
-                torch.cat([seen.repeat_interleave(t.topk, dim=1), _identity(n, born, tokens.device)], 2),
-            ], 1)  # fmt: skip
+            ancestry = torch.cat(
+                [
+                    torch.nn.functional.pad(ancestry, (0, born)),
+                    torch.cat([seen.repeat_interleave(t.topk, dim=1), _identity(n, born, tokens.device)], 2),
+                ],
+                1,
+            )
             if not greedy:
                 node_dists.append(dist.repeat_interleave(t.topk, dim=1))
 
@@ -108,8 +112,10 @@ class TreeDraft(ModelDraft):
             # The best max_nodes; a stable sort ranks a parent before its children (a child's score is lower or
             # equal, and its index higher), so the kept set is always a tree.
             rank = torch.empty_like(scores, dtype=torch.long).scatter_(
-                1, torch.sort(-scores, dim=1, stable=True).indices,
-                torch.arange(scores.shape[1], device=scores.device).expand_as(scores))
+                1,
+                torch.sort(-scores, dim=1, stable=True).indices,
+                torch.arange(scores.shape[1], device=scores.device).expand_as(scores),
+            )
             keep &= rank < t.max_nodes
         return _compact(tokens, parents, ancestry, keep, torch.cat(node_dists, 1) if node_dists else None, calls)
 
@@ -139,8 +145,9 @@ def _identity(n: int, k: int, device) -> torch.Tensor:
 def _compact(tokens, parents, ancestry, keep, dists, calls) -> Proposal:
     """Move the kept nodes of each row to the front (in their breadth-first order) and renumber parents."""
     order = torch.sort((~keep).long(), dim=1, stable=True).indices  # kept first, original order preserved
-    new_index = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                 .expand_as(order))
+    new_index = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     parents = parents.gather(1, order)
     parents = torch.where(parents >= 0, new_index.gather(1, parents.clamp(min=0)), -1)
     lengths = keep.sum(1)

@@ -32,12 +32,14 @@ class Verdict:
 
 def verify_greedy(logits: torch.Tensor, proposal: Proposal) -> Verdict:
     best = logits.argmax(-1)  # [n, k+1]
-    n, k = proposal.tokens.shape
+    k = proposal.tokens.shape[1]
     if proposal.is_chain:
         # The path is a prefix: the leading run of drafts that equal the target's argmax.
         match = (proposal.tokens == best[:, :k]) & proposal.valid
         accepted = match.long().cumprod(1).sum(1)
-        path = torch.where(torch.arange(k, device=best.device) < accepted[:, None], torch.arange(k, device=best.device), -1)
+        path = torch.where(
+            torch.arange(k, device=best.device) < accepted[:, None], torch.arange(k, device=best.device), -1
+        )
         return Verdict(accepted, path, best.gather(1, accepted[:, None]).squeeze(1))
 
     # A node survives when it and each of its ancestors carry the target's argmax after their parent. Siblings
@@ -61,8 +63,9 @@ def _normalise(p: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, p / total.clamp(min=torch.finfo(p.dtype).tiny), p)
 
 
-def verify_sampling(logits: torch.Tensor, proposal: Proposal, params: SamplingParams,
-                    uniforms: torch.Tensor) -> Verdict:
+def verify_sampling(
+    logits: torch.Tensor, proposal: Proposal, params: SamplingParams, uniforms: torch.Tensor
+) -> Verdict:
     """uniforms [n, k+1]: one per sibling tried (at most k) and one for the added token."""
     n, k = proposal.tokens.shape
     device = logits.device

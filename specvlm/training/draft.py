@@ -20,17 +20,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer,
-                          LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
+from specvlm.demo.target import save_checkpoint
 from specvlm.models.build import build_text_lm
 from specvlm.models.loading import ModelLoadError, check_vocabulary, load_target, resolve_model_dir
 from specvlm.specdec.drafts import strip_image_tokens
 from specvlm.training.examples import Example
 from specvlm.training.loop import TrainConfig, last_step, train
-from specvlm.training.outputs import (Shuffled, check_tokenizer, load_images, read_outputs, text_examples,
-                                      vlm_examples)
-from specvlm.training.target import save_checkpoint
+from specvlm.training.outputs import Shuffled, check_tokenizer, load_images, read_outputs, text_examples, vlm_examples
 
 KINDS = ("text", "vlm")
 
@@ -46,8 +52,13 @@ def build_text_draft(tokenizer, shape: DraftShape, seed: int = 0) -> LlamaForCau
     return build_text_lm(tokenizer, hidden=shape.hidden, layers=shape.layers, heads=shape.heads, seed=seed)
 
 
-def build_vlm_draft(target: LlavaForConditionalGeneration, tokenizer, shape: DraftShape, seed: int = 0,
-                    language_model: LlamaForCausalLM | None = None) -> LlavaForConditionalGeneration:
+def build_vlm_draft(
+    target: LlavaForConditionalGeneration,
+    tokenizer,
+    shape: DraftShape,
+    seed: int = 0,
+    language_model: LlamaForCausalLM | None = None,
+) -> LlavaForConditionalGeneration:
     """A small LLaVA on the target's frozen vision tower; its LM is `language_model`'s weights when given."""
     lm = language_model or build_text_draft(tokenizer, shape, seed)
     t = target.config
@@ -108,11 +119,25 @@ def _check_work_dir(work_dir: Path, tokenizer, target: str) -> None:
         tokenizer.save_pretrained(saved)
 
 
-def train_draft(*, target: str, kind: str, outputs: list[str], out_dir: Path, work_dir: Path | None = None,
-                text_files: list[str] = (), text_lines: Iterable[str] | None = None, init: str | None = None,
-                shape: DraftShape = DraftShape(), pretrain: TrainConfig | None = None,
-                distill: TrainConfig, batch_size: int = 32, seed: int = 0, storage_options: dict | None = None,
-                dtype: torch.dtype = torch.float32, log=print) -> Path:
+def train_draft(
+    *,
+    target: str,
+    kind: str,
+    outputs: list[str],
+    out_dir: Path,
+    work_dir: Path | None = None,
+    text_files: list[str] = (),
+    text_lines: Iterable[str] | None = None,
+    init: str | None = None,
+    shape: DraftShape = DraftShape(),
+    pretrain: TrainConfig | None = None,
+    distill: TrainConfig,
+    batch_size: int = 32,
+    seed: int = 0,
+    storage_options: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    log=print,
+) -> Path:
     """Train a `kind` draft for `target` on the outputs Parquet files, save it to out_dir, return out_dir."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -151,22 +176,49 @@ def train_draft(*, target: str, kind: str, outputs: list[str], out_dir: Path, wo
     if kind == "text" and lines and pretrain is not None and pretrain.steps > 0:
         examples = pretrain_examples(lines, tokenizer, image_token_id)
         log(f"stage 1: pretraining on {len(examples)} lines of text")
-        model = train(model, Shuffled(examples, batch_size, seed), pretrain, work_dir / "pretrain",
-                      pad_id=tokenizer.pad_token_id, desc="pretrain")
+        model = train(
+            model,
+            Shuffled(examples, batch_size, seed),
+            pretrain,
+            work_dir / "pretrain",
+            pad_id=tokenizer.pad_token_id,
+            desc="pretrain",
+        )
 
     if kind == "text":
         examples = text_examples(rows, tokenizer, image_token_id)
     else:
         examples = vlm_examples(rows, processor, load_images(rows, storage_options))
-    log(f"stage 2: distilling on {len(examples)} target outputs"
-        + (f" (resuming at step {last_step(work_dir / 'distill')})" if last_step(work_dir / "distill") else ""))
-    model = train(model, Shuffled(examples, batch_size, seed + 1), distill, work_dir / "distill",
-                  pad_id=tokenizer.pad_token_id, desc="distill")
+    log(
+        f"stage 2: distilling on {len(examples)} target outputs"
+        + (f" (resuming at step {last_step(work_dir / 'distill')})" if last_step(work_dir / "distill") else "")
+    )
+    model = train(
+        model,
+        Shuffled(examples, batch_size, seed + 1),
+        distill,
+        work_dir / "distill",
+        pad_id=tokenizer.pad_token_id,
+        desc="distill",
+    )
 
     save_checkpoint(model, processor if kind == "vlm" else tokenizer, out_dir, dtype)
-    (out_dir / "draft_training.json").write_text(json.dumps({
-        "kind": kind, "target": target, "outputs": list(outputs), "rows": len(rows), "init": init,
-        "shape": asdict(shape), "pretrain_lines": len(lines), "pretrain_steps": pretrain.steps if pretrain else 0,
-        "distill_steps": distill.steps, "batch_size": batch_size, "seed": seed,
-    }, indent=2))
+    (out_dir / "draft_training.json").write_text(
+        json.dumps(
+            {
+                "kind": kind,
+                "target": target,
+                "outputs": list(outputs),
+                "rows": len(rows),
+                "init": init,
+                "shape": asdict(shape),
+                "pretrain_lines": len(lines),
+                "pretrain_steps": pretrain.steps if pretrain else 0,
+                "distill_steps": distill.steps,
+                "batch_size": batch_size,
+                "seed": seed,
+            },
+            indent=2,
+        )
+    )
     return out_dir

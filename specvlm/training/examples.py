@@ -34,7 +34,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     for row, e in enumerate(examples):
         ids = torch.tensor(e.input_ids)
         input_ids[row, : len(ids)] = ids
-        labels[row, e.answer_start: len(ids)] = ids[e.answer_start:]
+        labels[row, e.answer_start : len(ids)] = ids[e.answer_start :]
         attention_mask[row, : len(ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     pixels = [e.pixel_values for e in examples if e.pixel_values is not None]

@@ -131,16 +131,23 @@ def lm_step(model, examples: list[Example], config: TrainConfig, pad_id: int) ->
     return loss_sum
 
 
-def train(model: torch.nn.Module, batches: Callable[[int], list], config: TrainConfig, work_dir: Path,
-          *, pad_id: int | None = None, desc: str = "train",
-          step_fn: Callable[[torch.nn.Module, list], float] | None = None) -> torch.nn.Module:
+def train(
+    model: torch.nn.Module,
+    batches: Callable[[int], list],
+    config: TrainConfig,
+    work_dir: Path,
+    *,
+    pad_id: int | None = None,
+    desc: str = "train",
+    step_fn: Callable[[torch.nn.Module, list], float] | None = None,
+) -> torch.nn.Module:
     """Train `model`'s trainable parameters for config.steps steps (resuming from work_dir), return it in eval mode.
 
     step_fn(model, items) runs forward and backward on one step's items and returns the loss; by default the
     items are Examples and the loss is the language-model loss on their answers (lm_step).
     """
     if step_fn is None:
-        step_fn = lambda m, items: lm_step(m, items, config, pad_id)  # noqa: E731
+        step_fn = lambda m, items: lm_step(m, items, config, pad_id)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     model.to(pick_device(config.device))
@@ -151,8 +158,12 @@ def train(model: torch.nn.Module, batches: Callable[[int], list], config: TrainC
 
     model.train()
     smoothed = None
-    with log.open("a") as log_file, tqdm(total=config.steps, initial=min(start, config.steps), desc=desc,
-                                          mininterval=2.0, dynamic_ncols=True) as bar:
+    with (
+        log.open("a") as log_file,
+        tqdm(
+            total=config.steps, initial=min(start, config.steps), desc=desc, mininterval=2.0, dynamic_ncols=True
+        ) as bar,
+    ):
         for step in range(start, config.steps):
             lr = config.lr_at(step)
             for group in optimizer.param_groups:

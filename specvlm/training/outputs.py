@@ -65,7 +65,8 @@ def check_tokenizer(rows: list[dict], tokenizer, target: str) -> None:
     for row in rows:
         ids = row["output_ids"]
         if max(ids) >= len(tokenizer) or " ".join(tokenizer.decode(ids, skip_special_tokens=True).split()) != " ".join(
-                (row["text"] or "").split()):
+            (row["text"] or "").split()
+        ):
             raise ModelLoadError(
                 f"the outputs were not generated with the tokenizer of target {target!r}: row {row['key']!r} of "
                 f"{row['source']} has output_ids that do not decode to its text; train the draft with the target "
@@ -100,8 +101,10 @@ def load_images(rows: list[dict], storage_options: dict | None = None) -> dict[t
                     images[(source, record["key"])] = record["image"]
         lost = sorted(keys - {k for s, k in images if s == source})
         if lost:
-            raise OutputsError(f"{len(lost)} keys (e.g. {lost[0]!r}) were not found in their input shard {source}; "
-                               "the input shards must still be readable where the job read them")
+            raise OutputsError(
+                f"{len(lost)} keys (e.g. {lost[0]!r}) were not found in their input shard {source}; "
+                "the input shards must still be readable where the job read them"
+            )
     return images
 
 

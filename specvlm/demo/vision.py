@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from specvlm.demo.world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, make_scene
-from specvlm.training.world_data import IMAGE_SIZES
+from specvlm.demo.world_data import IMAGE_SIZES
 
 # Class 0 of every cell attribute is "empty cell".
 ATTRIBUTES = {"colour": ("",) + tuple(COLOURS), "shape": ("",) + SHAPES, "size": ("",) + SIZES}
@@ -66,7 +66,8 @@ class CellReader(nn.Module):
             logits = head(features)  # [B, 9, classes]
             smoothing = CELL_LABEL_SMOOTHING if name == "cell" else 0.0
             loss = loss + WEIGHTS[name] * nn.functional.cross_entropy(
-                logits.flatten(0, 1), target.flatten(), label_smoothing=smoothing)
+                logits.flatten(0, 1), target.flatten(), label_smoothing=smoothing
+            )
         logits = self.background(features.mean(1))
         loss = loss + WEIGHTS["background"] * nn.functional.cross_entropy(logits, background)
         return loss
@@ -80,8 +81,9 @@ class SceneImages:
 
     def __call__(self, step: int) -> list[Scene]:
         start = self.first_index + step * self.per_step
-        return [make_scene(self.seed, i, IMAGE_SIZES[i % len(IMAGE_SIZES)])
-                for i in range(start, start + self.per_step)]
+        return [
+            make_scene(self.seed, i, IMAGE_SIZES[i % len(IMAGE_SIZES)]) for i in range(start, start + self.per_step)
+        ]
 
 
 def cell_step(image_processor):
@@ -91,8 +93,11 @@ def cell_step(image_processor):
         device = next(reader.parameters()).device
         pixels = image_processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
         labels = [cell_labels(s) for s in scenes]
-        loss = reader(pixels.to(device), torch.stack([c for c, _ in labels]).to(device),
-                      torch.tensor([b for _, b in labels], device=device))
+        loss = reader(
+            pixels.to(device),
+            torch.stack([c for c, _ in labels]).to(device),
+            torch.tensor([b for _, b in labels], device=device),
+        )
         loss.backward()
         return loss.item()
 

@@ -18,8 +18,9 @@ from specvlm.specdec.proposal import Proposal
 class ReplayDraft(Draft):
     name = "replay"
 
-    def __init__(self, scripts: list[list[int]], *, error_rate: float, vocab_size: int, device: torch.device,
-                 seed: int = 0):
+    def __init__(
+        self, scripts: list[list[int]], *, error_rate: float, vocab_size: int, device: torch.device, seed: int = 0
+    ):
         if not 0.0 <= error_rate <= 1.0:
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
         self.scripts = scripts  # per request, in the order the batch will hold them
@@ -46,7 +47,7 @@ class ReplayDraft(Draft):
         lengths = []
         for row in range(n):
             script, rng = self.scripts[self.rows[row]], self.rngs[self.rows[row]]
-            upcoming = [self._corrupt(t, rng) for t in script[self.position[row]: self.position[row] + gamma]]
+            upcoming = [self._corrupt(t, rng) for t in script[self.position[row] : self.position[row] + gamma]]
             tokens[row, : len(upcoming)] = torch.tensor(upcoming, dtype=torch.long)
             lengths.append(len(upcoming))
         return Proposal.chain(tokens.to(self.device), torch.tensor(lengths, device=self.device), None, draft_calls=0)

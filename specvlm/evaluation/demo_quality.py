@@ -18,16 +18,19 @@ import re
 from dataclasses import dataclass, field
 
 from specvlm.data.prompts import LETTERS, TASKS, extract_choice, instruction, render
+from specvlm.demo.tokenizer import task_record
 from specvlm.demo.world import BACKGROUNDS, COLOURS, NUMBERS, SHAPES, SIZES, Scene, make_scene
+from specvlm.demo.world_data import reference
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.requests import Request
-from specvlm.training.tokenizer import task_record
-from specvlm.training.world_data import reference
 
 CONTENT_WORDS = frozenset(
     {w for name in (*COLOURS, *BACKGROUNDS) for w in name.split()}
-    | set(SHAPES) | set(SIZES) | set(NUMBERS) | {"top", "bottom", "left", "right", "center"}
-)  # fmt: skip
+    | set(SHAPES)
+    | set(SIZES)
+    | set(NUMBERS)
+    | {"top", "bottom", "left", "right", "center"}
+)
 _WORD = re.compile(r"\w+")
 
 
@@ -40,13 +43,22 @@ def scene_requests(scenes: list[Scene], task: str, processor) -> list[Request]:
     return requests
 
 
-def decode_all(target_model, draft, requests: list[Request], *, gamma: int = 5, max_new_tokens: int = 96,
-               eos_token_id: int, batch_size: int = 8):
-    decoder = SpeculativeDecoder(target_model, draft, DecodeConfig(max_new_tokens=max_new_tokens, gamma=gamma,
-                                                                  eos_token_ids=(eos_token_id,)))
+def decode_all(
+    target_model,
+    draft,
+    requests: list[Request],
+    *,
+    gamma: int = 5,
+    max_new_tokens: int = 96,
+    eos_token_id: int,
+    batch_size: int = 8,
+):
+    decoder = SpeculativeDecoder(
+        target_model, draft, DecodeConfig(max_new_tokens=max_new_tokens, gamma=gamma, eos_token_ids=(eos_token_id,))
+    )
     results = []
     for start in range(0, len(requests), batch_size):
-        results += decoder.generate(requests[start: start + batch_size])
+        results += decoder.generate(requests[start : start + batch_size])
     failed = [r.error for r in results if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed to decode, e.g. {failed[0]}")
@@ -126,41 +138,69 @@ class Report:
     rows: list[DraftRow]
 
     def table(self) -> str:
-        lines = [f"held-out scenes: {self.scenes}", "", "target (greedy, autoregressive through the engine)",
-                 f"{'task':<8} {'exact':>7} {'tokens':>7}"]
+        lines = [
+            f"held-out scenes: {self.scenes}",
+            "",
+            "target (greedy, autoregressive through the engine)",
+            f"{'task':<8} {'exact':>7} {'tokens':>7}",
+        ]
         for task, exact in self.target_exact.items():
             lines.append(f"{task:<8} {exact:>7.1%} {self.target_tokens[task]:>7.1f}")
-        lines += ["", "per-token acceptance: content = colour, shape, size, count, position and background words "
-                      "(all their tokens / first token only), other = the rest",
-                  f"{'draft':<6} {'gamma':>5} {'task':<8} {'tau':>5} {'accept':>7} {'content':>8} {'first':>7} "
-                  f"{'other':>7} {'identical':>9}"]
+        lines += [
+            "",
+            "per-token acceptance: content = colour, shape, size, count, position and background words "
+            "(all their tokens / first token only), other = the rest",
+            f"{'draft':<6} {'gamma':>5} {'task':<8} {'tau':>5} {'accept':>7} {'content':>8} {'first':>7} "
+            f"{'other':>7} {'identical':>9}",
+        ]
         for r in self.rows:
-            lines.append(f"{r.draft:<6} {r.gamma:>5} {r.task:<8} {r.tau:>5.2f} {r.acceptance:>7.1%} "
-                         f"{r.content.rate:>8.1%} {r.content_first.rate:>7.1%} {r.other.rate:>7.1%} "
-                         f"{str(r.identical):>9}")
+            lines.append(
+                f"{r.draft:<6} {r.gamma:>5} {r.task:<8} {r.tau:>5.2f} {r.acceptance:>7.1%} "
+                f"{r.content.rate:>8.1%} {r.content_first.rate:>7.1%} {r.other.rate:>7.1%} "
+                f"{r.identical!s:>9}"
+            )
         return "\n".join(lines)
 
 
-def evaluate(target, drafts: dict, *, seed: int = 1, scenes: int = 100, gammas=(3, 5), tasks=TASKS,
-             batch_size: int = 8, max_new_tokens: int = 96) -> Report:
+def evaluate(
+    target,
+    drafts: dict,
+    *,
+    seed: int = 1,
+    scenes: int = 100,
+    gammas=(3, 5),
+    tasks=TASKS,
+    batch_size: int = 8,
+    max_new_tokens: int = 96,
+) -> Report:
     """target: a LoadedTarget; drafts: name -> Draft (as load_draft returns them)."""
     world = [make_scene(seed, i) for i in range(scenes)]
     tokenizer, eos = target.tokenizer, target.tokenizer.eos_token_id
     exact, lengths, rows = {}, {}, []
     for task in tasks:
         requests = scene_requests(world, task, target.processor)
-        reference_results = decode_all(target.model, None, requests, max_new_tokens=max_new_tokens,
-                                       eos_token_id=eos, batch_size=batch_size)
+        reference_results = decode_all(
+            target.model, None, requests, max_new_tokens=max_new_tokens, eos_token_id=eos, batch_size=batch_size
+        )
         texts = [tokenizer.decode(r.tokens, skip_special_tokens=True).strip() for r in reference_results]
         exact[task] = sum(is_correct(t, s, task) for t, s in zip(texts, world)) / len(world)
         lengths[task] = sum(len(r.tokens) for r in reference_results) / len(world)
         classes = [content_tokens(r.tokens, tokenizer) for r in reference_results]
         for name, draft in drafts.items():
             for gamma in gammas:
-                results = decode_all(target.model, draft, requests, gamma=gamma, max_new_tokens=max_new_tokens,
-                                     eos_token_id=eos, batch_size=batch_size)
+                results = decode_all(
+                    target.model,
+                    draft,
+                    requests,
+                    gamma=gamma,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos,
+                    batch_size=batch_size,
+                )
                 row = DraftRow(
-                    name, gamma, task,
+                    name,
+                    gamma,
+                    task,
                     tau=sum(r.metrics.new_tokens for r in results) / sum(r.metrics.target_calls for r in results),
                     acceptance=sum(r.metrics.accepted_tokens for r in results)
                     / max(1, sum(r.metrics.proposed_tokens for r in results)),

@@ -62,6 +62,7 @@ def demo_corpus(seed: int = 0, scenes: int = TOKENIZER_SCENES) -> Iterator[str]:
             yield f"{prompt} {answer}"
 
 
-def build_demo_tokenizer(vocab_size: int = DEMO_VOCAB_SIZE, scenes: int = TOKENIZER_SCENES,
-                         seed: int = 0) -> PreTrainedTokenizerFast:
+def build_demo_tokenizer(
+    vocab_size: int = DEMO_VOCAB_SIZE, scenes: int = TOKENIZER_SCENES, seed: int = 0
+) -> PreTrainedTokenizerFast:
     return build_tokenizer(demo_corpus(seed, scenes), vocab_size)

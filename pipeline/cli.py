@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from specvlm.pipeline.config import ConfigError, load_config
-from specvlm.pipeline.job import JobFailed, run_job
-from specvlm.pipeline.sink import ResumeConflict
+from pipeline.config import ConfigError, load_config
+from pipeline.job import JobFailed, run_job
+from pipeline.sink import ResumeConflict
 
 DEFAULT_CONFIGS = {"caption": "configs/demo.yaml", "vqa": "configs/demo-vqa.yaml", "mc": "configs/demo-mc.yaml"}
 
@@ -18,8 +18,13 @@ def main(task: str, argv: list[str] | None = None) -> int:
         description=f"Run the {task} job: image shards -> speculative decoding -> Parquet with per-sample metrics.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIGS[task], help="YAML job config (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set decode.max_new_tokens=32 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set decode.max_new_tokens=32 (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, [f"task.kind={task}", *args.set])

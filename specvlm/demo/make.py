@@ -21,14 +21,14 @@ import torch
 
 from specvlm.data.prompts import TASKS
 from specvlm.demo.shards import write_webdataset_shards
+from specvlm.demo.target import DEMO_TARGET, train_target
+from specvlm.demo.tokenizer import DEMO_VOCAB_SIZE, TOKENIZER_SCENES, build_demo_tokenizer
 from specvlm.demo.world import corpus_lines
+from specvlm.evaluation.demo_quality import evaluate
 from specvlm.models.build import LlavaShape
 from specvlm.models.loading import load_draft, load_target
 from specvlm.training.draft import DraftShape, train_draft
-from specvlm.training.evaluate import evaluate
 from specvlm.training.loop import TrainConfig
-from specvlm.training.target import DEMO_TARGET, train_target
-from specvlm.training.tokenizer import DEMO_VOCAB_SIZE, TOKENIZER_SCENES, build_demo_tokenizer
 
 # The world's metadata keeps the open question under "question" and the multiple-choice one under "mc_question"
 # (configs/demo-mc.yaml maps it the same way).
@@ -44,18 +44,20 @@ class DemoPlan:
     tokenizer_scenes: int = TOKENIZER_SCENES
     target_shape: LlavaShape = DEMO_TARGET
     vision: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=3e-3, warmup=50))
-    target: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1.5e-3, warmup=100,
-                                                                     checkpoint_every=250))
+    target: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=3000, lr=1.5e-3, warmup=100, checkpoint_every=250)
+    )
     # Then everything, vision tower included, on fresh scenes with more questions each (target.train_target).
-    target_finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, lr=3e-4, warmup=50,
-                                                                              checkpoint_every=250))
+    target_finetune: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=4000, lr=3e-4, warmup=50, checkpoint_every=250)
+    )
     scenes_per_step: int = 8  # each gives a caption, a multiple-choice and vqa_per_scene question examples
     vqa_per_scene: int = 3
     finetune_vqa_per_scene: int = 8
     distill_scenes: int = 2000  # training scenes whose target outputs (x 3 tasks) the drafts learn from
     shard_size: int = 250
     pretrain_scenes: int = 4000  # world text lines (x 3 per scene) for the text draft's stage 1
-    draft_shape: DraftShape = DraftShape()
+    draft_shape: DraftShape = field(default_factory=DraftShape)
     text_pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, lr=3e-3, warmup=50))
     text_distill: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, lr=2e-3, warmup=50))
     vlm_distill: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1200, lr=2e-3, warmup=50))
@@ -82,8 +84,8 @@ def distillation_outputs(target_dir: Path, plan: DemoPlan, log=print) -> list[st
     """
     import ray
 
-    from specvlm.pipeline.config import load_config
-    from specvlm.pipeline.job import run_job
+    from pipeline.config import load_config
+    from pipeline.job import run_job
 
     shards = _shards(plan)
     started_ray = not ray.is_initialized()
@@ -91,10 +93,16 @@ def distillation_outputs(target_dir: Path, plan: DemoPlan, log=print) -> list[st
     for task in TASKS:
         out = plan.work_dir / "outputs" / task
         overrides = [
-            f"input.uri={shards}", f"output.uri={out}", f"task.kind={task}", f"model.target={target_dir}",
-            "model.dtype=float32", "draft.kind=none", f"decode.max_new_tokens={plan.max_new_tokens}",
-            "compute.batch_size=16", "output.max_error_fraction=0",
-        ]  # fmt: skip
+            f"input.uri={shards}",
+            f"output.uri={out}",
+            f"task.kind={task}",
+            f"model.target={target_dir}",
+            "model.dtype=float32",
+            "draft.kind=none",
+            f"decode.max_new_tokens={plan.max_new_tokens}",
+            "compute.batch_size=16",
+            "output.max_error_fraction=0",
+        ]
         if task == "mc":
             overrides += [f"input.fields.{name}={source}" for name, source in MC_FIELDS.items()]
         run_job(load_config(None, overrides), log=log)
@@ -122,22 +130,52 @@ def make_demo(plan: DemoPlan, log=print) -> dict[str, float]:
         tokenizer = build_demo_tokenizer(plan.vocab_size, plan.tokenizer_scenes, plan.seed)
         log(f"{len(tokenizer)} tokens")
     with _stage("target", timings, log):
-        train_target(tokenizer, out / "target", work / "target", plan.target, vision=plan.vision,
-                     finetune=plan.target_finetune, shape=plan.target_shape, scenes_per_step=plan.scenes_per_step,
-                     vqa_per_scene=plan.vqa_per_scene, finetune_vqa_per_scene=plan.finetune_vqa_per_scene,
-                     seed=plan.seed, dtype=plan.dtype)
+        train_target(
+            tokenizer,
+            out / "target",
+            work / "target",
+            plan.target,
+            vision=plan.vision,
+            finetune=plan.target_finetune,
+            shape=plan.target_shape,
+            scenes_per_step=plan.scenes_per_step,
+            vqa_per_scene=plan.vqa_per_scene,
+            finetune_vqa_per_scene=plan.finetune_vqa_per_scene,
+            seed=plan.seed,
+            dtype=plan.dtype,
+        )
     with _stage("target outputs", timings, log):
         outputs = distillation_outputs(out / "target", plan, log)
     pretrain_text = work / "pretrain.txt"
     pretrain_text.write_text("".join(f"{line}\n" for line in corpus_lines(plan.seed, plan.pretrain_scenes)))
-    common = dict(target=str(out / "target"), outputs=outputs, shape=plan.draft_shape,
-                  batch_size=plan.draft_batch_size, seed=plan.seed, dtype=plan.dtype, log=log)
+    common = dict(
+        target=str(out / "target"),
+        outputs=outputs,
+        shape=plan.draft_shape,
+        batch_size=plan.draft_batch_size,
+        seed=plan.seed,
+        dtype=plan.dtype,
+        log=log,
+    )
     with _stage("text draft", timings, log):
-        train_draft(kind="text", out_dir=out / "draft-text", work_dir=work / "draft-text",
-                    text_files=[str(pretrain_text)], pretrain=plan.text_pretrain, distill=plan.text_distill, **common)
+        train_draft(
+            kind="text",
+            out_dir=out / "draft-text",
+            work_dir=work / "draft-text",
+            text_files=[str(pretrain_text)],
+            pretrain=plan.text_pretrain,
+            distill=plan.text_distill,
+            **common,
+        )
     with _stage("vlm draft", timings, log):
-        train_draft(kind="vlm", out_dir=out / "draft-vlm", work_dir=work / "draft-vlm",
-                    init=str(out / "draft-text"), distill=plan.vlm_distill, **common)
+        train_draft(
+            kind="vlm",
+            out_dir=out / "draft-vlm",
+            work_dir=work / "draft-vlm",
+            init=str(out / "draft-text"),
+            distill=plan.vlm_distill,
+            **common,
+        )
     if plan.eval_scenes:
         with _stage("evaluation", timings, log):
             target = load_target(str(out / "target"), device="cpu", dtype="float32")

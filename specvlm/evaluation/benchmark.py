@@ -24,8 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from specvlm.bench.baselines import draft_forward_time, forward_time, hf_generate
-from specvlm.bench.replay import ReplayDraft
+from specvlm.data.images import decode_image
+from specvlm.data.prompts import instruction, render
+from specvlm.data.sources import list_shards, read_shard
+from specvlm.evaluation.baselines import draft_forward_time, forward_time, hf_generate
+from specvlm.evaluation.replay import ReplayDraft
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import Draft
 from specvlm.specdec.requests import Request
@@ -66,7 +69,7 @@ def _median_time(run: Callable[[], list], repeats: int) -> tuple[list, float]:
 
 def _engine(target, draft: Draft | None, config: DecodeConfig, requests: list[Request], batch: int):
     decoder = SpeculativeDecoder(target, draft, config)
-    return [r for i in range(0, len(requests), batch) for r in decoder.generate(requests[i: i + batch])]
+    return [r for i in range(0, len(requests), batch) for r in decoder.generate(requests[i : i + batch])]
 
 
 def _identity(outputs: list[list[int]], reference: list[list[int]]) -> float:
@@ -104,8 +107,9 @@ def run_suite(
         ar, ar_time = _median_time(lambda: _engine(target, None, base, requests, batch), repeats)
         reference = [r.tokens for r in ar]
         ar_row = Row("engine autoregressive", batch, ar_time, sum(len(t) for t in reference), 1.0, tau=1.0)
-        hf, hf_time = _median_time(lambda: hf_generate(target, requests, max_new_tokens, batch, eos, pad_id)[0],
-                                   repeats)
+        hf, hf_time = _median_time(
+            lambda: hf_generate(target, requests, max_new_tokens, batch, eos, pad_id)[0], repeats
+        )
         hf_row = Row("HF generate (greedy)", batch, hf_time, sum(len(t) for t in hf), _identity(hf, reference))
         batch_rows = [ar_row, hf_row]
         log(f"batch {batch}: autoregressive {ar_row.tokens_per_s:.1f} tok/s, HF generate {hf_row.tokens_per_s:.1f}")
@@ -123,20 +127,32 @@ def run_suite(
                 c = draft_forward_time(target, draft.model, requests[:batch], draft.lean) / one_token
             per_step = sum(m.draft_calls for m in metrics) / sum(m.target_calls for m in metrics)
             r_verify = r_for(metrics)
-            batch_rows.append(Row(
-                f"engine {name}", batch, seconds, sum(m.new_tokens for m in metrics),
-                _identity([r.tokens for r in out], reference), tau=tau,
-                acceptance=sum(m.accepted_tokens for m in metrics) / proposed if proposed else 0.0,
-                c=c, limit=tau / (per_step * c + 1), r=r_verify,
-                hardware_limit=tau / (r_verify + per_step * c)))
+            batch_rows.append(
+                Row(
+                    f"engine {name}",
+                    batch,
+                    seconds,
+                    sum(m.new_tokens for m in metrics),
+                    _identity([r.tokens for r in out], reference),
+                    tau=tau,
+                    acceptance=sum(m.accepted_tokens for m in metrics) / proposed if proposed else 0.0,
+                    c=c,
+                    limit=tau / (per_step * c + 1),
+                    r=r_verify,
+                    hardware_limit=tau / (r_verify + per_step * c),
+                )
+            )
             log(f"  {name}: tau {tau:.2f}, {batch_rows[-1].tokens_per_s:.1f} tok/s")
 
         if batch == 1:
             for name, assistant in assistants.items():
-                out, seconds = _median_time(lambda: hf_generate(target, requests, max_new_tokens, 1, eos, pad_id,
-                                                                assistant=assistant)[0], repeats)
-                batch_rows.append(Row(f"HF assisted ({name})", 1, seconds, sum(len(t) for t in out),
-                                      _identity(out, reference)))
+                out, seconds = _median_time(
+                    lambda: hf_generate(target, requests, max_new_tokens, 1, eos, pad_id, assistant=assistant)[0],
+                    repeats,
+                )
+                batch_rows.append(
+                    Row(f"HF assisted ({name})", 1, seconds, sum(len(t) for t in out), _identity(out, reference))
+                )
 
         vocab = target.get_output_embeddings().weight.shape[0]
         for acceptance in replay_acceptance:
@@ -146,19 +162,35 @@ def run_suite(
                 # The replay draft holds one recorded continuation per request of the batch it decodes.
                 results = []
                 for i in range(0, len(requests), batch):
-                    draft = ReplayDraft(reference[i: i + batch], error_rate=1 - acceptance, vocab_size=vocab,
-                                        device=target.device, seed=i)
-                    results += SpeculativeDecoder(target, draft, config).generate(requests[i: i + batch])
+                    draft = ReplayDraft(
+                        reference[i : i + batch],
+                        error_rate=1 - acceptance,
+                        vocab_size=vocab,
+                        device=target.device,
+                        seed=i,
+                    )
+                    results += SpeculativeDecoder(target, draft, config).generate(requests[i : i + batch])
                 return results
 
             out, seconds = _median_time(replayed, repeats)
             metrics = [r.metrics for r in out]
             tau = sum(m.new_tokens for m in metrics) / sum(m.target_calls for m in metrics)
             r_verify = r_for(metrics)
-            batch_rows.append(Row(f"replay a={acceptance}", batch, seconds, sum(m.new_tokens for m in metrics),
-                                  _identity([r.tokens for r in out], reference), tau=tau, c=0.0, limit=tau,
-                                  r=r_verify, hardware_limit=tau / r_verify,
-                                  acceptance=sum(m.accepted_tokens for m in metrics) / sum(m.proposed_tokens for m in metrics)))
+            batch_rows.append(
+                Row(
+                    f"replay a={acceptance}",
+                    batch,
+                    seconds,
+                    sum(m.new_tokens for m in metrics),
+                    _identity([r.tokens for r in out], reference),
+                    tau=tau,
+                    c=0.0,
+                    limit=tau,
+                    r=r_verify,
+                    hardware_limit=tau / r_verify,
+                    acceptance=sum(m.accepted_tokens for m in metrics) / sum(m.proposed_tokens for m in metrics),
+                )
+            )
 
         for row in batch_rows:
             row.speedup_vs_ar = row.tokens_per_s / ar_row.tokens_per_s
@@ -182,5 +214,18 @@ def markdown_table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.batch} | {r.mode} | {fmt(r.speedup_vs_ar)} | {fmt(r.speedup_vs_hf)} | {fmt(r.tau)} | "
             f"{fmt(r.acceptance)} | {fmt(r.c, '.3f')} | {fmt(r.limit)} | {fmt(efficiency, '.0%')} | "
-            f"{fmt(r.r)} | {fmt(r.hardware_limit)} | {fmt(hardware, '.0%')} | {r.identical:.0%} |")
+            f"{fmt(r.r)} | {fmt(r.hardware_limit)} | {fmt(hardware, '.0%')} | {r.identical:.0%} |"
+        )
     return "\n".join(lines)
+
+
+def caption_requests(target, shards: str, count: int) -> list[Request]:
+    """The first `count` readable images of `shards` as caption requests, through the target's processor."""
+    requests = []
+    for shard in list_shards(shards):
+        for record in read_shard(shard):
+            if record["error"] is None and len(requests) < count:
+                prompt = render(instruction("caption", record), target.processor)
+                enc = target.processor(images=decode_image(record["image"]), text=prompt, return_tensors="pt")
+                requests.append(Request(enc.input_ids[0].tolist(), enc.pixel_values))
+    return requests

@@ -17,9 +17,9 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from specvlm.pipeline.config import ConfigError, load_config
-from specvlm.pipeline.job import run_job
-from specvlm.pipeline.sink import OutputDir
+from pipeline.config import ConfigError, load_config
+from pipeline.job import run_job
+from pipeline.sink import OutputDir
 
 BASELINE = "autoregressive"
 
@@ -45,8 +45,8 @@ def load_evaluate_config(path: str, overrides: list[str] = ()) -> EvaluateConfig
         raise ConfigError(f"evaluation config {path}: {exc}") from None
     if BASELINE not in config.strategies:
         raise ConfigError(f"evaluation config {path}: strategies must include {BASELINE!r} (draft.kind=none)")
-    for task, task_sets in config.tasks.items():  # every run's config is checked before any starts
-        for strategy, sets in config.strategies.items():
+    for task_sets in config.tasks.values():  # every run's config is checked before any starts
+        for sets in config.strategies.values():
             load_config(config.job, [*task_sets, *sets, *overrides])
     return config
 
@@ -79,8 +79,11 @@ def run_evaluation(config: EvaluateConfig, overrides: list[str] = (), log=print)
         for batch in [default_batch] + (sweep if task == first_task else []):
             outputs = {}
             for strategy, sets in config.strategies.items():
-                if batch != default_batch and config.sweep_strategies and strategy not in (
-                        config.sweep_strategies + [BASELINE]):
+                if (
+                    batch != default_batch
+                    and config.sweep_strategies
+                    and strategy not in (config.sweep_strategies + [BASELINE])
+                ):
                     continue
                 uri = f"{config.output.rstrip('/')}/runs/{slug(task)}/b{batch}/{slug(strategy)}"
                 extra = [f"output.uri={uri}", f"compute.batch_size={batch}", "output.max_error_fraction=1"]
@@ -90,8 +93,20 @@ def run_evaluation(config: EvaluateConfig, overrides: list[str] = (), log=print)
                 log(f"== {task} / {strategy} / batch {batch}")
                 run_job(job, log=lambda *_: None)
                 outputs[strategy] = OutputDir(uri, job.output.storage_options).read_all(
-                    ["shard_id", "key", "output_ids", "error", "new_tokens", "target_calls", "accepted_tokens",
-                     "proposed_tokens", "mbsu", "latency_s", "accepted_per_step"])
+                    [
+                        "shard_id",
+                        "key",
+                        "output_ids",
+                        "error",
+                        "new_tokens",
+                        "target_calls",
+                        "accepted_tokens",
+                        "proposed_tokens",
+                        "mbsu",
+                        "latency_s",
+                        "accepted_per_step",
+                    ]
+                )
             results += _compare(task, batch, outputs)
     return results
 
@@ -108,15 +123,20 @@ def _compare(task: str, batch: int, outputs: dict[str, pa.Table]) -> list[Strate
         picked = [rows[k] for k in common]
         calls = sum(r["target_calls"] for r in picked) or 1
         proposed = sum(r["proposed_tokens"] for r in picked)
-        results.append(StrategyResult(
-            task=task, strategy=strategy, batch=batch, samples=len(common),
-            identical=sum(rows[k]["output_ids"] == baseline[k]["output_ids"] for k in common) / max(len(common), 1),
-            tau=sum(r["new_tokens"] for r in picked) / calls,
-            acceptance=sum(r["accepted_tokens"] for r in picked) / proposed if proposed else 0.0,
-            mbsu=sum(r["mbsu"] for r in picked) / max(len(picked), 1),
-            mean_latency_s=sum(r["latency_s"] for r in picked) / max(len(picked), 1),
-            accepted_lengths=[a for r in picked for a in r["accepted_per_step"]],
-        ))
+        results.append(
+            StrategyResult(
+                task=task,
+                strategy=strategy,
+                batch=batch,
+                samples=len(common),
+                identical=sum(rows[k]["output_ids"] == baseline[k]["output_ids"] for k in common) / max(len(common), 1),
+                tau=sum(r["new_tokens"] for r in picked) / calls,
+                acceptance=sum(r["accepted_tokens"] for r in picked) / proposed if proposed else 0.0,
+                mbsu=sum(r["mbsu"] for r in picked) / max(len(picked), 1),
+                mean_latency_s=sum(r["latency_s"] for r in picked) / max(len(picked), 1),
+                accepted_lengths=[a for r in picked for a in r["accepted_per_step"]],
+            )
+        )
     base_latency = next(r.mean_latency_s for r in results if r.strategy == BASELINE)
     for r in results:
         r.speedup = base_latency / r.mean_latency_s if r.mean_latency_s else 0.0
@@ -138,11 +158,13 @@ def write_report(results: list[StrategyResult], out: Path) -> Path:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(strategies)), 3.6))
         width = 0.8 / len(tasks)
         for i, task in enumerate(tasks):
-            values = [next((getattr(r, metric) for r in default if r.task == task and r.strategy == s), 0)
-                      for s in strategies]
+            values = [
+                next((getattr(r, metric) for r in default if r.task == task and r.strategy == s), 0) for s in strategies
+            ]
             ax.bar([x + i * width for x in range(len(strategies))], values, width, label=task)
-        ax.set_xticks([x + width * (len(tasks) - 1) / 2 for x in range(len(strategies))], strategies,
-                      rotation=30, ha="right")
+        ax.set_xticks(
+            [x + width * (len(tasks) - 1) / 2 for x in range(len(strategies))], strategies, rotation=30, ha="right"
+        )
         return save(fig, ax, name, None, ylabel, legend_size=None)
 
     def save(fig, ax, name: str, xlabel: str | None, ylabel: str, legend_size: int | None = 7) -> str:
@@ -155,15 +177,23 @@ def write_report(results: list[StrategyResult], out: Path) -> Path:
         plt.close(fig)
         return name
 
-    figures = [grouped_bars("tau", "block efficiency τ", "tau.png"),
-               grouped_bars("speedup", "latency speedup vs autoregressive", "speedup.png")]
+    figures = [
+        grouped_bars("tau", "block efficiency τ", "tau.png"),
+        grouped_bars("speedup", "latency speedup vs autoregressive", "speedup.png"),
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in default:
         if r.task == tasks[0] and r.strategy != BASELINE and r.accepted_lengths:
-            ax.hist(r.accepted_lengths, bins=range(0, max(r.accepted_lengths) + 2), histtype="step", label=r.strategy,
-                    density=True)
-    figures.append(save(fig, ax, "accepted_lengths.png", f"accepted draft tokens per step ({tasks[0]})",
-                        "fraction of steps"))
+            ax.hist(
+                r.accepted_lengths,
+                bins=range(0, max(r.accepted_lengths) + 2),
+                histtype="step",
+                label=r.strategy,
+                density=True,
+            )
+    figures.append(
+        save(fig, ax, "accepted_lengths.png", f"accepted draft tokens per step ({tasks[0]})", "fraction of steps")
+    )
 
     batches = sorted({r.batch for r in results})
     if len(batches) > 1:
@@ -174,15 +204,21 @@ def write_report(results: list[StrategyResult], out: Path) -> Path:
                 ax.plot(*zip(*points), marker="o", label=s)
         figures.append(save(fig, ax, "speedup_vs_batch.png", "batch size", "latency speedup vs autoregressive"))
 
-    lines = ["# Evaluation report", "",
-             "Each strategy decoded the same samples; `identical` compares its output token by token with the "
-             "target's autoregressive output. Speedup is the mean per-sample latency of autoregressive decoding "
-             "over the strategy's, at the same batch size.", "",
-             "| task | batch | strategy | samples | identical | τ | acceptance | MBSU | speedup |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Evaluation report",
+        "",
+        "Each strategy decoded the same samples; `identical` compares its output token by token with the "
+        "target's autoregressive output. Speedup is the mean per-sample latency of autoregressive decoding "
+        "over the strategy's, at the same batch size.",
+        "",
+        "| task | batch | strategy | samples | identical | τ | acceptance | MBSU | speedup |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r.task} | {r.batch} | {r.strategy} | {r.samples} | {r.identical:.0%} | {r.tau:.2f} | "
-                     f"{r.acceptance:.2f} | {r.mbsu:.2f} | {r.speedup:.2f} |")
+        lines.append(
+            f"| {r.task} | {r.batch} | {r.strategy} | {r.samples} | {r.identical:.0%} | {r.tau:.2f} | "
+            f"{r.acceptance:.2f} | {r.mbsu:.2f} | {r.speedup:.2f} |"
+        )
     lines += [""] + [f"![{f}]({f})" for f in figures]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -17,9 +17,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.faults import inject_fault
+from pipeline.schema import OUTPUT_SCHEMA
 from specvlm.data.retry import with_retries
-from specvlm.pipeline.faults import inject_fault
-from specvlm.pipeline.schema import OUTPUT_SCHEMA
 
 HASH_METADATA_KEY = b"specvlm.config_hash"
 MANIFEST = "_manifest.json"

@@ -1,6 +1,6 @@
 """What users would run instead, timed the same way: Hugging Face `generate` (batched, greedy) and Hugging
 Face assisted generation (`assistant_model`, batch size 1 only), plus the forward-pass timings behind the cost
-ratios of the speedup limits (specvlm/bench/suite.py): c = draft forward / target forward, one token per row,
+ratios of the speedup limits (specvlm/evaluation/benchmark.py): c = draft forward / target forward, one token per row,
 which tau / (gamma * c + 1) needs, and r = target forward over q tokens per row / over one, which that limit
 assumes to be 1 (a forward bound by reading the weights, as a 7B model on a GPU is; a small model on a CPU is
 bound by arithmetic instead, and r grows with q)."""
@@ -24,28 +24,39 @@ def _trim(tokens: list[int], eos: set[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def hf_generate(target, requests: list[Request], max_new_tokens: int, batch: int, eos: tuple[int, ...],
-                pad_id: int, assistant=None) -> tuple[list[list[int]], float]:
+def hf_generate(
+    target, requests: list[Request], max_new_tokens: int, batch: int, eos: tuple[int, ...], pad_id: int, assistant=None
+) -> tuple[list[list[int]], float]:
     """Greedy `generate` over left-padded batches (or with an assistant model, one request at a time)."""
     if assistant is not None and batch != 1:
         raise ValueError("Hugging Face assisted generation supports batch size 1 only")
     outputs, start = [], time.perf_counter()
     for i in range(0, len(requests), batch):
-        group = requests[i: i + batch]
+        group = requests[i : i + batch]
         width = max(len(r.input_ids) for r in group)
         ids = torch.tensor([[pad_id] * (width - len(r.input_ids)) + r.input_ids for r in group], device=target.device)
-        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in group],
-                            device=target.device)
+        mask = torch.tensor(
+            [[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in group], device=target.device
+        )
         extra = {"assistant_model": assistant} if assistant is not None else {}
-        out = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                              eos_token_id=list(eos), pad_token_id=pad_id, **collate_images(group, target), **extra)
+        out = target.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=list(eos),
+            pad_token_id=pad_id,
+            **collate_images(group, target),
+            **extra,
+        )
         outputs += [_trim(row[width:].tolist(), set(eos)) for row in out]
     return outputs, time.perf_counter() - start
 
 
 @torch.inference_mode()
-def forward_time(model, rows: list[Request], with_images: bool, q: int = 1, steps: int = 20,
-                 lean: LeanLlama | None = None) -> float:
+def forward_time(
+    model, rows: list[Request], with_images: bool, q: int = 1, steps: int = 20, lean: LeanLlama | None = None
+) -> float:
     """Seconds per forward of `model` with q new tokens per row, after prefilling the rows' prompts (lean: the
     draft's LeanLlama, as a draft runs; see ModelRunner)."""
     ids = [r.input_ids for r in rows]
@@ -74,5 +85,6 @@ def draft_forward_time(target, draft_model, requests: list[Request], lean: LeanL
     if hasattr(draft_model.config, "vision_config"):
         return forward_time(draft_model, requests, True, lean=lean)
     image_token = target.config.image_token_id
-    return forward_time(draft_model, [Request([t for t in r.input_ids if t != image_token]) for r in requests],
-                        False, lean=lean)
+    return forward_time(
+        draft_model, [Request([t for t in r.input_ids if t != image_token]) for r in requests], False, lean=lean
+    )

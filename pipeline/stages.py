@@ -2,7 +2,7 @@
 
     read_shards    (map_batches, CPU task)  one shard -> its records, numbered, streamed in blocks, then an end marker
     preprocess     (map_batches, CPU task)  decode + validate the image, build the prompt, run the processor
-    Decoder        (map_batches, actor)     target + draft loaded once; batched speculative decoding
+    DecodeActor        (map_batches, actor)     target + draft loaded once; batched speculative decoding
 
 Every row carries `row_index` (its position in the shard) and `is_end`: the reader appends one end-marker row
 per shard whose row_index is the shard's row count. Rows may reach the writer in any order; a shard is
@@ -24,35 +24,49 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.config import JobConfig
+from pipeline.faults import inject_fault
+from pipeline.schema import OUTPUT_SCHEMA
 from specvlm.data.images import ImageError, decode_image
 from specvlm.data.prompts import LETTERS, PromptError, extract_choice, instruction, render
 from specvlm.data.retry import backoff, is_transient
 from specvlm.data.sources import Shard, read_shard
-from specvlm.pipeline.config import JobConfig
-from specvlm.pipeline.faults import inject_fault
-from specvlm.pipeline.schema import OUTPUT_SCHEMA
 
 ROW_FIELDS = [pa.field("row_index", pa.int64(), nullable=False), pa.field("is_end", pa.bool_(), nullable=False)]
 
 RECORD_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string()), pa.field("shard_id", pa.string()), pa.field("source", pa.string()),
-        pa.field("image", pa.binary()), pa.field("caption", pa.string()), pa.field("question", pa.string()),
-        pa.field("choices", pa.list_(pa.string())), pa.field("answer", pa.string()), pa.field("meta", pa.string()),
-        pa.field("error", pa.string()), *ROW_FIELDS,
+        pa.field("key", pa.string()),
+        pa.field("shard_id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("caption", pa.string()),
+        pa.field("question", pa.string()),
+        pa.field("choices", pa.list_(pa.string())),
+        pa.field("answer", pa.string()),
+        pa.field("meta", pa.string()),
+        pa.field("error", pa.string()),
+        *ROW_FIELDS,
     ]
-)  # fmt: skip
+)
 
 PREPARED_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string()), pa.field("shard_id", pa.string()), pa.field("source", pa.string()),
-        pa.field("task", pa.string()), pa.field("prompt", pa.string()), pa.field("reference", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("shard_id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("task", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("reference", pa.string()),
         pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("pixel_values", pa.binary()), pa.field("pixel_shape", pa.list_(pa.int32())),
+        pa.field("pixel_values", pa.binary()),
+        pa.field("pixel_shape", pa.list_(pa.int32())),
         pa.field("image_sizes", pa.list_(pa.int32())),
-        pa.field("seed", pa.int64()), pa.field("error", pa.string()), *ROW_FIELDS,
+        pa.field("seed", pa.int64()),
+        pa.field("error", pa.string()),
+        *ROW_FIELDS,
     ]
-)  # fmt: skip
+)
 DECODED_SCHEMA = pa.schema([*OUTPUT_SCHEMA, *ROW_FIELDS])
 
 
@@ -71,8 +85,9 @@ def read_shards(items: pa.Table, storage_options: dict, attempts: int = 5) -> It
         for attempt in range(attempts):
             try:
                 last_try = attempt == attempts - 1
-                for record in read_shard(shard, storage_options=storage_options, skip=sent,
-                                         raise_transient=not last_try):
+                for record in read_shard(
+                    shard, storage_options=storage_options, skip=sent, raise_transient=not last_try
+                ):
                     block.append({**record, "row_index": sent, "is_end": False})
                     sent += 1
                     if len(block) == READ_BATCH_ROWS:
@@ -88,9 +103,20 @@ def read_shards(items: pa.Table, storage_options: dict, attempts: int = 5) -> It
 
 
 def _end_marker(shard: Shard, rows: int) -> dict:
-    return {"key": "", "shard_id": shard.shard_id, "source": shard.uri, "image": None, "caption": None,
-            "question": None, "choices": None, "answer": None, "meta": None, "error": None,
-            "row_index": rows, "is_end": True}
+    return {
+        "key": "",
+        "shard_id": shard.shard_id,
+        "source": shard.uri,
+        "image": None,
+        "caption": None,
+        "question": None,
+        "choices": None,
+        "answer": None,
+        "meta": None,
+        "error": None,
+        "row_index": rows,
+        "is_end": True,
+    }
 
 
 def sample_seed(seed: int, shard_id: str, key: str) -> int:
@@ -126,29 +152,40 @@ class Preparer:
         task = self.config.task
         fields = _mapped_fields(record, self.config.input.fields)
         row = {
-            "key": record["key"], "shard_id": record["shard_id"], "source": record["source"], "task": task.kind,
-            "prompt": None, "reference": _reference(task.kind, fields), "input_ids": None, "pixel_values": None,
-            "pixel_shape": None, "image_sizes": None, "error": record["error"],
+            "key": record["key"],
+            "shard_id": record["shard_id"],
+            "source": record["source"],
+            "task": task.kind,
+            "prompt": None,
+            "reference": _reference(task.kind, fields),
+            "input_ids": None,
+            "pixel_values": None,
+            "pixel_shape": None,
+            "image_sizes": None,
+            "error": record["error"],
             "seed": sample_seed(self.config.decode.seed, record["shard_id"], record["key"]),
-            "row_index": record["row_index"], "is_end": record["is_end"],
-        }  # fmt: skip
+            "row_index": record["row_index"],
+            "is_end": record["is_end"],
+        }
         if record["is_end"] or row["error"]:
             return row
         try:
             image = decode_image(record["image"], max_pixels=self.config.compute.max_pixels)
-            text = instruction(task.kind, fields, caption_instruction=task.caption_instruction,
-                               mc_suffix=task.mc_suffix)
+            text = instruction(
+                task.kind, fields, caption_instruction=task.caption_instruction, mc_suffix=task.mc_suffix
+            )
             row["prompt"] = render(text, self.processor, task.template)
             encoded = self.processor(images=image, text=row["prompt"], return_tensors="np")
         except (ImageError, PromptError) as exc:
             row["error"] = str(exc)
             return row
-        except Exception as exc:  # noqa: BLE001 - a processor failure on one image must not fail the batch
+        except Exception as exc:
             row["error"] = f"preprocessing failed: {type(exc).__name__}: {exc}"
             return row
         pixels = np.ascontiguousarray(encoded["pixel_values"], dtype=np.float32)
-        row.update(input_ids=encoded["input_ids"][0].tolist(), pixel_values=pixels.tobytes(),
-                   pixel_shape=list(pixels.shape))
+        row.update(
+            input_ids=encoded["input_ids"][0].tolist(), pixel_values=pixels.tobytes(), pixel_shape=list(pixels.shape)
+        )
         if "image_sizes" in encoded:
             row["image_sizes"] = [int(v) for v in np.asarray(encoded["image_sizes"]).reshape(-1)]
         return row
@@ -177,7 +214,7 @@ def _reference(task: str, fields: dict) -> str | None:
     return None if answer is None else str(answer)
 
 
-class Decoder:
+class DecodeActor:
     """A decode actor: loads the target and the draft once, then maps batches of prepared rows to output rows."""
 
     def __init__(self, config: JobConfig, config_hash: str):
@@ -194,12 +231,25 @@ class Decoder:
         self.config = config
         if config.compute.torch_threads:
             torch.set_num_threads(config.compute.torch_threads)
-        self.target = load_target(m.target, device=m.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                                  storage_options=m.storage_options)
+        self.target = load_target(
+            m.target,
+            device=m.device,
+            dtype=m.dtype,
+            trust_remote_code=m.trust_remote_code,
+            storage_options=m.storage_options,
+        )
         tree = TreeSettings(**d.tree.model_dump()) if d.mode == "tree" else None
-        draft = load_draft(d.kind, self.target, d.path, trust_remote_code=m.trust_remote_code,
-                           storage_options=m.storage_options, max_ngram=d.max_ngram, min_ngram=d.min_ngram,
-                           tree=tree, min_confidence=d.min_confidence)
+        draft = load_draft(
+            d.kind,
+            self.target,
+            d.path,
+            trust_remote_code=m.trust_remote_code,
+            storage_options=m.storage_options,
+            max_ngram=d.max_ngram,
+            min_ngram=d.min_ngram,
+            tree=tree,
+            min_confidence=d.min_confidence,
+        )
         eos = self.target.model.generation_config.eos_token_id
         decode_config = DecodeConfig(
             max_new_tokens=s.max_new_tokens,
@@ -218,8 +268,7 @@ class Decoder:
         by_row = {}
         for group in self._token_budget_groups([rows[i] for i in todo], [i for i in todo]):
             by_row.update(zip(group, self._generate([self._request(rows[i]) for i in group])))
-        return pa.Table.from_pylist([self._output(r, by_row.get(i)) for i, r in enumerate(rows)],
-                                    schema=DECODED_SCHEMA)
+        return pa.Table.from_pylist([self._output(r, by_row.get(i)) for i, r in enumerate(rows)], schema=DECODED_SCHEMA)
 
     def _token_budget_groups(self, rows: list[dict], ids: list[int]) -> list[list[int]]:
         """Split a batch so each engine call holds at most compute.max_batch_tokens cache slots (prompt plus
@@ -238,7 +287,7 @@ class Decoder:
     def _generate(self, requests):
         try:
             return self.decoder.generate(requests)
-        except Exception:  # noqa: BLE001
+        except Exception:
             if len(requests) == 1:
                 from specvlm.specdec.requests import Result
 
@@ -253,12 +302,13 @@ class Decoder:
 
         pixels = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(row["pixel_shape"])
         sizes = None if row["image_sizes"] is None else torch.tensor(row["image_sizes"]).reshape(-1, 2)
-        return Request(row["input_ids"], torch.from_numpy(pixels.copy()),
-                       image_sizes=sizes, seed=row["seed"])
+        return Request(row["input_ids"], torch.from_numpy(pixels.copy()), image_sizes=sizes, seed=row["seed"])
 
     def _output(self, row: dict, result) -> dict:
-        out = {name: row.get(name) for name in ("key", "shard_id", "source", "task", "prompt", "reference", "error",
-                                               "row_index", "is_end")}
+        out = {
+            name: row.get(name)
+            for name in ("key", "shard_id", "source", "task", "prompt", "reference", "error", "row_index", "is_end")
+        }
         out.update(self.identity, stop_reason="error")
         if result is None:
             return out

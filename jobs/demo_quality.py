@@ -4,8 +4,8 @@ Prints the target's exact-match accuracy per task, then for each draft x gamma x
 (pooled: all new tokens / all target passes), the acceptance rate, and the per-token acceptance of content
 words (colours, shapes, sizes, counts, positions, backgrounds) against the other tokens.
 
-    python -m benchmarks.demo_quality                   # the shipped models, 100 scenes
-    python -m benchmarks.demo_quality --scenes 20 --models out/make_demo-models
+    python -m jobs.demo_quality                   # the shipped models, 100 scenes
+    python -m jobs.demo_quality --scenes 20 --models out/make_demo-models
 
 The report is also written to results/demo-quality.md (--out).
 """
@@ -19,15 +19,17 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from specvlm.evaluation.demo_quality import evaluate
 from specvlm.models.loading import decode_parameters, load_draft, load_target
-from specvlm.training.evaluate import evaluate
 
 
 def describe(name: str, model: torch.nn.Module, path: Path) -> str:
     params = sum(p.numel() for p in model.parameters())
     size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
-    return (f"{name:<11} {params / 1e6:>6.2f}M params ({decode_parameters(model) / 1e6:.2f}M per decoded token), "
-            f"{size:.1f} MB on disk")
+    return (
+        f"{name:<11} {params / 1e6:>6.2f}M params ({decode_parameters(model) / 1e6:.2f}M per decoded token), "
+        f"{size:.1f} MB on disk"
+    )
 
 
 def main() -> None:
@@ -45,16 +47,18 @@ def main() -> None:
     drafts = {kind: load_draft(kind, target, str(args.models / f"draft-{kind}")) for kind in ("text", "vlm")}
     lines = [describe("target", target.model, args.models / "target")]
     for kind, draft in drafts.items():
-        lines.append(describe(f"draft-{kind}", draft.model, args.models / f"draft-{kind}")
-                     + f", c = {draft.cost_ratio:.3f}")
+        lines.append(
+            describe(f"draft-{kind}", draft.model, args.models / f"draft-{kind}") + f", c = {draft.cost_ratio:.3f}"
+        )
     start = time.perf_counter()
-    report = evaluate(target, drafts, seed=args.seed, scenes=args.scenes, gammas=tuple(args.gammas),
-                      batch_size=args.batch_size)
+    report = evaluate(
+        target, drafts, seed=args.seed, scenes=args.scenes, gammas=tuple(args.gammas), batch_size=args.batch_size
+    )
     text = "\n".join(lines) + "\n\n" + report.table()
     print(text)
     print(f"\n({time.perf_counter() - start:.0f} s, {torch.get_num_threads()} threads)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = f"python -m benchmarks.demo_quality --scenes {args.scenes} --seed {args.seed}"
+    command = f"python -m jobs.demo_quality --scenes {args.scenes} --seed {args.seed}"
     args.out.write_text(f"Demo family quality, greedy, through the engine (`{command}`):\n\n```\n{text}\n```\n")
 
 

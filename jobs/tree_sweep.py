@@ -3,8 +3,8 @@
 Every strategy decodes the same demo images (caption, greedy) with one draft; the table gives tau, the
 tokens/s relative to the engine's autoregressive mode (best of `--repeats` runs) and token identity.
 
-    python -m benchmarks.tree_sweep                                            # -> results/tree-sweep.md
-    python -m benchmarks.tree_sweep --draft text --out results/tree-sweep-text.md
+    python -m jobs.tree_sweep                                            # -> results/tree-sweep.md
+    python -m jobs.tree_sweep --draft text --out results/tree-sweep-text.md
 """
 
 from __future__ import annotations
@@ -16,14 +16,21 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from jobs.benchmark import DEMO, demo_requests
+from specvlm.demo import ASSETS
+from specvlm.evaluation.benchmark import caption_requests
+from specvlm.evaluation.demo_quality import decode_all
 from specvlm.models.loading import load_draft, load_target
 from specvlm.specdec.tree import TreeSettings
-from specvlm.training.evaluate import decode_all
 
 CHAINS = (3, 5, 7, 9, 11)
 TREES = (  # depth, topk, beam, max_nodes
-    (4, 2, 2, 8), (5, 2, 2, 10), (6, 3, 3, 16), (8, 2, 1, 10), (8, 2, 2, 16), (8, 4, 4, 24), (12, 2, 1, 14),
+    (4, 2, 2, 8),
+    (5, 2, 2, 10),
+    (6, 3, 3, 16),
+    (8, 2, 1, 10),
+    (8, 2, 2, 16),
+    (8, 4, 4, 24),
+    (12, 2, 1, 14),
 )
 
 
@@ -39,16 +46,19 @@ def main(argv=None) -> None:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
 
-    target = load_target(str(DEMO / "models/target"), device="cpu", dtype="float32")
-    requests = demo_requests(target, str(DEMO / "shards/*.tar"), args.requests)
+    target = load_target(str(ASSETS / "models/target"), device="cpu", dtype="float32")
+    requests = caption_requests(target, str(ASSETS / "shards/*.tar"), args.requests)
     eos = target.tokenizer.eos_token_id
     strategies = {"autoregressive": (lambda: None, 1)}
-    draft = lambda tree=None: load_draft(args.draft, target, str(DEMO / f"models/draft-{args.draft}"), tree=tree)  # noqa: E731
+    draft = lambda tree=None: load_draft(args.draft, target, str(ASSETS / f"models/draft-{args.draft}"), tree=tree)
     for gamma in CHAINS:
         strategies[f"chain γ={gamma}"] = (draft, gamma)
     for depth, topk, beam, nodes in TREES:
         tree = TreeSettings(topk=topk, beam=beam, max_nodes=nodes)
-        strategies[f"tree depth {depth}, top-{topk}, beam {beam}, {nodes} nodes"] = (lambda tree=tree: draft(tree), depth)
+        strategies[f"tree depth {depth}, top-{topk}, beam {beam}, {nodes} nodes"] = (
+            lambda tree=tree: draft(tree),
+            depth,
+        )
 
     lines = ["| batch | strategy | tau | tok/s vs autoregressive | identical |", "|---:|---|---:|---:|---:|"]
     for batch in args.batches:
@@ -56,8 +66,9 @@ def main(argv=None) -> None:
         for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every strategy alike
             for name, (make, gamma) in strategies.items():
                 start = time.perf_counter()
-                out = decode_all(target.model, make(), requests, gamma=gamma, max_new_tokens=64, eos_token_id=eos,
-                                 batch_size=batch)
+                out = decode_all(
+                    target.model, make(), requests, gamma=gamma, max_new_tokens=64, eos_token_id=eos, batch_size=batch
+                )
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
                 outputs[name] = out
         reference = [r.tokens for r in outputs["autoregressive"]]
@@ -67,9 +78,12 @@ def main(argv=None) -> None:
             lines.append(f"| {batch} | {name} | {tau:.2f} | {best['autoregressive'] / best[name]:.2f} | {same:.0%} |")
             print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(f"Chains and trees, {args.draft} draft, {len(requests)} demo images, caption, greedy, CPU with "
-                        f"{args.threads} torch thread(s) (`python -m benchmarks.tree_sweep --draft {args.draft}`):\n\n"
-                        + "\n".join(lines) + "\n")
+    args.out.write_text(
+        f"Chains and trees, {args.draft} draft, {len(requests)} demo images, caption, greedy, CPU with "
+        f"{args.threads} torch thread(s) (`python -m jobs.tree_sweep --draft {args.draft}`):\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

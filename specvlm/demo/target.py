@@ -16,21 +16,32 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from specvlm.demo.tokenizer import CHAT_TEMPLATE
+from specvlm.demo.vision import CellReader, SceneImages, cell_step
+from specvlm.demo.world_data import WorldBatches
 from specvlm.models.build import LlavaShape, build_llava
 from specvlm.training.loop import TrainConfig, train
-from specvlm.training.tokenizer import CHAT_TEMPLATE
-from specvlm.training.vision import CellReader, SceneImages, cell_step
-from specvlm.training.world_data import WorldBatches
 
 DEMO_TARGET = LlavaShape(
-    hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024,
-    vision_hidden=128, vision_layers=2, vision_heads=4, image_size=48, patch_size=16,
-    vision_feature_layer=-1, select_strategy="default", max_positions=512,
-)  # fmt: skip
+    hidden=256,
+    layers=4,
+    heads=4,
+    kv_heads=4,
+    intermediate=1024,
+    vision_hidden=128,
+    vision_layers=2,
+    vision_heads=4,
+    image_size=48,
+    patch_size=16,
+    vision_feature_layer=-1,
+    select_strategy="default",
+    max_positions=512,
+)
 
 
-def build_target(tokenizer, shape: LlavaShape = DEMO_TARGET, seed: int = 0
-                 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_target(
+    tokenizer, shape: LlavaShape = DEMO_TARGET, seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised demo target whose processor carries the LLaVA-1.5 chat template."""
     model, processor = build_llava(tokenizer, shape, seed=seed)
     processor.chat_template = CHAT_TEMPLATE
@@ -47,8 +58,10 @@ def save_checkpoint(model: torch.nn.Module, saver, out_dir: Path, dtype: torch.d
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
-             for name, tensor in model.state_dict().items()}
+    state = {
+        name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
+        for name, tensor in model.state_dict().items()
+    }
     config = model.config
     previous = getattr(config, "dtype", None)
     config.dtype = dtype  # recorded in config.json; loaders cast to what they ask for anyway
@@ -57,11 +70,22 @@ def save_checkpoint(model: torch.nn.Module, saver, out_dir: Path, dtype: torch.d
     saver.save_pretrained(out_dir)
 
 
-def train_target(tokenizer, out_dir: Path, work_dir: Path, config: TrainConfig, *, vision: TrainConfig | None = None,
-                 finetune: TrainConfig | None = None, shape: LlavaShape = DEMO_TARGET, scenes_per_step: int = 8,
-                 vqa_per_scene: int = 3, finetune_vqa_per_scene: int = 8, vision_images_per_step: int = 128,
-                 seed: int = 0, dtype: torch.dtype = torch.float32
-                 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def train_target(
+    tokenizer,
+    out_dir: Path,
+    work_dir: Path,
+    config: TrainConfig,
+    *,
+    vision: TrainConfig | None = None,
+    finetune: TrainConfig | None = None,
+    shape: LlavaShape = DEMO_TARGET,
+    scenes_per_step: int = 8,
+    vqa_per_scene: int = 3,
+    finetune_vqa_per_scene: int = 8,
+    vision_images_per_step: int = 128,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Pretrain the vision tower on cell labels (vision.py), freeze it, then train projector and LM on world scenes
     of seed `seed` (every task of each scene); then, when `finetune` is given, train everything (the vision tower
     too) on fresh scenes with more questions per scene; save the checkpoint to out_dir.
@@ -75,18 +99,24 @@ def train_target(tokenizer, out_dir: Path, work_dir: Path, config: TrainConfig, 
     work_dir = Path(work_dir)
     if vision is not None and vision.steps > 0:
         reader = CellReader(model)
-        train(reader, SceneImages(seed, vision_images_per_step), vision, work_dir / "vision",
-              step_fn=cell_step(processor.image_processor), desc="vision")
+        train(
+            reader,
+            SceneImages(seed, vision_images_per_step),
+            vision,
+            work_dir / "vision",
+            step_fn=cell_step(processor.image_processor),
+            desc="vision",
+        )
         # Frozen from here on, as LLaVA-1.5 keeps its CLIP: the language loss trains projector and LM only.
         model.model.vision_tower.requires_grad_(False)
     batches = WorldBatches(processor, seed=seed, scenes_per_step=scenes_per_step, vqa_per_scene=vqa_per_scene)
     model = train(model, batches, config, work_dir / "llava", pad_id=tokenizer.pad_token_id, desc="target")
     if finetune is not None and finetune.steps > 0:
         model.model.vision_tower.requires_grad_(True)
-        questions = WorldBatches(processor, seed=seed, scenes_per_step=scenes_per_step,
-                                 vqa_per_scene=finetune_vqa_per_scene)
-        fresh = lambda step: questions(config.steps + step)  # noqa: E731  (scenes the main stage never saw)
-        model = train(model, fresh, finetune, work_dir / "finetune", pad_id=tokenizer.pad_token_id,
-                      desc="finetune")
+        questions = WorldBatches(
+            processor, seed=seed, scenes_per_step=scenes_per_step, vqa_per_scene=finetune_vqa_per_scene
+        )
+        fresh = lambda step: questions(config.steps + step)
+        model = train(model, fresh, finetune, work_dir / "finetune", pad_id=tokenizer.pad_token_id, desc="finetune")
     save_checkpoint(model, processor, out_dir, dtype)
     return model, processor

@@ -6,8 +6,8 @@ as a zero-cost draft accepted token by token with probability a, so the table sh
 speedup limit tau / (gamma * c + 1) (c = 0 here) the engine delivers, next to Hugging Face `generate`.
 It needs torch and transformers only (no Ray), so it runs as is on a borrowed GPU:
 
-    python benchmarks/gpu_benchmark.py                  # 7B shapes, bf16, CUDA
-    python benchmarks/gpu_benchmark.py --shape tiny     # a few seconds on a CPU, to check the script
+    python jobs/gpu_benchmark.py                  # 7B shapes, bf16, CUDA
+    python jobs/gpu_benchmark.py --shape tiny     # a few seconds on a CPU, to check the script
 """
 
 from __future__ import annotations
@@ -22,13 +22,24 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
-from specvlm.bench.suite import markdown_table, run_suite  # noqa: E402
-from specvlm.models.build import LlavaShape, build_llava, build_tokenizer  # noqa: E402
-from specvlm.specdec.requests import Request  # noqa: E402
+from specvlm.evaluation.benchmark import markdown_table, run_suite
+from specvlm.models.build import LlavaShape, build_llava, build_tokenizer
+from specvlm.specdec.requests import Request
 
 SHAPES = {
-    "7b": LlavaShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vision_hidden=1024,
-                     vision_layers=24, vision_heads=16, image_size=336, patch_size=14, max_positions=4096),
+    "7b": LlavaShape(
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=32,
+        intermediate=11008,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        image_size=336,
+        patch_size=14,
+        max_positions=4096,
+    ),
     "tiny": LlavaShape(hidden=128, layers=2, heads=4, kv_heads=4, intermediate=256),
 }
 
@@ -58,13 +69,23 @@ def main() -> None:
     requests = []
     for i in range(args.requests):
         image = Image.fromarray(rng.integers(0, 255, (shape.image_size, shape.image_size, 3), dtype=np.uint8))
-        enc = processor(images=image, text=f"USER: <image>\ndescribe image {i} in detail. ASSISTANT:",
-                        return_tensors="pt")
+        enc = processor(
+            images=image, text=f"USER: <image>\ndescribe image {i} in detail. ASSISTANT:", return_tensors="pt"
+        )
         requests.append(Request(enc.input_ids[0].tolist(), enc.pixel_values.to(dtype)))
 
     # No EOS: every mode generates exactly max_new_tokens per request, so the work is identical.
-    rows = run_suite(target, {}, {}, requests, max_new_tokens=args.max_new_tokens, eos=(-1,), pad_id=0,
-                     batches=tuple(args.batches), repeats=args.repeats)
+    rows = run_suite(
+        target,
+        {},
+        {},
+        requests,
+        max_new_tokens=args.max_new_tokens,
+        eos=(-1,),
+        pad_id=0,
+        batches=tuple(args.batches),
+        repeats=args.repeats,
+    )
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{name}, {args.shape} shapes, {dtype}, {args.requests} requests x {args.max_new_tokens} tokens\n")
     print(markdown_table(rows))

@@ -14,9 +14,9 @@ import random
 
 from specvlm.data.prompts import TASKS, instruction, render
 from specvlm.demo import world
+from specvlm.demo.tokenizer import task_record
 from specvlm.demo.world import Scene, make_scene
 from specvlm.training.examples import Example, answer_ids
-from specvlm.training.tokenizer import task_record
 
 # Mostly the size of the demo shards (64), plus smaller and larger renderings, so the model reads any input
 # the processor resizes to its 48x48, not only one resampling pattern.
@@ -51,8 +51,16 @@ def scene_questions(scene: Scene, count: int) -> list[tuple[str, str]]:
 class WorldBatches:
     """batches(step) -> the examples of that step: scenes_per_step scenes of `seed`, every task of each."""
 
-    def __init__(self, processor, *, seed: int = 0, scenes_per_step: int = 8, tasks: tuple[str, ...] = TASKS,
-                 vqa_per_scene: int = 3, image_sizes: tuple[int, ...] = IMAGE_SIZES):
+    def __init__(
+        self,
+        processor,
+        *,
+        seed: int = 0,
+        scenes_per_step: int = 8,
+        tasks: tuple[str, ...] = TASKS,
+        vqa_per_scene: int = 3,
+        image_sizes: tuple[int, ...] = IMAGE_SIZES,
+    ):
         self.processor = processor
         self.seed = seed
         self.scenes_per_step = scenes_per_step
@@ -67,8 +75,10 @@ class WorldBatches:
             scene = make_scene(self.seed, index, self.image_sizes[index % len(self.image_sizes)])
             for task in self.tasks:
                 if task == "vqa":
-                    examples += [scene_example(scene, task, self.processor, question)
-                                 for question in scene_questions(scene, self.vqa_per_scene)]
+                    examples += [
+                        scene_example(scene, task, self.processor, question)
+                        for question in scene_questions(scene, self.vqa_per_scene)
+                    ]
                 else:
                     examples.append(scene_example(scene, task, self.processor))
         return examples

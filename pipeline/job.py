@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import ConfigError, JobConfig
+from pipeline.sink import OutputDir, ShardCollector
+from pipeline.stages import DecodeActor, preprocess, read_shards, shard_to_item
 from specvlm.data.sources import SourceError, list_shards
 from specvlm.models.loading import ModelLoadError, check_model_location, weights_fingerprint
-from specvlm.pipeline.config import ConfigError, JobConfig
-from specvlm.pipeline.sink import OutputDir, ShardCollector
-from specvlm.pipeline.stages import Decoder, preprocess, read_shards, shard_to_item
 
 
 class JobFailed(RuntimeError):
@@ -57,7 +57,7 @@ class Summary:
         return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
 
     def table(self) -> str:
-        rate = lambda x: f"{x / self.run_seconds:.2f}" if self.run_seconds else "-"  # noqa: E731
+        rate = lambda x: f"{x / self.run_seconds:.2f}" if self.run_seconds else "-"
         lines = [
             ("shards", f"{self.shards_total} ({self.shards_written} written now, {self.shards_skipped} already done)"),
             ("rows", f"{self.rows}"),
@@ -86,8 +86,12 @@ def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
     except (ModelLoadError, OSError) as exc:
         raise ConfigError(f"model.target / draft.path: {exc}") from None
     try:
-        shards = list_shards(config.input.uri, config.input.format, storage_options=config.input.storage_options,
-                             files_per_shard=config.input.files_per_shard)
+        shards = list_shards(
+            config.input.uri,
+            config.input.format,
+            storage_options=config.input.storage_options,
+            files_per_shard=config.input.files_per_shard,
+        )
     except (SourceError, OSError) as exc:
         raise ConfigError(f"input.uri: {exc}") from None
     shards = shards[: config.input.max_shards]
@@ -124,11 +128,12 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str):
 
     c = config.compute
     ds = ray.data.from_items([shard_to_item(s) for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(read_shards, fn_kwargs={"storage_options": config.input.storage_options},
-                        batch_format="pyarrow", batch_size=1)
+    ds = ds.map_batches(
+        read_shards, fn_kwargs={"storage_options": config.input.storage_options}, batch_format="pyarrow", batch_size=1
+    )
     ds = ds.map_batches(preprocess, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=16)
     return ds.map_batches(
-        Decoder,
+        DecodeActor,
         fn_constructor_kwargs={"config": config, "config_hash": config_hash},
         batch_format="pyarrow",
         batch_size=c.batch_size,
@@ -180,10 +185,17 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
         breakdown[kind] = breakdown.get(kind, 0) + 1
     run_rows = sum(collector.written.values())
     return Summary(
-        shards_total=len(shards), shards_skipped=skipped, shards_written=len(collector.written),
-        rows=table.num_rows, errors=len(errors), run_rows=run_rows, run_tokens=collector.tokens,
-        run_seconds=elapsed, error_breakdown=breakdown, **total,
-    )  # fmt: skip
+        shards_total=len(shards),
+        shards_skipped=skipped,
+        shards_written=len(collector.written),
+        rows=table.num_rows,
+        errors=len(errors),
+        run_rows=run_rows,
+        run_tokens=collector.tokens,
+        run_seconds=elapsed,
+        error_breakdown=breakdown,
+        **total,
+    )
 
 
 def _manifest(config: JobConfig, config_hash: str, summary: Summary, collector: ShardCollector) -> dict:
@@ -201,8 +213,17 @@ def _manifest(config: JobConfig, config_hash: str, summary: Summary, collector: 
         "task": config.task.kind,
         "input": config.input.uri,
         "shards_written_this_run": collector.written,
-        "summary": {**summary.__dict__, "error_fraction": summary.error_fraction,
-                    "block_efficiency": summary.block_efficiency, "acceptance_rate": summary.acceptance_rate},
-        "versions": {"specvlm": specvlm.__version__, "torch": torch.__version__, "ray": ray.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "summary": {
+            **summary.__dict__,
+            "error_fraction": summary.error_fraction,
+            "block_efficiency": summary.block_efficiency,
+            "acceptance_rate": summary.acceptance_rate,
+        },
+        "versions": {
+            "specvlm": specvlm.__version__,
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
     }
