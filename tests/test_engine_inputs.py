@@ -101,7 +101,7 @@ def noisy_draft(model, **settings) -> ModelDraft:
         for p in draft.parameters():
             p.add_(torch.randn_like(p) * p.std() * 0.2)
     vocab = model.get_output_embeddings().weight.shape[0]
-    common = dict(text_only=False, image_token_id=model.config.image_token_id, vocab_size=vocab)
+    common = dict(text_only=False, image_token_id=model.config.image_token_id, target_vocab=vocab)
     return ModelDraft(draft, cost_ratio=1.0, name="noisy", gamma=3, **common, **settings)
 
 
@@ -272,7 +272,7 @@ def test_tree_nodes_see_the_draft_at_their_true_positions(family):
         tree=TreeSettings(topk=2, beam=2, max_nodes=12),
         text_only=False,
         image_token_id=family.image_token_id,
-        vocab_size=family.vocab_size,
+        target_vocab=family.target_vocab,
         cost_ratio=1.0,
         name="sharp",
         gamma=3,
