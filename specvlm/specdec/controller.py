@@ -18,7 +18,7 @@ turns compute-bound (every verified token is arithmetic), verify(n, q) grows wit
 to 0 when speculation no longer pays. That is how speculation steps aside by itself.
 
 The costs are measured here, on the machine that decodes. The first time the batch has about n rows, and every
-REFRESH steps after, scratch passes (forwards that commit nothing) time the target over 1 and over the most
+REFRESH_S seconds after, scratch passes (forwards that commit nothing) time the target over 1 and over the most
 tokens a step verifies, and one draft pass; verification costs in between are interpolated (they grow about
 linearly with the tokens per row). Every real step then refines what it used: its phases are timed and folded
 into moving averages. Tables are indexed by a bucket of the row count, so they follow the load and the machine.
@@ -37,7 +37,8 @@ from collections.abc import Callable
 
 import torch
 
-REFRESH = 256  # steps in a row-count bucket between re-measurements, so a cost measured badly once cannot stick
+REFRESH_S = 60.0  # seconds between re-measurements of a bucket: a cost measured badly once cannot stick, and
+# the scratch passes stay a small share of the time (four passes a minute)
 PRIOR_WEIGHT = 4.0  # steps' worth of evidence the running acceptance of all rows counts for in a row's estimate
 SMOOTHING = 0.2  # weight of a new measurement in the moving averages
 HYSTERESIS = 1.03  # drafting for rows that join must promise this much over plain decoding
@@ -78,7 +79,7 @@ class DepthController:
         self.verify_s: dict[int, dict[int, float]] = {}  # rows bucket -> tokens per row -> seconds per pass
         self.draft_s: dict[int, float] = {}  # rows bucket -> seconds per draft pass
         self.rest_s: dict[tuple[int, bool], float] = {}  # (rows bucket, drafting) -> bookkeeping seconds
-        self.steps_since_measured: dict[int, int] = {}
+        self.measured_at: dict[int, float] = {}  # rows bucket -> when its costs were last measured
         self.level_acceptance: float | None = None  # running value over all rows
         self.accepted = torch.zeros(rows, device=device)  # per row: levels accepted ...
         self.tried = torch.zeros(rows, device=device)  # ... out of levels tried
@@ -122,7 +123,7 @@ class DepthController:
             table[q] = probe_verify(q)
         if self.calls(self.max_depth) > 0:
             self.draft_s[bucket] = probe_draft()
-        self.steps_since_measured[bucket] = 0
+        self.measured_at[bucket] = time.perf_counter()
 
     def verify_seconds(self, bucket: int, q: int) -> float:
         """A pass over q tokens per row: measured, or interpolated between the nearest measured counts."""
@@ -159,9 +160,8 @@ class DepthController:
         depth = self.max_depth if any_drafted or not greedy else 0
         if self.adaptive and greedy:
             bucket = rows_bucket(n)
-            if self.steps_since_measured.get(bucket, REFRESH) >= REFRESH:
+            if time.perf_counter() - self.measured_at.get(bucket, -REFRESH_S) >= REFRESH_S:
                 self.measure(n, probe_verify, probe_draft)
-            self.steps_since_measured[bucket] += 1
             seconds = [self.step_seconds(n, d) for d in range(self.max_depth + 1)]
             actual, everyone = self.expected_tokens(n, drafted, left)
             rates = [tokens / s for tokens, s in zip(actual, seconds)]
