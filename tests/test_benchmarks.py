@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError, load_config
 from pipeline.job import run_job
+from pipeline.stages import Preparer
 from specvlm.data.images import decode_image
 from specvlm.data.sources import SourceError, list_shards, read_shard
 from specvlm.demo.benchmark import SEED, START, write_demo_benchmark
@@ -296,3 +297,15 @@ def test_demo_benchmark_references_are_true_to_their_scenes(tmp_path):
     text_only = [pid for pid, p in problems.items() if p["image"] is None]
     assert text_only == [str(START + 7), str(START + 15)]
     assert all(problems[pid]["hint"] == scenes[int(pid)].caption for pid in text_only)
+
+
+def test_references_map_from_metadata_answer_dicts_as_hugging_face_vqa_stores_them(family):
+    config = load_config(
+        None, ["input.uri=x", "input.fields.references=answers", "task.kind=vqa", "output.uri=o", "model.target=t"]
+    )
+    meta = json.dumps({"answers": [{"answer": "red", "answer_id": 1}, {"answer": "Red", "answer_id": 2}]})
+    record = {"key": "k", "shard_id": "s", "source": "u", "image": RED, "question": "colour?", "answer": "red",
+              "caption": None, "choices": None, "references": None, "meta": meta, "error": None,
+              "row_index": 0, "is_end": False}  # fmt: skip
+    row = Preparer(config, family.processor)(record)
+    assert row["error"] is None and row["references"] == ["red", "Red"] and row["meta"] == meta

@@ -35,12 +35,17 @@ class CaptionScores:
 
 def tokenize(text: str) -> str:
     """Lowercased PTB tokens without punctuation, space-joined: what pycocoevalcap's scorers expect."""
-    from nltk.tokenize import TreebankWordTokenizer
-
-    tokenizer = TreebankWordTokenizer()
+    tokenizer = _treebank()
     # The Treebank tokenizer splits off only a text's final period, so split sentences first.
     tokens = [t for sentence in _SENTENCE_END.split(text.lower()) for t in tokenizer.tokenize(sentence)]
     return " ".join(t for t in tokens if t not in _DROPPED)
+
+
+@functools.cache
+def _treebank():
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return TreebankWordTokenizer()
 
 
 def meteor_available() -> bool:
