@@ -86,10 +86,8 @@ def list_benchmark_shards(
         raise SourceError(f"{uri} is not a file; a {format} benchmark is read from its annotation file")
     if not paths:
         raise SourceError(f"{uri} matches no .jsonl files; check the path and the glob")
-    stems = [posixpath.splitext(_relative(p, root))[0] for p in paths]
-    prefixes = _unique_ids([re.sub(r"[^A-Za-z0-9._-]", "_", s.replace("/", "__")) for s in stems], stems)
     shards = []
-    for p, prefix in zip(paths, prefixes):
+    for p, prefix in zip(paths, _file_ids(paths, root)):
         file_uri = _to_uri(fs, p)
         answers = _answers_file(fs, file_uri, annotations) if format == "vqav2" else ""
         image_root = images or _default_image_root(file_uri, format)
@@ -109,6 +107,12 @@ def list_benchmark_shards(
             for n, start in enumerate(range(0, len(keys), files_per_shard))
         ]
     return shards
+
+
+def _file_ids(paths: list[str], root: str) -> list[str]:
+    """Filesystem-safe ids from the paths below root, without suffix: stable when other files are added."""
+    stems = [posixpath.splitext(_relative(p, root))[0] for p in paths]
+    return _unique_ids([re.sub(r"[^A-Za-z0-9._-]", "_", s.replace("/", "__")) for s in stems], stems)
 
 
 def read_benchmark_shard(shard: Shard, storage_options: dict) -> Iterator[Record]:
@@ -323,10 +327,10 @@ def _hf_shards(fs: AbstractFileSystem, path: str, split: str | None, images: str
                 files = [p for p in files if posixpath.basename(p).startswith(f"{split}-")]
     if not files:
         raise SourceError(f"{path} has no .arrow or .parquet files" + (f" of split {split!r}" if split else ""))
-    stems = [posixpath.splitext(_relative(p, folder))[0] for p in files]
-    ids = _unique_ids([re.sub(r"[^A-Za-z0-9._-]", "_", s.replace("/", "__")) for s in stems], stems)
     root = images or _to_uri(fs, folder)
-    return [Shard(uri=_to_uri(fs, p), format="hf", shard_id=i, images=root) for p, i in zip(files, ids)]
+    return [
+        Shard(uri=_to_uri(fs, p), format="hf", shard_id=i, images=root) for p, i in zip(files, _file_ids(files, folder))
+    ]
 
 
 def hf_image_column(schema: pa.Schema) -> str:
