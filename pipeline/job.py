@@ -19,7 +19,15 @@ import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.sink import OutputDir, ShardCollector
-from pipeline.stages import DecodeActor, preprocess, read_shards, shard_to_item
+from pipeline.stages import (
+    DECODE_BATCH_ROWS,
+    DECODE_TASKS_PER_ACTOR,
+    DecodeActor,
+    OperatingPoints,
+    preprocess,
+    read_shards,
+    shard_to_item,
+)
 from specvlm.data.sources import SourceError, list_shards
 from specvlm.models.loading import ModelLoadError, check_model_location, weights_fingerprint
 
@@ -113,7 +121,8 @@ def init_ray(config: JobConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": an embedded Ray of our own, never a cluster that happens to run on this machine.
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def _gpus_per_actor(config: JobConfig) -> float:
@@ -124,7 +133,7 @@ def _gpus_per_actor(config: JobConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def build_dataset(config: JobConfig, shards: list, config_hash: str):
+def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
     c = config.compute
@@ -133,12 +142,17 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str):
         read_shards, fn_kwargs={"storage_options": config.input.storage_options}, batch_format="pyarrow", batch_size=1
     )
     ds = ds.map_batches(preprocess, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=16)
+    # An async actor with several batches in flight: the engine decodes rows of many batches together.
     return ds.map_batches(
         DecodeActor,
-        fn_constructor_kwargs={"config": config, "config_hash": config_hash},
+        fn_constructor_kwargs={"config": config, "config_hash": config_hash, "reports": reports},
         batch_format="pyarrow",
-        batch_size=c.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=c.actors),
+        batch_size=DECODE_BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(
+            size=c.actors,
+            max_concurrent_calls_per_actor=DECODE_TASKS_PER_ACTOR,
+            max_tasks_in_flight_per_actor=2 * DECODE_TASKS_PER_ACTOR,
+        ),
         num_gpus=_gpus_per_actor(config),
         num_cpus=c.cpus_per_actor,
     )
@@ -153,16 +167,22 @@ def run_job(config: JobConfig, *, log=print) -> Summary:
 
     started = time.perf_counter()
     collector = ShardCollector(output, config_hash)
+    operating_points = {}
     if pending:
+        import ray
+
         init_ray(config)
-        for batch in build_dataset(config, pending, config_hash).iter_batches(batch_format="pyarrow", batch_size=None):
+        reports = ray.remote(OperatingPoints).options(num_cpus=0).remote()
+        dataset = build_dataset(config, pending, config_hash, reports)
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             collector.add(batch)
+        operating_points = ray.get(reports.get.remote())
         if collector.incomplete:
             raise JobFailed(f"shards {collector.incomplete} did not receive all their rows; rerun to finish them")
     elapsed = time.perf_counter() - started
 
     summary = _summarise(output, shards, len(done), collector, elapsed)
-    output.write_manifest(_manifest(config, config_hash, summary, collector))
+    output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points))
     output.clean_staging()
     log(summary.table())
     if summary.error_fraction > config.output.max_error_fraction:
@@ -199,7 +219,9 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
     )
 
 
-def _manifest(config: JobConfig, config_hash: str, summary: Summary, collector: ShardCollector) -> dict:
+def _manifest(
+    config: JobConfig, config_hash: str, summary: Summary, collector: ShardCollector, operating_points: dict
+) -> dict:
     import ray
     import torch
     import transformers
@@ -210,10 +232,12 @@ def _manifest(config: JobConfig, config_hash: str, summary: Summary, collector: 
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "config_hash": config_hash,
         "model": config.model.target,
-        "draft": config.draft_name(),
+        "draft": config.draft.label,
         "task": config.task.kind,
         "input": config.input.uri,
         "shards_written_this_run": collector.written,
+        # Per decode actor: the running batch it settled on and the speculation controller's measured costs.
+        "operating_points": operating_points,
         "summary": {
             **summary.__dict__,
             "error_fraction": summary.error_fraction,

@@ -66,11 +66,15 @@ def draw_figures(results: list, baseline: str, out: Path) -> list[str]:
     title = f"Accepted draft tokens per step ({tasks[0]}, {batch}, {samples} samples)"
     figures.append(save(fig, ax, "accepted_lengths.png", title, "accepted draft tokens", "fraction of steps"))
 
-    batches = sorted({r.batch for r in results})
+    batches = sorted({r.batch for r in results if isinstance(r.batch, int)})  # not "auto": it has no place on the axis
     if len(batches) > 1:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for s in strategies:
-            points = sorted((r.batch, r.decode_speedup) for r in results if r.strategy == s and r.task == tasks[0])
+            points = sorted(
+                (r.batch, r.decode_speedup)
+                for r in results
+                if r.strategy == s and r.task == tasks[0] and r.batch in batches
+            )
             if s != baseline and len(points) > 1:
                 ax.plot(*zip(*points), marker="o", label=s)
         ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")

@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 from fsspec.core import url_to_fs
 
 from specvlm.evaluation.quality import score_rows
+from specvlm.specdec.metrics import pool
 
 BASELINE = "autoregressive"
 INDEX = "evaluation.json"  # the runs of an evaluation, at the root of its output
@@ -37,6 +38,7 @@ COLUMNS = [
     "error",
     "new_tokens",
     "target_calls",
+    "draft_calls",
     "accepted_tokens",
     "proposed_tokens",
     "mbsu",
@@ -50,7 +52,7 @@ SHOWN_MISMATCHES = 20  # rows listed in report.md; metrics.json lists them all
 class Run:
     task: str  # the evaluation's name for it ("caption", "vqa-jsonl", ...)
     strategy: str
-    batch: int
+    batch: int | str  # compute.batch_size: rows decoded together, or "auto"
     uri: str  # the job's output
     wall_s: float | None = None  # the job's wall time, when one run decoded all of its rows
 
@@ -59,7 +61,7 @@ class Run:
 class StrategyResult:
     task: str
     strategy: str
-    batch: int
+    batch: int | str
     samples: int  # rows the target decoded without error
     identical: float  # fraction of those the strategy reproduced token for token
     mismatched: int
@@ -91,12 +93,6 @@ class Report:
             "strategies": [{k: v for k, v in asdict(r).items() if k != "accepted_lengths"} for r in self.results],
             "mismatched_rows": self.mismatches,
         }
-
-
-def pooled_tau(rows: list[dict]) -> float:
-    """Block efficiency over many samples: all their tokens over all their verification passes."""
-    calls = sum(r["target_calls"] or 0 for r in rows)
-    return sum(r["new_tokens"] or 0 for r in rows) / calls if calls else 0.0
 
 
 def read_output(uri: str, storage_options: dict | None = None) -> list[dict]:
@@ -138,7 +134,7 @@ def build_report(runs: list[Run], slices: list[str] = (), *, storage_options: di
 
 def _result(run: Run, rows: list[dict], base_rows: list[dict], differing: list[dict], same: bool, base_wall):
     decoded = [r for r in rows if r["error"] is None]
-    proposed = sum(r["proposed_tokens"] or 0 for r in decoded)
+    pooled = pool(decoded)
     samples = sum(r["error"] is None for r in base_rows)
     latency = _mean([r["latency_s"] for r in decoded])
     base_latency = _mean([r["latency_s"] for r in base_rows if r["error"] is None])
@@ -150,8 +146,8 @@ def _result(run: Run, rows: list[dict], base_rows: list[dict], differing: list[d
         identical=(samples - len(differing)) / samples if samples else 0.0,
         mismatched=len(differing),
         quality_matches=same,
-        tau=pooled_tau(decoded),
-        acceptance=sum(r["accepted_tokens"] or 0 for r in decoded) / proposed if proposed else 0.0,
+        tau=pooled.block_efficiency,
+        acceptance=pooled.acceptance_rate,
         mbsu=_mean([r["mbsu"] for r in decoded]),
         mean_latency_s=latency,
         decode_speedup=base_latency / latency if latency else 0.0,
