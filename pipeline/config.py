@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specvlm.data.prompts import DEFAULT_CAPTION_INSTRUCTION
 from specvlm.engine import DraftSettings, TargetSettings
@@ -44,15 +44,26 @@ def _no_secrets(options: dict) -> dict:
 
 
 class InputConfig(Section):
-    uri: str  # directory, file or glob, any fsspec URI
-    format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
-    files_per_shard: int = Field(1000, ge=1)  # image folders only
+    uri: str  # directory, file or glob, any fsspec URI; for a benchmark layout its annotation file
+    # Shards (auto: tars, else parquet, else images), or a benchmark layout (specvlm/data/benchmarks.py).
+    format: Literal["auto", "images", "webdataset", "parquet", "coco", "vqav2", "scienceqa", "jsonl", "hf"] = "auto"
+    files_per_shard: int = Field(1000, ge=1)  # image folders and benchmark layouts: samples per shard
     max_shards: int | None = Field(None, ge=1)  # only the first N shards (in sorted order): trials, evaluations
     image_column: str = "image"  # parquet only
+    images: str | None = None  # benchmark layouts: root of the image files (default: beside the annotations)
+    annotations: str | None = None  # vqav2: the answers file (default: the one named like the questions file)
+    split: str | None = None  # scienceqa, hf: the split to read
     # Task fields taken from a record's metadata under another name, e.g. {question: mc_question}.
-    fields: dict[Literal["caption", "question", "choices", "answer"], str] = Field(default_factory=dict)
+    fields: dict[Literal["caption", "question", "choices", "answer", "references"], str] = Field(default_factory=dict)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     _check_secrets = field_validator("storage_options")(_no_secrets)
+
+    @model_validator(mode="after")
+    def _layout_options_need_a_layout(self):
+        for name in ("images", "annotations", "split"):
+            if getattr(self, name) is not None and self.format in ("auto", "images", "webdataset", "parquet"):
+                raise ValueError(f"input.{name} applies to the benchmark layouts only, not to format {self.format!r}")
+        return self
 
 
 class OutputConfig(Section):

@@ -99,6 +99,7 @@ def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
             config.input.format,
             storage_options=config.input.storage_options,
             files_per_shard=config.input.files_per_shard,
+            **config.input.model_dump(include={"images", "annotations", "split"}),
         )
     except (SourceError, OSError) as exc:
         raise ConfigError(f"input.uri: {exc}") from None

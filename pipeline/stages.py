@@ -43,6 +43,7 @@ RECORD_SCHEMA = pa.schema(
         pa.field("question", pa.string()),
         pa.field("choices", pa.list_(pa.string())),
         pa.field("answer", pa.string()),
+        pa.field("references", pa.list_(pa.string())),
         pa.field("meta", pa.string()),
         pa.field("error", pa.string()),
         *ROW_FIELDS,
@@ -57,6 +58,8 @@ PREPARED_SCHEMA = pa.schema(
         pa.field("task", pa.string()),
         pa.field("prompt", pa.string()),
         pa.field("reference", pa.string()),
+        pa.field("references", pa.list_(pa.string())),
+        pa.field("meta", pa.string()),
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("pixel_values", pa.binary()),
         pa.field("pixel_shape", pa.list_(pa.int32())),
@@ -67,6 +70,8 @@ PREPARED_SCHEMA = pa.schema(
     ]
 )
 DECODED_SCHEMA = pa.schema([*OUTPUT_SCHEMA, *ROW_FIELDS])
+# Prepared-row columns the decode actor copies into its output row as they are.
+PASSED_THROUGH = ("key", "shard_id", "source", "task", "prompt", "reference", "references", "meta", "error")
 
 
 READ_BATCH_ROWS = 32  # records per block out of the reader: a shard is streamed, never held whole
@@ -111,6 +116,7 @@ def _end_marker(shard: Shard, rows: int) -> dict:
         "question": None,
         "choices": None,
         "answer": None,
+        "references": None,
         "meta": None,
         "error": None,
         "row_index": rows,
@@ -157,6 +163,8 @@ class Preparer:
             "task": task.kind,
             "prompt": None,
             "reference": _reference(task.kind, fields),
+            "references": _references(fields.get("references")),
+            "meta": record["meta"],
             "input_ids": None,
             "pixel_values": None,
             "pixel_shape": None,
@@ -169,22 +177,29 @@ class Preparer:
         if record["is_end"] or row["error"]:
             return row
         try:
-            image = decode_image(record["image"], max_pixels=self.config.compute.max_pixels)
             text = instruction(
                 task.kind, fields, caption_instruction=task.caption_instruction, mc_suffix=task.mc_suffix
             )
-            row["prompt"] = render(text, self.processor, task.template)
-            encoded = self.processor(images=image, text=row["prompt"], return_tensors="np")
+            if record["image"] is None:  # only benchmark layouts give such records (a ScienceQA text question)
+                if task.kind == "caption":
+                    raise PromptError(f"record {record['key']!r} has no image, and a caption needs one")
+                # A text-only prompt, as LLaVA targets take them; a target that cannot fails here, on this row.
+                row["prompt"] = render(text, self.processor, task.template, image=False)
+                encoded = self.processor(text=row["prompt"], return_tensors="np")
+            else:
+                image = decode_image(record["image"], max_pixels=self.config.compute.max_pixels)
+                row["prompt"] = render(text, self.processor, task.template)
+                encoded = self.processor(images=image, text=row["prompt"], return_tensors="np")
         except (ImageError, PromptError) as exc:
             row["error"] = str(exc)
             return row
         except Exception as exc:
             row["error"] = f"preprocessing failed: {type(exc).__name__}: {exc}"
             return row
-        pixels = np.ascontiguousarray(encoded["pixel_values"], dtype=np.float32)
-        row.update(
-            input_ids=encoded["input_ids"][0].tolist(), pixel_values=pixels.tobytes(), pixel_shape=list(pixels.shape)
-        )
+        row["input_ids"] = encoded["input_ids"][0].tolist()
+        if "pixel_values" in encoded:
+            pixels = np.ascontiguousarray(encoded["pixel_values"], dtype=np.float32)
+            row.update(pixel_values=pixels.tobytes(), pixel_shape=list(pixels.shape))
         if "image_sizes" in encoded:
             row["image_sizes"] = [int(v) for v in np.asarray(encoded["image_sizes"]).reshape(-1)]
         return row
@@ -202,6 +217,13 @@ def _mapped_fields(record: dict, mapping: dict[str, str]) -> dict:
             if source in meta:
                 fields[name] = meta[source]
     return fields
+
+
+def _references(value) -> list[str] | None:
+    """A record's references as strings: mapped from metadata they may be Hugging Face-style answer dicts."""
+    if not isinstance(value, list) or not value:
+        return None
+    return [str(v["answer"] if isinstance(v, dict) and "answer" in v else v) for v in value]
 
 
 def _reference(task: str, fields: dict) -> str | None:
@@ -268,10 +290,7 @@ class DecodeActor:
             self.reports.record.remote(self.service.describe())
 
     def _output(self, row: dict, result) -> dict:
-        out = {
-            name: row.get(name)
-            for name in ("key", "shard_id", "source", "task", "prompt", "reference", "error", "row_index", "is_end")
-        }
+        out = {name: row.get(name) for name in (*PASSED_THROUGH, "row_index", "is_end")}
         out.update(self.identity, stop_reason="error")
         if result is None:
             return out
@@ -307,9 +326,12 @@ def row_to_request(row: dict):
     """A prepared row as an engine request (the pixel bytes and their shape back into a tensor)."""
     from specvlm.specdec.requests import Request
 
-    pixels = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(row["pixel_shape"])
+    pixels = None  # a text-only prompt
+    if row["pixel_values"] is not None:
+        array = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(row["pixel_shape"])
+        pixels = torch.from_numpy(array.copy())
     sizes = None if row["image_sizes"] is None else torch.tensor(row["image_sizes"]).reshape(-1, 2)
-    return Request(row["input_ids"], torch.from_numpy(pixels.copy()), image_sizes=sizes, seed=row["seed"])
+    return Request(row["input_ids"], pixels, image_sizes=sizes, seed=row["seed"])
 
 
 def shard_to_item(shard: Shard) -> dict:
