@@ -9,6 +9,7 @@ def ray_local(s3_endpoint):
     # in it first, which the s3_endpoint dependency guarantees.
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a new instance, never a cluster another process on this machine started and left current.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
