@@ -126,9 +126,7 @@ def _check_models(config: JobConfig) -> dict[str, str]:
     from specvlm.models.loading import ModelLoadError, check_model_location, weights_fingerprint
 
     locations = {"model.target": config.model.target}
-    if config.draft.kind in ("text", "vlm"):
-        if not config.draft.path:
-            raise ConfigError(f"draft.path: a {config.draft.kind!r} draft needs a model path")
+    if config.draft.kind in ("text", "vlm"):  # the config has made sure such a draft has a path
         locations["draft.path"] = config.draft.path
     options = config.model.storage_options
     weights = {}
@@ -170,24 +168,29 @@ def _gpus_per_actor(config: JobConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def build_dataset(config: JobConfig, shards: list, config_hash: str):
+def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
     from pipeline.reader import ShardDatasource
-    from pipeline.stages import DecodeActor
+    from pipeline.stages import DECODE_BATCH_ROWS, DECODE_TASKS_PER_ACTOR, DecodeActor
 
     c = config.compute
     # One read task per shard (pipeline/reader.py says why a datasource); at most shards_per_actor of them per
     # decode actor at once, which bounds the shards in flight, and so what a crash can lose.
     reading = min(len(shards), c.actors * c.shards_per_actor)
     ds = ray.data.read_datasource(ShardDatasource(shards, config), concurrency=reading, override_num_blocks=len(shards))
-    # The decode stage.
+    # The decode stage: an async actor with several batches in flight; the engine decodes rows of many batches
+    # together.
     return ds.map_batches(
         DecodeActor,
-        fn_constructor_kwargs={"config": config, "config_hash": config_hash},
+        fn_constructor_kwargs={"config": config, "config_hash": config_hash, "reports": reports},
         batch_format="pyarrow",
-        batch_size=c.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=c.actors),
+        batch_size=DECODE_BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(
+            size=c.actors,
+            max_concurrent_calls_per_actor=DECODE_TASKS_PER_ACTOR,
+            max_tasks_in_flight_per_actor=2 * DECODE_TASKS_PER_ACTOR,
+        ),
         num_gpus=_gpus_per_actor(config),
         num_cpus=c.cpus_per_actor,
     )
@@ -203,15 +206,23 @@ def run_job(config: JobConfig, *, log=print) -> Summary:
 
     started = time.perf_counter()
     collector = ShardCollector(output, config_hash, output.partial_shards() if pending else set())
+    operating_points = {}
     if pending:
+        import ray
+
+        from pipeline.stages import OperatingPoints
+
         init_ray(config)
-        for batch in build_dataset(config, pending, config_hash).iter_batches(batch_format="pyarrow", batch_size=None):
+        reports = ray.remote(OperatingPoints).options(num_cpus=0).remote()
+        dataset = build_dataset(config, pending, config_hash, reports)
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             collector.add(batch)
         collector.close()
+        operating_points = ray.get(reports.get.remote())
     elapsed = time.perf_counter() - started
 
     summary = _summarise(output, shards, len(done), collector, elapsed)
-    output.write_manifest(_manifest(config, config_hash, summary, collector))
+    output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points))
     output.clean_staging()
     log(summary.table())
     if collector.failed:
@@ -264,7 +275,9 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
     )
 
 
-def _manifest(config: JobConfig, config_hash: str, summary: Summary, collector: ShardCollector) -> dict:
+def _manifest(
+    config: JobConfig, config_hash: str, summary: Summary, collector: ShardCollector, operating_points: dict
+) -> dict:
     import ray
     import torch
     import transformers
@@ -275,12 +288,14 @@ def _manifest(config: JobConfig, config_hash: str, summary: Summary, collector: 
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "config_hash": config_hash,
         "model": config.model.target,
-        "draft": config.draft_name(),
+        "draft": config.draft.label,
         "task": config.task.kind,
         "input": config.input.uri,
         "shards_written_this_run": collector.written,
         "failed_shards": collector.failed,  # shard id -> why; a rerun retries exactly these
         "most_shards_held_at_once": collector.peak_open,  # what a driver crash at the worst moment would have lost
+        # Per decode actor: the running batch it settled on and the speculation controller's measured costs.
+        "operating_points": operating_points,
         "summary": {
             **summary.__dict__,
             "error_fraction": summary.error_fraction,

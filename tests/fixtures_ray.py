@@ -9,7 +9,7 @@ def ray_local(s3_endpoint):
     # in it first, which the s3_endpoint dependency guarantees.
     import ray
 
-    # address="local": a new instance, never a cluster another process on this machine started and left current.
+    # address="local": always a fresh local Ray for the tests, never one that happens to run on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

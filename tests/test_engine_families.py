@@ -101,13 +101,14 @@ def test_llava_next_greedy_matches_generate(next_family, draft):
         vocab_size=len(tokenizer),
         cost_ratio=1.0,
         name=draft,
+        gamma=3,
     )
     drafts = {
         "none": None,
         "chain": ModelDraft(noisy, **common),
         "tree": TreeDraft(noisy, tree=TreeSettings(topk=2, beam=2, max_nodes=8), **common),
     }
-    config = DecodeConfig(max_new_tokens=12, gamma=3, eos_token_ids=(tokenizer.eos_token_id,))
+    config = DecodeConfig(max_new_tokens=12, eos_token_ids=(tokenizer.eos_token_id,), adaptive=False)
     results = SpeculativeDecoder(target, drafts[draft], config).generate(requests)
     assert [r.tokens for r in results] == expected
     if draft != "none":

@@ -82,10 +82,10 @@ def test_benchmark_suite_compares_every_mode_with_the_target(family):
     requests = family.requests(4)
     eos = (family.tokenizer.eos_token_id,)
     drafts = {
-        "vlm chain": (lambda: family.draft("vlm_noisy"), 3),
-        "vlm tree": (lambda: family.draft("vlm_noisy", tree=TreeSettings(topk=2, beam=2, max_nodes=8)), 3),
-        "text chain": (lambda: family.draft("text_copy"), 3),
-        "prompt lookup": (lambda: family.draft("prompt_lookup"), 3),
+        "vlm chain": lambda: family.draft("vlm_noisy", gamma=3),
+        "vlm tree": lambda: family.draft("vlm_noisy", gamma=3, tree=TreeSettings(topk=2, beam=2, max_nodes=8)),
+        "text chain": lambda: family.draft("text_copy", gamma=3),
+        "prompt lookup": lambda: family.draft("prompt_lookup", gamma=3),
     }
     rows = run_suite(
         family.target,

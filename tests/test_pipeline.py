@@ -35,6 +35,19 @@ MAX_NEW = 10
 GAMMA = 3
 SEED, SHARDS, PER_SHARD = 5, 3, 4
 
+# Per-sample columns that depend on the draft depths the controller chose, which follow measured timings.
+SCHEDULE_COLUMNS = [
+    "target_calls",
+    "draft_calls",
+    "proposed_tokens",
+    "accepted_tokens",
+    "accepted_per_step",
+    "nodes_per_step",
+    "block_efficiency",
+    "acceptance_rate",
+    "mbsu",
+]
+
 
 def config_for(models, input_uri, output_uri, *extra, endpoint=None):
     overrides = [
@@ -44,6 +57,7 @@ def config_for(models, input_uri, output_uri, *extra, endpoint=None):
         "draft.kind=vlm",
         f"draft.path={models / 'draft'}",
         f"draft.gamma={GAMMA}",
+        "draft.adaptive=false",  # tiny test models: the controller would rightly find drafting does not pay
         f"decode.max_new_tokens={MAX_NEW}",
         "compute.batch_size=4",
         "output.max_error_fraction=0",
@@ -188,9 +202,10 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(models, tmp_path, r
     summary = run_job(config, log=lambda *_: None)
     assert (summary.shards_skipped, summary.shards_written, summary.rows) == (SHARDS - 1, 1, SHARDS * PER_SHARD)
     again = read_output(f"{tmp_path}/out")
-    assert {k: t.drop(["latency_s", "tokens_per_s"]) for k, t in again.items()} == {
-        k: t.drop(["latency_s", "tokens_per_s"]) for k, t in first.items()
-    }
+    # Timings, and the speculation schedule the controller picked from them, differ between runs; the rows'
+    # content may not.
+    varying = ["latency_s", "tokens_per_s", *SCHEDULE_COLUMNS]
+    assert {k: t.drop(varying) for k, t in again.items()} == {k: t.drop(varying) for k, t in first.items()}
 
     with pytest.raises(ResumeConflict, match="other settings"):
         run_job(
@@ -346,7 +361,7 @@ def test_unreadable_and_truncated_shards_fail_by_name_and_a_rerun_after_the_fix_
         ("compute.torch_threads=0", "compute.torch_threads"),
         ("model.target=/no/such/model", "model.target"),
         ("input.uri=/no/such/shards/*.tar", "input.uri"),
-        ("input.uri=nosuchproto://x", "input.uri: Value error, unknown protocol 'nosuchproto'"),
+        ("input.uri=nosuchproto://x", "input.uri: unknown protocol 'nosuchproto'"),
         ("decode.max_new_tokens=[1", "--set decode.max_new_tokens: '[1' is not a valid YAML value"),
         ("input.storage_options.secret=hunter2", "looks like a credential"),
     ],
@@ -362,9 +377,9 @@ def test_config_errors_name_the_field_before_ray_starts(models, tmp_path, monkey
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("compute.batch_size=0", "compute.batch_size: Input should be greater than or equal to 1"),
+        ("compute.batch_size=0", "compute.batch_size: must be 'auto' or >= 1"),
         ("decode.max_new_tokens=[1", "--set decode.max_new_tokens: '[1' is not a valid YAML value"),
-        ("input.uri=nosuchproto://x", "input.uri: Value error, unknown protocol 'nosuchproto'"),
+        ("input.uri=nosuchproto://x", "input.uri: unknown protocol 'nosuchproto'"),
     ],
 )
 def test_cli_reports_config_errors_with_exit_code_2_and_no_traceback(override, message):

@@ -12,8 +12,9 @@ import time
 import torch
 
 from specvlm.specdec.lean_llama import LeanLlama
-from specvlm.specdec.requests import Request, collate_images
-from specvlm.specdec.runner import ModelRunner, causal_attend
+from specvlm.specdec.prefill import image_inputs, prefill
+from specvlm.specdec.requests import Request
+from specvlm.specdec.runner import causal_attend
 
 
 def _trim(tokens: list[int], eos: set[int]) -> list[int]:
@@ -46,7 +47,7 @@ def hf_generate(
             do_sample=False,
             eos_token_id=list(eos),
             pad_token_id=pad_id,
-            **collate_images(group, target),
+            **image_inputs(group, target),
             **extra,
         )
         outputs += [_trim(row[width:].tolist(), set(eos)) for row in out]
@@ -59,12 +60,13 @@ def forward_time(
 ) -> float:
     """Seconds per forward of `model` with q new tokens per row, after prefilling the rows' prompts (lean: the
     draft's LeanLlama, as a draft runs; see ModelRunner)."""
-    ids = [r.input_ids for r in rows]
-    width = max(len(x) for x in ids)
-    runner = ModelRunner(model, len(rows), width + steps * q + 2 * q, lean=lean)
-    tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=model.device)
-    images = collate_images(rows, model) if with_images else {}
-    runner.prefill(tokens, torch.tensor([len(x) for x in ids], device=model.device), **images)
+    width = max(len(r.input_ids) for r in rows)
+    runner, _, errors = prefill(
+        model, rows, [r.input_ids for r in rows], width + steps * q + 2 * q, use_images=with_images, lean=lean
+    )
+    if errors:
+        raise ValueError(f"cannot time a forward on these rows: {next(iter(errors.values()))}")
+    tokens = torch.tensor([r.input_ids[:1] for r in rows], device=model.device)
     new = tokens[:, :1].expand(-1, q)
     attend = causal_attend(torch.full((len(rows),), q, dtype=torch.long, device=model.device), q)
     runner.forward(new, attend)  # warm-up

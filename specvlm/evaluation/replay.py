@@ -19,43 +19,77 @@ class ReplayDraft(Draft):
     name = "replay"
 
     def __init__(
-        self, scripts: list[list[int]], *, error_rate: float, vocab_size: int, device: torch.device, seed: int = 0
+        self,
+        scripts: dict[tuple[int, ...], list[int]],
+        *,
+        error_rate: float,
+        vocab_size: int,
+        device: torch.device,
+        gamma: int = 5,
+        seed: int = 0,
     ):
+        """scripts: prompt ids -> the target's greedy continuation of that prompt."""
         if not 0.0 <= error_rate <= 1.0:
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
-        self.scripts = scripts  # per request, in the order the batch will hold them
+        self.scripts = scripts
+        self.prompt_lengths = sorted({len(p) for p in scripts})
         self.error_rate = error_rate
         self.vocab_size = vocab_size
         self.device = device
+        self.max_depth = gamma
         self.seed = seed
+        self.rows: list[tuple[list[int], int, random.Random] | None] = []  # script, position, corruption stream
 
-    def prefill(self, requests, max_new_tokens, gamma):
-        if len(requests) != len(self.scripts):
-            raise ValueError("a replay draft needs one recorded continuation per request")
-        self.rows = list(range(len(requests)))  # script index per row
-        self.position = [0] * len(requests)  # tokens committed per row
-        # One stream per script, so corruption does not depend on how requests are batched.
-        self.rngs = [random.Random(self.seed * 1_000_003 + i) for i in range(len(requests))]
+    def reset(self):
+        self.rows = []
 
-    def _corrupt(self, token: int, rng: random.Random) -> int:
-        if rng.random() >= self.error_rate:
+    def allocate(self, rows, capacity):
+        self.rows = (self.rows + [None] * rows)[:rows]
+
+    def admit(self, rows, requests):
+        errors = {}
+        for i, (row, request) in enumerate(zip(rows, requests)):
+            ids = tuple(request.input_ids)
+            # A request may arrive with tokens generated so far: its prompt is the recorded prefix.
+            prompt = next((ids[:n] for n in self.prompt_lengths if ids[:n] in self.scripts), None)
+            if prompt is None:
+                errors[i] = "replay draft: no recorded continuation for this prompt"
+                continue
+            # One corruption stream per prompt, so corruption does not depend on batching.
+            stream = random.Random(hash((self.seed, prompt)))
+            self.rows[row] = (self.scripts[prompt], len(ids) - len(prompt), stream)
+        return errors
+
+    def release(self, rows):
+        for row in rows:
+            self.rows[row] = None
+
+    def _corrupt(self, token: int, stream: random.Random) -> int:
+        if stream.random() >= self.error_rate:
             return token
-        return (token + rng.randrange(1, self.vocab_size)) % self.vocab_size
+        return (token + stream.randrange(1, self.vocab_size)) % self.vocab_size
 
-    def propose(self, n, gamma, params, rng):
-        tokens = torch.zeros(n, gamma, dtype=torch.long)
+    def propose(self, n, depth, params, rng):
+        tokens = torch.zeros(n, depth, dtype=torch.long)
         lengths = []
         for row in range(n):
-            script, rng = self.scripts[self.rows[row]], self.rngs[self.rows[row]]
-            upcoming = [self._corrupt(t, rng) for t in script[self.position[row] : self.position[row] + gamma]]
+            upcoming = []
+            if self.rows[row] is not None:
+                script, position, stream = self.rows[row]
+                upcoming = [self._corrupt(t, stream) for t in script[position : position + depth]]
             tokens[row, : len(upcoming)] = torch.tensor(upcoming, dtype=torch.long)
             lengths.append(len(upcoming))
         return Proposal.chain(tokens.to(self.device), torch.tensor(lengths, device=self.device), None, draft_calls=0)
 
+    def calls(self, depth):
+        return 0
+
     def commit(self, tokens, counts):
         for row, count in enumerate(counts.tolist()):
-            self.position[row] += count
+            if self.rows[row] is not None:
+                script, position, stream = self.rows[row]
+                self.rows[row] = (script, position + count, stream)
 
     def move_rows(self, dst, src):
         for d, s in zip(dst, src):
-            self.rows[d], self.position[d] = self.rows[s], self.position[s]
+            self.rows[d] = self.rows[s]
