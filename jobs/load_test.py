@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -32,6 +33,16 @@ def _status_kib(pid: int | str, field: str) -> int:
     return next((int(line.split()[1]) for line in text.splitlines() if line.startswith(field + ":")), 0)
 
 
+def _cpu_seconds(pid: int | str) -> float:
+    """User + system CPU time a process has used so far."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()  # the fields after the command name; utime, stime: 12, 13
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _ray_workers() -> dict[int, str]:
     """pid -> process title of every Ray worker on this machine (titles start with "ray::")."""
     workers = {}
@@ -48,27 +59,36 @@ def _ray_workers() -> dict[int, str]:
 
 
 class MemorySampler:
-    """Samples, once a second, the resident memory (VmRSS) of this process, the driver, and of the decode actor,
-    and keeps every Ray worker's peak (VmHWM)."""
+    """Samples, once a second, the memory of this process (the driver) and of the decode actor, and keeps every Ray
+    worker's peak resident memory (VmHWM). Per sample: VmRSS, everything resident, and RssAnon, the process's own
+    memory: resident memory also counts the pages of Ray's shared object store a process has touched, which grow
+    as blocks pass through it until the store recycles them, and are not the process's to leak."""
 
     def __init__(self):
-        self.samples: list[tuple[float, int, int]] = []  # (seconds since start, driver KiB, decode actor KiB)
+        # (seconds since start, driver VmRSS, driver RssAnon, decode actor VmRSS, decode actor RssAnon), KiB
+        self.samples: list[tuple[float, int, int, int, int]] = []
         self.peaks: dict[int, tuple[str, int]] = {}  # worker pid -> (title, peak KiB)
+        # CPU time of every Ray worker, the last seen: on a shared machine, CPU seconds per image are a steadier
+        # measure of what the pipeline costs than wall time.
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         start = time.monotonic()
         while not self._stop.wait(1.0):
-            actor = 0
+            actor = (0, 0)
             for pid, title in _ray_workers().items():
                 peak = _status_kib(pid, "VmHWM")
                 self.peaks[pid] = (title, max(peak, self.peaks.get(pid, ("", 0))[1]))
+                self.cpu[pid] = max(self.cpu.get(pid, 0.0), _cpu_seconds(pid))
                 if "DecodeActor" in title:
-                    actor = max(actor, _status_kib(pid, "VmRSS"))
-            self.samples.append((time.monotonic() - start, _status_kib("self", "VmRSS"), actor))
+                    actor = max(actor, (_status_kib(pid, "VmRSS"), _status_kib(pid, "RssAnon")))
+            driver = (_status_kib("self", "VmRSS"), _status_kib("self", "RssAnon"))
+            self.samples.append((time.monotonic() - start, *driver, *actor))
 
     def __enter__(self):
+        self._driver_cpu_at_start = _cpu_seconds("self")
         self._thread.start()
         return self
 
@@ -76,19 +96,24 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the Ray workers, and of this process (the driver) while the job ran."""
+        return sum(self.cpu.values()) + _cpu_seconds("self") - self._driver_cpu_at_start
+
     def peak_mib(self, decode_actor: bool) -> float:
         return (
             max((kib for title, kib in self.peaks.values() if ("DecodeActor" in title) == decode_actor), default=0)
             / 1024
         )
 
-    def over_the_run(self) -> list[tuple[int, float, float]]:
-        """(percent of the run, driver MiB, decode actor MiB) at each tenth of the run, actor up only."""
-        running = [s for s in self.samples if s[2]]
+    def over_the_run(self) -> list[tuple[int, ...]]:
+        """(percent of the run, then the four memory figures in MiB) at each tenth of the run, from the actor's
+        start."""
+        running = [s for s in self.samples if s[3]]
         if not running:
             return []
         picks = [running[min(len(running) - 1, len(running) * k // DECILES)] for k in range(1, DECILES + 1)]
-        return [(100 * k // DECILES, d / 1024, a / 1024) for k, (_, d, a) in zip(range(1, DECILES + 1), picks)]
+        return [(100 * k // DECILES, *(kib // 1024 for kib in s[1:])) for k, s in zip(range(1, DECILES + 1), picks)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,16 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     images = shards * args.per_shard
     lost, duplicated = images - len(set(rows)), len(rows) - len(set(rows))
     report = (
-        "| images | shards | wall s | images/s | tokens/s | tau | driver peak MiB | decode actor peak MiB | "
-        "other worker peak MiB | most shards held at once | lost | duplicated |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| images | shards | wall s | images/s | tokens/s | CPU s per 1000 images | tau | driver peak MiB | "
+        "decode actor peak MiB | other worker peak MiB | most shards held at once | lost | duplicated |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {images} | {shards} | {seconds:.0f} | {images / seconds:.1f} | {summary.new_tokens / seconds:.0f} | "
+        f"{1000 * memory.cpu_seconds() / images:.0f} | "
         f"{summary.block_efficiency:.2f} | {_status_kib('self', 'VmHWM') / 1024:.0f} | "
         f"{memory.peak_mib(decode_actor=True):.0f} | {memory.peak_mib(decode_actor=False):.0f} | "
         f"{manifest['most_shards_held_at_once']} | {lost} | {duplicated} |\n\n"
-        "Resident memory (VmRSS) over the run, from the decode actor's start:\n\n"
-        "| % of the run | driver MiB | decode actor MiB |\n|---:|---:|---:|\n"
-        + "".join(f"| {p} | {d:.0f} | {a:.0f} |\n" for p, d, a in memory.over_the_run())
+        "Memory over the run, from the decode actor's start (MiB; RSS: resident, with the object-store pages the "
+        "process touched; own: RssAnon, its private memory):\n\n"
+        "| % of the run | driver RSS | driver own | decode actor RSS | decode actor own |\n|---:|---:|---:|---:|---:|\n"
+        + "".join("| " + " | ".join(map(str, row)) + " |\n" for row in memory.over_the_run())
     )
     print("\n" + report)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)

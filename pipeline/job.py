@@ -171,7 +171,7 @@ def _gpus_per_actor(config: JobConfig) -> float:
 def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
-    from pipeline.reader import ShardDatasource
+    from pipeline.reader import BLOCK_ROWS, ShardDatasource
     from pipeline.stages import DECODE_BATCH_ROWS, DECODE_TASKS_PER_ACTOR, DecodeActor
 
     c = config.compute
@@ -179,6 +179,9 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=Non
     # decode actor at once, which bounds the shards in flight, and so what a crash can lose.
     reading = min(len(shards), c.actors * c.shards_per_actor)
     ds = ray.data.read_datasource(ShardDatasource(shards, config), concurrency=reading, override_num_blocks=len(shards))
+    # Blocks of BLOCK_ROWS rows, whatever the size of a row or a shard: each decode actor holds a fixed number of
+    # blocks, so the rows in flight, and what a crash can lose, are bounded in rows (reader.py).
+    ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)
     # The decode stage: an async actor with several batches in flight; the engine decodes rows of many batches
     # together.
     return ds.map_batches(

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-POLL_S = 0.5  # how often the watchdog notes the driver's descendants
+POLL_S = 1.0  # how often the watchdog notes the driver's descendants (the agents start with Ray and stay)
 _GOODBYE = b"bye"
 _watchdog: subprocess.Popen | None = None  # held for the driver's lifetime: its end of the pipe must stay open
 

@@ -1,4 +1,4 @@
-"""The read stage: a Ray Data datasource with one read task per input shard.
+"""The read stage: a Ray Data datasource with one read task per input shard, and the block size into decoding.
 
 Each read task streams its shard's records, prepares them for the decode actors (image decoding, prompt, the
 processor) and yields them in blocks, then one end-marker row: its row_index is the number of rows sent, its
@@ -10,9 +10,12 @@ Why a datasource, not `map_batches` over a list of shards: Ray Data bundles map 
 batch_size of the operators it fuses (16 shards per task behind a batch-16 map), fuses task maps into the
 decode actors (the GPU actor would read and preprocess, and every shard of its bundle would come back at
 once), and holds each task's output until it ends. A read task is its own operator: one shard each, never
-fused into the actors, and `concurrency` caps how many shards are read at once. That cap is what bounds the
-work a crash can lose: rows reach the decode actors in about the order they are read, so only the shards
-being read, plus the batches queued at each actor, are ever partly decoded (README, Fault behaviour).
+fused into the actors, and `concurrency` caps how many shards are read at once.
+
+What a crash can lose is what is in flight: the shards being read (compute.shards_per_actor per actor), and the
+rows each decode actor holds, a fixed number of blocks (its tasks in flight). Ray Data would size blocks in
+bytes (up to 128 MiB: thousands of small images, whole shards), so the job re-cuts them to BLOCK_ROWS rows
+(job.build_dataset), and the rows in flight per actor stay bounded whatever the size of a row or a shard.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from specvlm.data.retry import RetryPolicy
 from specvlm.data.sources import Shard, ShardError, read_shard
 
 READ_BATCH_ROWS = 32  # prepared rows per block: a shard is streamed, never held whole
+# Rows per block into the decode actors: a few of their batches, so that each task keeps the engine fed
+# (stages.DecodeActor decodes up to 4 batches of a task at once) while tasks in flight stay small.
+BLOCK_ROWS = 64
 
 
 class ShardDatasource(Datasource):
