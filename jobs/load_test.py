@@ -96,9 +96,14 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
 
-    def cpu_seconds(self) -> float:
-        """CPU time of the Ray workers, and of this process (the driver) while the job ran."""
-        return sum(self.cpu.values()) + _cpu_seconds("self") - self._driver_cpu_at_start
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time while the job ran: the driver (this process), the decode actor, the other Ray workers."""
+        actor = sum(cpu for pid, cpu in self.cpu.items() if "DecodeActor" in self.peaks[pid][0])
+        return {
+            "driver": _cpu_seconds("self") - self._driver_cpu_at_start,
+            "decode actor": actor,
+            "other workers": sum(self.cpu.values()) - actor,
+        }
 
     def peak_mib(self, decode_actor: bool) -> float:
         return (
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = json.loads(Path(f"{work}/out/_manifest.json").read_text())
 
     rows = list(zip(table["shard_id"].to_pylist(), table["key"].to_pylist()))
+    cpu = memory.cpu_seconds()
     images = shards * args.per_shard
     lost, duplicated = images - len(set(rows)), len(rows) - len(set(rows))
     report = (
@@ -152,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         "decode actor peak MiB | other worker peak MiB | most shards held at once | lost | duplicated |\n"
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {images} | {shards} | {seconds:.0f} | {images / seconds:.1f} | {summary.new_tokens / seconds:.0f} | "
-        f"{1000 * memory.cpu_seconds() / images:.0f} | "
+        f"{1000 * sum(cpu.values()) / images:.1f} | "
         f"{summary.block_efficiency:.2f} | {_status_kib('self', 'VmHWM') / 1024:.0f} | "
         f"{memory.peak_mib(decode_actor=True):.0f} | {memory.peak_mib(decode_actor=False):.0f} | "
         f"{manifest['most_shards_held_at_once']} | {lost} | {duplicated} |\n\n"
-        "Memory over the run, from the decode actor's start (MiB; RSS: resident, with the object-store pages the "
-        "process touched; own: RssAnon, its private memory):\n\n"
+        "CPU seconds per 1000 images: "
+        + ", ".join(f"{name} {1000 * seconds / images:.1f}" for name, seconds in cpu.items())
+        + ".\n\nMemory over the run, from the decode actor's start (MiB; RSS: resident, with the object-store pages "
+        "the process touched; own: RssAnon, its private memory):\n\n"
         "| % of the run | driver RSS | driver own | decode actor RSS | decode actor own |\n|---:|---:|---:|---:|---:|\n"
         + "".join("| " + " | ".join(map(str, row)) + " |\n" for row in memory.over_the_run())
     )

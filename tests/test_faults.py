@@ -12,7 +12,15 @@ import s3fs
 
 from pipeline.job import JobFailed, run_job
 from specvlm.demo.shards import write_webdataset_shards
-from tests.test_pipeline import PER_SHARD, SEED, check_against_inputs, config_for, job_command, read_output
+from tests.test_pipeline import (
+    PER_SHARD,
+    SCHEDULE_COLUMNS,
+    SEED,
+    check_against_inputs,
+    config_for,
+    job_command,
+    read_output,
+)
 
 JOB = [sys.executable, "-m", "jobs.caption", "--config", os.devnull]
 
@@ -46,10 +54,11 @@ def _s3_job(models, bucket, endpoint, *extra):
 
 
 def _rows(bucket, endpoint) -> dict:
-    """(shard, key) -> the row, without the timing columns, which differ from run to run."""
+    """(shard, key) -> the row, without the columns that follow measured timings and so differ between runs."""
     s3fs.S3FileSystem.clear_instance_cache()
     tables = read_output(f"s3://{bucket}/out", endpoint)
-    rows = [r for t in tables.values() for r in t.drop(["latency_s", "tokens_per_s"]).to_pylist()]
+    varying = ["latency_s", "tokens_per_s", *SCHEDULE_COLUMNS]
+    rows = [r for t in tables.values() for r in t.drop(varying).to_pylist()]
     keyed = {(r["shard_id"], r["key"]): r for r in rows}
     assert len(keyed) == len(rows), "a row was written twice"
     return keyed

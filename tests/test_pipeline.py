@@ -257,10 +257,10 @@ def _live_processes_in_group(group: int) -> list[int]:
 def test_shard_files_land_as_they_finish_and_a_kill_9_loses_only_the_shards_in_flight(models, tmp_path):
     """24 shards, one decode actor: the first file lands while most shards are pending; the driver is then killed
     with SIGKILL. Its local Ray ends with it; a rerun redoes only the shards without a file, each row exactly once."""
-    shards = 24
-    write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=shards, per_shard=PER_SHARD)
+    shards, per_shard = 24, 16  # a block of 64 rows into decoding holds 4 shards: they land together
+    write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=shards, per_shard=per_shard)
     out = tmp_path / "out"
-    args = job_command(models, tmp_path / "in", out, "decode.max_new_tokens=64", "compute.batch_size=1")
+    args = job_command(models, tmp_path / "in", out, "decode.max_new_tokens=16", "compute.batch_size=1")
     env = {**os.environ, "RAY_ADDRESS": ""}
     with (tmp_path / "first.log").open("w") as log:
         # Its own process group, which every process of its local Ray inherits (the watchdog has its own session).
@@ -288,7 +288,7 @@ def test_shard_files_land_as_they_finish_and_a_kill_9_loses_only_the_shards_in_f
     after = {p.name: p for p in out.glob("*.parquet")}
     assert all((after[name].stat().st_mtime_ns, after[name].read_bytes()) == kept for name, kept in before.items())
     keys = [(t["shard_id"][0].as_py(), k) for t in read_output(out).values() for k in t["key"].to_pylist()]
-    assert len(keys) == len(set(keys)) == shards * PER_SHARD
+    assert len(keys) == len(set(keys)) == shards * per_shard
 
 
 def test_bad_files_become_error_rows_and_the_job_goes_on(models, tmp_path, ray_local):
