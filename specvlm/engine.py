@@ -101,7 +101,7 @@ def build_draft(
     common = dict(
         text_only=settings.kind == "text",
         image_token_id=target.image_token_id,
-        vocab_size=target.vocab_size,
+        target_vocab=target.output_vocab,
         cost_ratio=decode_parameters(model) / decode_parameters(target.model),
         name=f"{settings.kind}:{settings.path}",
         gamma=depth,

@@ -78,7 +78,7 @@ class Family:
         return self.target.config.image_token_id
 
     @property
-    def vocab_size(self) -> int:
+    def target_vocab(self) -> int:
         return self.target.config.text_config.vocab_size
 
     def draft(
@@ -93,7 +93,7 @@ class Family:
         common = dict(
             text_only=kind.startswith("text"),
             image_token_id=self.image_token_id,
-            vocab_size=self.vocab_size,
+            target_vocab=self.target_vocab,
             cost_ratio=0.1,
             name=kind,
             gamma=gamma,

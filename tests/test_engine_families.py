@@ -98,7 +98,7 @@ def test_llava_next_greedy_matches_generate(next_family, draft):
     common = dict(
         text_only=False,
         image_token_id=target.config.image_token_id,
-        vocab_size=len(tokenizer),
+        target_vocab=len(tokenizer),
         cost_ratio=1.0,
         name=draft,
         gamma=3,

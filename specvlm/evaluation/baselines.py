@@ -28,7 +28,8 @@ def _trim(tokens: list[int], eos: set[int]) -> list[int]:
 def hf_generate(
     target, requests: list[Request], max_new_tokens: int, batch: int, eos: tuple[int, ...], pad_id: int, assistant=None
 ) -> tuple[list[list[int]], float]:
-    """Greedy `generate` over left-padded batches (or with an assistant model, one request at a time)."""
+    """Greedy `generate` over left-padded batches (or with an assistant model, one request at a time). eos with
+    no valid id means "never stop": then the model's generation config must not name one either."""
     if assistant is not None and batch != 1:
         raise ValueError("Hugging Face assisted generation supports batch size 1 only")
     outputs, start = [], time.perf_counter()
@@ -40,12 +41,14 @@ def hf_generate(
             [[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in group], device=target.device
         )
         extra = {"assistant_model": assistant} if assistant is not None else {}
+        stop = [t for t in eos if t >= 0]
+        if stop:
+            extra["eos_token_id"] = stop
         out = target.generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=list(eos),
             pad_token_id=pad_id,
             **image_inputs(group, target),
             **extra,

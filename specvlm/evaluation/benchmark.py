@@ -131,8 +131,10 @@ def run_suite(
     repeats: int = 3,
     replay_acceptance: tuple[float, ...] = (0.5, 0.7, 0.9),
     replay_gamma: int = 5,
+    replay_trees: tuple[int, ...] = (),
     log=print,
 ) -> list[Row]:
+    """replay_trees: sibling counts of replayed trees (acceptance 0.9), which exercise tree verification."""
     rows: list[Row] = []
     for batch in batches:
         rows += _rows_at(
@@ -147,6 +149,7 @@ def run_suite(
             repeats,
             replay_acceptance,
             replay_gamma,
+            replay_trees,
             log,
         )
     return rows
@@ -164,6 +167,7 @@ def _rows_at(
     repeats,
     replay_acceptance,
     replay_gamma,
+    replay_trees,
     log,
 ) -> list[Row]:
     """Every mode at one batch size."""
@@ -188,7 +192,13 @@ def _rows_at(
         )[0]
     for a in replay_acceptance:
         modes[f"replay a={a}"] = engine(
-            ReplayDraft(scripts, error_rate=1 - a, vocab_size=vocab, device=target.device, gamma=replay_gamma)
+            ReplayDraft(scripts, error_rate=1 - a, target_vocab=vocab, device=target.device, gamma=replay_gamma)
+        )
+    for k in replay_trees:
+        modes[f"replay tree a=0.9, {k} siblings"] = engine(
+            ReplayDraft(
+                scripts, error_rate=0.1, target_vocab=vocab, device=target.device, gamma=replay_gamma, siblings=k
+            )
         )
     outputs, timings = _timed_rounds(modes, repeats)
 

@@ -3,6 +3,9 @@
 It costs nothing to run, and its acceptance rate is set by `error_rate` (each proposed token is replaced by a
 different random token with that probability). So a benchmark can measure the engine's overhead at any
 acceptance rate, on any target, even a random-weight one of real size.
+
+With `siblings` > 1 it proposes a tree instead: at every depth the recorded token plus siblings - 1 random
+tokens that are leaves, so the verifier, the tree masks and the commit's compaction run at real size too.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ class ReplayDraft(Draft):
         scripts: dict[tuple[int, ...], list[int]],
         *,
         error_rate: float,
-        vocab_size: int,
+        target_vocab: int,
         device: torch.device,
         gamma: int = 5,
         seed: int = 0,
+        siblings: int = 1,
     ):
         """scripts: prompt ids -> the target's greedy continuation of that prompt."""
         if not 0.0 <= error_rate <= 1.0:
@@ -34,10 +38,11 @@ class ReplayDraft(Draft):
         self.scripts = scripts
         self.prompt_lengths = sorted({len(p) for p in scripts})
         self.error_rate = error_rate
-        self.vocab_size = vocab_size
+        self.target_vocab = target_vocab  # the target's logit width: corrupted tokens are drawn below it
         self.device = device
         self.max_depth = gamma
         self.seed = seed
+        self.siblings = siblings
         self.rows: list[tuple[list[int], int, random.Random] | None] = []  # script, position, corruption stream
 
     def reset(self):
@@ -67,7 +72,10 @@ class ReplayDraft(Draft):
     def _corrupt(self, token: int, stream: random.Random) -> int:
         if stream.random() >= self.error_rate:
             return token
-        return (token + stream.randrange(1, self.vocab_size)) % self.vocab_size
+        return (token + stream.randrange(1, self.target_vocab)) % self.target_vocab
+
+    def max_nodes(self, depth):
+        return depth * self.siblings
 
     def propose(self, n, depth, params, rng):
         tokens = torch.zeros(n, depth, dtype=torch.long)
@@ -79,7 +87,30 @@ class ReplayDraft(Draft):
                 upcoming = [self._corrupt(t, stream) for t in script[position : position + depth]]
             tokens[row, : len(upcoming)] = torch.tensor(upcoming, dtype=torch.long)
             lengths.append(len(upcoming))
-        return Proposal.chain(tokens.to(self.device), torch.tensor(lengths, device=self.device), None, draft_calls=0)
+        lengths = torch.tensor(lengths)
+        if self.siblings == 1:
+            return Proposal.chain(tokens.to(self.device), lengths.to(self.device), None, draft_calls=0)
+        return self._tree(tokens, lengths)
+
+    def _tree(self, line: torch.Tensor, depths: torch.Tensor) -> Proposal:
+        """Level j holds nodes j*k .. j*k+k-1: the recorded token first (it carries the tree on), then leaves."""
+        n, depth = line.shape
+        k = self.siblings
+        index = torch.arange(depth * k)
+        level = index // k
+        tokens = (line[:, level] + index % k) % self.target_vocab  # siblings differ from the line's token
+        parents = torch.where(level > 0, (level - 1) * k, -1).expand(n, -1)
+        # A node sees the line's nodes above it, and itself.
+        on_line = index % k == 0
+        ancestry = (on_line[None, :] & (level[None, :] < level[:, None])) | torch.eye(depth * k, dtype=torch.bool)
+        return Proposal(
+            tokens.to(self.device),
+            parents.to(self.device),
+            (depths * k).to(self.device),
+            None,
+            0,
+            ancestry.expand(n, -1, -1).to(self.device),
+        )
 
     def calls(self, depth):
         return 0

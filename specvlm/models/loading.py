@@ -158,7 +158,8 @@ class LoadedTarget:
         return getattr(config, "image_token_id", getattr(config, "image_token_index", None))
 
     @property
-    def vocab_size(self) -> int:
+    def output_vocab(self) -> int:
+        """The width of the target's logits (its output embedding rows)."""
         return self.model.get_output_embeddings().weight.shape[0]
 
 

@@ -137,7 +137,13 @@ class SpeculativeDecoder:
         self.ready: list[tuple[int, Result]] = []  # results not handed out yet
         self.state: DecodeState | None = None
         self.next_id = 0
-        ModelRunner(target, 1, 1)  # refuses, now, a target whose attention the runner cannot reproduce
+        # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow.
+        windows = [w for w in ModelRunner(target, 1, 1).windows.values() if w is not None]
+        if windows and min(windows) <= self.window:
+            raise ValueError(
+                f"the target's sliding window of {min(windows)} tokens is not longer than a verification window of "
+                f"{self.window}; use a shallower draft (draft.gamma, draft.tree.max_nodes)"
+            )
 
     # ---- the public interface -------------------------------------------------------------------------------
 

@@ -119,7 +119,7 @@ class ModelDraft(Draft):
         *,
         text_only: bool,
         image_token_id: int | None,
-        vocab_size: int,
+        target_vocab: int,
         cost_ratio: float,
         name: str,
         gamma: int = 5,
@@ -135,7 +135,7 @@ class ModelDraft(Draft):
         self.min_confidence = min_confidence
         self.text_only = text_only
         self.image_token_id = image_token_id
-        self.target_vocab = vocab_size  # the target's logit width; draft logits are aligned to it
+        self.target_vocab = target_vocab  # the target's logit width; draft logits are aligned to it
         self.cost_ratio = cost_ratio
         self.name = name
         self.device = model.device

@@ -51,7 +51,7 @@ class TargetSpec:
     anyres: bool  # images come as crops: pixel_values [images, crops, C, H, W] plus image_sizes
     channels: int
     max_positions: int
-    vocab_size: int  # rows of the input embedding table
+    input_vocab: int  # rows of the input embedding table: the ids a prompt may hold
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> TargetSpec:
@@ -78,10 +78,10 @@ def validate(request: Request, spec: TargetSpec) -> str | None:
     ids = request.input_ids
     if len(ids) == 0:
         return "empty prompt: it needs at least one token (build it with the model's processor, which adds BOS)"
-    outside = [t for t in ids if not 0 <= t < spec.vocab_size]
+    outside = [t for t in ids if not 0 <= t < spec.input_vocab]
     if outside:
         return (
-            f"prompt token id {outside[0]} is outside the model's vocabulary of {spec.vocab_size}; tokenize with "
+            f"prompt token id {outside[0]} is outside the model's vocabulary of {spec.input_vocab}; tokenize with "
             "the target's own tokenizer"
         )
     if request.max_new_tokens is not None and request.max_new_tokens < 1:

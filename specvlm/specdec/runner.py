@@ -127,17 +127,18 @@ class ModelRunner:
 
         # allowed[b, j, s]: query j of row b may attend to slot s: the committed prefix, plus its window slots.
         slots = torch.arange(read_len, device=self.device)
-        committed = (slots[None, :] < kv_len[:, None])[:, None, :].expand(n, q, read_len)
+        allowed = (slots[None, :] < kv_len[:, None])[:, None, :].repeat(1, q, 1)
         window_slots = kv_len[:, None] + torch.arange(window, device=self.device)  # [n, W]
+        allowed.scatter_(2, window_slots[:, None, :].expand(n, q, window), attend)
         masks = {}
         for layer_type, size in self.windows.items():
-            allowed = committed
             if size is not None:
-                # Committed slot s holds position s; a sliding window shows keys at positions > p - size.
-                allowed = allowed & (slots[None, None, :] > positions[:, :, None] - size)
-            allowed = allowed.clone()
-            allowed.scatter_(2, window_slots[:, None, :].expand(n, q, window), attend)
-            masks[layer_type] = self._mask(allowed)
+                # A sliding window shows keys at positions > p - size. Slot s holds position s, except tree nodes,
+                # which sit at or beyond their position, all within one tree's depth of the root: a window longer
+                # than a tree shows every one of them either way.
+                masks[layer_type] = self._mask(allowed & (slots[None, None, :] > positions[:, :, None] - size))
+            else:
+                masks[layer_type] = self._mask(allowed)
         mask = masks if len(masks) > 1 else next(iter(masks.values()))
 
         self.cache.write_slots = write_slots
