@@ -4,7 +4,7 @@ Sizing. The image side is 48 with 16-pixel patches: a 3x3 patch grid that coinci
 of object cells, so each of the 9 image tokens sees exactly one cell (the CLS token is dropped). The vision
 tower is small (hidden 128, 2 layers, last layer's features): it only has to tell 5 shapes, 7 colours and 2
 sizes apart inside one cell. The LM is the model the engine speeds up, so its size is chosen for the engine
-(see DEMO_TARGET and the measurements in the README of issue 5's note): large enough that one forward pass of
+(see DEMO_TARGET): large enough that one forward pass of
 the target costs clearly more than one of the drafts (hidden 128), small enough to train from scratch on this
 2-core CPU in about 20 minutes.
 """

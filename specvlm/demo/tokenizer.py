@@ -5,7 +5,7 @@ all three tasks, so the prompt words are tokens too. Its size is a lever on spec
 model size: with ~430 entries every word of the world is one token, and a text-only draft, which cannot see
 the colours and shapes, is wrong on nearly every content word (tau ~2.6 at gamma=5, measured). At 360 the
 rarer content words ("yellow", "center", "triangle") split into two or three pieces of which only the first
-is a guess, like the long tail of a real tokenizer (paper 002: "vege" -> "tables"), and a text-only draft
+is a guess, like the long tail of a real tokenizer (Gagrani, Goel et al.: "vege" -> "tables"), and a text-only draft
 reaches tau ~3.4 while captions grow from ~21 to ~34 tokens.
 """
 

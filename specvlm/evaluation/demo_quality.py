@@ -5,7 +5,7 @@
 - each draft x gamma x task: block efficiency tau and acceptance rate, as the engine reports them, and whether
   the speculative output is token-identical to the target's autoregressive output (it must be);
 - per-token acceptance split into content words (colours, shapes, sizes, counts, positions, backgrounds) and
-  the other tokens, the comparison paper 002 makes between text-only and image-aware drafts.
+  the other tokens, the comparison Gagrani, Goel et al. make between text-only and image-aware drafts.
 
 Per-token outcomes are rebuilt from the engine's accepted_per_step: a chain step that accepted a of gamma
 drafts committed a accepted tokens, then one target token at a position where the draft had proposed

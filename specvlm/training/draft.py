@@ -1,12 +1,12 @@
 """Training a draft for a target: the body of `jobs/train_draft`.
 
-Two kinds, as in paper 002:
+Two kinds, as in Gagrani, Goel et al., "On Speculative Decoding for Multimodal Large Language Models":
   text  a small Llama LM on the target's tokenizer. Stage 1 pretrains it from scratch on plain text (one
         example per line); stage 2 distills it on the target's own outputs, fed the prompt without the image.
   vlm   a LlavaForConditionalGeneration whose vision tower is a frozen copy of the target's (same config, same
         weights: it reads the same pixels and yields the same number of image tokens, and loads standalone),
         with its own projector and small LM, trained on the target's outputs. Its LM may start from a text
-        draft (paper 002's ft-llava starts from its chat-tuned text draft).
+        draft (their ft-llava starts from its chat-tuned text draft).
 Each stage checkpoints into the work directory and resumes from it; the result is an HF checkpoint
 (safetensors) with the tokenizer (and for a VLM draft the processor) saved beside it.
 """

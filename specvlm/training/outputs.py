@@ -1,7 +1,7 @@
 """Distillation examples from a target's outputs: the Parquet the caption / vqa / mc jobs write (OUTPUT_SCHEMA),
 joined on (source, key) with the input shards it names for the images.
 
-A draft learns to continue exactly what the target generated (self-data distillation, MASSV; paper 002 tunes
+A draft learns to continue exactly what the target generated (self-data distillation, MASSV; Gagrani, Goel et al. tune
 its drafts on the target's task data): the input is the prompt the target saw, the loss is on output_ids.
   text-only draft: the prompt's token ids with the image placeholders removed, as the engine feeds it;
   VLM draft:       the prompt and the image through the target's processor, exactly as the pipeline does.
