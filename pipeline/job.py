@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.sink import OutputDir, ShardCollector
 from pipeline.stages import DecodeActor, preprocess, read_shards, shard_to_item
 from specvlm.data.sources import SourceError, list_shards
-from specvlm.models.loading import ModelLoadError, check_model_location, weights_fingerprint
+from specvlm.models.checkpoints import ModelLoadError, check_model_location, weights_fingerprint
 
 
 class JobFailed(RuntimeError):

@@ -129,9 +129,10 @@ def sample_seed(seed: int, shard_id: str, key: str) -> int:
 def _load_processor(target: str, trust_remote_code: bool, storage_options_json: str):
     from transformers import AutoProcessor
 
-    from specvlm.models.loading import resolve_model_dir
+    from specvlm.models.checkpoints import resolve_model_dir
 
-    path = resolve_model_dir(target, storage_options=json.loads(storage_options_json))
+    # Preprocessing needs the processor's files, not the weights: a CPU node never downloads the checkpoint.
+    path = resolve_model_dir(target, storage_options=json.loads(storage_options_json), weights=False)
     return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 

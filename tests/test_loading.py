@@ -1,7 +1,6 @@
 """Loading targets and drafts the way the pipeline does: from directories and URIs, safetensors only,
 with the draft's vocabulary checked against the target's."""
 
-import fsspec
 import pytest
 import torch
 
@@ -69,15 +68,3 @@ def test_unknown_location_says_where_it_looked(tmp_path):
         resolve_model_dir("no-such-org/no-such-model-xyz")
     with pytest.raises(ModelLoadError, match=r"unknown draft kind|not one of"):
         load_draft("medusa", None)
-
-
-def test_uri_checkpoint_is_copied_once_and_loaded(saved, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECVLM_CACHE", str(tmp_path / "cache"))
-    fs = fsspec.filesystem("memory")
-    fs.put(str(saved / "target"), "/ckpt/target", recursive=True)
-    target = load_target("memory://ckpt/target", device="cpu", dtype="float32")
-    assert target.model.config.model_type == "llava"
-    copies = list((tmp_path / "cache" / "models").iterdir())
-    assert len(copies) == 1 and (copies[0] / ".complete").exists()
-    fs.rm("/ckpt/target", recursive=True)  # a second load must come from the node-local copy
-    assert load_target("memory://ckpt/target", device="cpu").model.config.model_type == "llava"
