@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.processor import decode_records, model_fingerprints
 from pipeline.sink import OutputDir, ShardCollector
-from pipeline.stages import DecodeActor, preprocess, read_shards, shard_to_item
+from pipeline.stages import read_shards, shard_to_item
 from specvlm.data.sources import SourceError, list_shards
-from specvlm.models.checkpoints import ModelLoadError, check_model_location, weights_fingerprint
 
 
 class JobFailed(RuntimeError):
@@ -75,16 +75,7 @@ class Summary:
 def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
     """Everything that can be checked before Ray starts: models, input listing, output writability. Returns the
     output directory, the shards and the hash that output written by this job carries."""
-    try:
-        check_model_location(config.model.target, config.model.storage_options)
-        weights = {"target": weights_fingerprint(config.model.target, config.model.storage_options)}
-        if config.draft.kind in ("text", "vlm"):
-            if not config.draft.path:
-                raise ConfigError(f"draft.path: a {config.draft.kind!r} draft needs a model path")
-            check_model_location(config.draft.path, config.model.storage_options)
-            weights["draft"] = weights_fingerprint(config.draft.path, config.model.storage_options)
-    except (ModelLoadError, OSError) as exc:
-        raise ConfigError(f"model.target / draft.path: {exc}") from None
+    weights = model_fingerprints(config)
     try:
         shards = list_shards(
             config.input.uri,
@@ -115,32 +106,14 @@ def init_ray(config: JobConfig) -> None:
         ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _gpus_per_actor(config: JobConfig) -> float:
-    import ray
-
-    if config.compute.num_gpus != "auto":
-        return float(config.compute.num_gpus)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
 def build_dataset(config: JobConfig, shards: list, config_hash: str):
     import ray
 
-    c = config.compute
     ds = ray.data.from_items([shard_to_item(s) for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(
         read_shards, fn_kwargs={"storage_options": config.input.storage_options}, batch_format="pyarrow", batch_size=1
     )
-    ds = ds.map_batches(preprocess, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=16)
-    return ds.map_batches(
-        DecodeActor,
-        fn_constructor_kwargs={"config": config, "config_hash": config_hash},
-        batch_format="pyarrow",
-        batch_size=c.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=c.actors),
-        num_gpus=_gpus_per_actor(config),
-        num_cpus=c.cpus_per_actor,
-    )
+    return decode_records(ds, config, config_hash)
 
 
 def run_job(config: JobConfig, *, log=print) -> Summary:
