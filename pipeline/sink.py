@@ -83,7 +83,9 @@ class OutputDir:
             self.fs.rm(staging, recursive=True)
 
     def write_shard(self, shard_id: str, table: pa.Table, config_hash: str) -> None:
-        metadata = {HASH_METADATA_KEY: config_hash.encode()}
+        # The hash also goes where pandas keeps DataFrame.attrs, so pd.read_parquet shows it (df.attrs).
+        pandas_attrs = json.dumps({HASH_METADATA_KEY.decode(): config_hash}).encode()
+        metadata = {HASH_METADATA_KEY: config_hash.encode(), b"PANDAS_ATTRS": pandas_attrs}
         table = table.replace_schema_metadata(metadata)
         self.write_atomic(self.shard_path(shard_id), lambda f: pq.write_table(table, f))
 
