@@ -135,7 +135,10 @@ def decode_records(ds, config: JobConfig, config_hash: str):
     import ray
 
     c = config.compute
-    ds = ds.map_batches(preprocess, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=16)
+    # batch_size=None: one block at a time, as the stage before made it. A row count here would become the
+    # bundle size of the task Ray Data fuses with the reader, and that task would read that many shards in a
+    # row (all of a small job's) on one node, instead of one shard per task across the cluster.
+    ds = ds.map_batches(preprocess, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=None)
     return ds.map_batches(
         DecodeActor,
         fn_constructor_kwargs={"config": config, "config_hash": config_hash},
