@@ -66,14 +66,10 @@ class ProcessorConfig(Section):
     def job_config(self) -> JobConfig:
         """The JobConfig the shared stages read. Its input and output URIs name no location: nothing is listed
         or written through them."""
-        sections = self.model_dump(exclude={"image_column", "fields", "storage_options"})
-        source = {"uri": "(dataset)", "image_column": self.image_column, "fields": self.fields}
+        rows = self.model_dump(include={"image_column", "fields", "storage_options"})
+        sections = self.model_dump(exclude=set(rows))
         return JobConfig.model_validate(
-            {
-                **sections,
-                "input": {**source, "storage_options": self.storage_options},
-                "output": {"uri": "(dataset)"},
-            }
+            {**sections, "input": {"uri": "(dataset)", **rows}, "output": {"uri": "(dataset)"}}
         )
 
 
@@ -106,9 +102,10 @@ def build_processor(
     preprocess: Callable[[dict], dict] | None = None,
     postprocess: Callable[[dict], dict] | None = None,
 ) -> Processor:
-    """A processor for `config` (a job config's input and output sections are ignored). The models are checked
-    and fingerprinted now, before any Ray work, as a job's preflight does; rows carry the same config hash a
-    job writing them would. preprocess / postprocess map one row to one row, before and after the stages."""
+    """A processor for `config` (of a job config, the input section's image_column, fields and storage_options
+    are read, its URIs and the output section are not). The models are checked and fingerprinted now, before any
+    Ray work, as a job's preflight does; rows carry the same config hash a job writing them would. preprocess /
+    postprocess map one row to one row, before and after the stages."""
     job = config.job_config() if isinstance(config, ProcessorConfig) else config
     return Processor(job, job.output_hash(model_fingerprints(job)), preprocess, postprocess)
 

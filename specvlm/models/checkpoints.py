@@ -132,15 +132,14 @@ def _copy_from_uri(uri: str, storage_options: dict, cache_dir: Path, weights: bo
     prefix = hashlib.sha256(uri.encode()).hexdigest()[:16]
     full = cache_dir / f"{prefix}-{_identity(files)}"
     local = full if weights else full.with_name(full.name + "-config")
-    for ready in (full, local):
-        if (ready / COMPLETE).exists():
-            return ready
+    if ready := _complete(full, local):
+        return ready
     cache_dir.mkdir(parents=True, exist_ok=True)
     # One copy per node: concurrent actors and tasks on a node wait for the first one's copy instead of each
     # downloading the checkpoint (the lock is the OS's, so a copier that dies releases it).
     with FileLock(str(cache_dir / f"{prefix}.lock")):
-        if (local / COMPLETE).exists():
-            return local
+        if ready := _complete(full, local):
+            return ready
         wanted = {name: info for name, info in files.items() if weights or not name.endswith(WEIGHT_SUFFIXES)}
         staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".partial-"))
         try:
@@ -162,3 +161,8 @@ def _copy_from_uri(uri: str, storage_options: dict, cache_dir: Path, weights: bo
             if not stale.name.startswith(full.name):
                 shutil.rmtree(stale, ignore_errors=True)
     return local
+
+
+def _complete(*copies: Path) -> Path | None:
+    """The first of `copies` that is whole (a full copy serves a processor too)."""
+    return next((copy for copy in copies if (copy / COMPLETE).exists()), None)
