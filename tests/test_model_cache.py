@@ -58,6 +58,11 @@ def test_uri_checkpoint_is_copied_once_and_then_loaded_from_the_node(memory_chec
     assert weights_fingerprint(URI) in first.name  # the copy is keyed by the identity the output hash records
 
 
+def test_a_local_checkpoint_has_one_fingerprint_however_it_is_named(models, monkeypatch):
+    monkeypatch.chdir(models.parent)
+    assert weights_fingerprint(f"{models.name}/target") == weights_fingerprint(str(models / "target"))
+
+
 def test_checkpoint_replaced_at_the_same_uri_is_copied_again(memory_checkpoint, models, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECVLM_CACHE", str(tmp_path))  # load_target copies into the default cache
     old = resolve_model_dir(URI)

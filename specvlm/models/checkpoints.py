@@ -123,7 +123,8 @@ def _filesystem(location: str, storage_options: dict):
     if is_uri(location):
         fs, root = fsspec.core.url_to_fs(location, **storage_options)
         return fs, root.rstrip("/")
-    return fsspec.filesystem("file"), str(resolve_model_dir(location)).rstrip("/")
+    # Absolute, as the local filesystem lists its files, so that names come out relative to the checkpoint.
+    return fsspec.filesystem("file"), os.path.abspath(resolve_model_dir(location))
 
 
 def _copy_from_uri(uri: str, storage_options: dict, cache_dir: Path, weights: bool) -> Path:
