@@ -1,16 +1,18 @@
 """Benchmark: every decoding mode side by side on the same models and images, as ratios.
 
     python -m jobs.benchmark                               # the demo family on the bundled demo shards
-    python -m jobs.benchmark --requests 16 --repeats 1     # quicker
+    python -m jobs.benchmark --quick                       # two drafts, one replay rate, 16 images: a minute
     python -m jobs.benchmark --target DIR --text-draft DIR --vlm-draft DIR --shards 's3://b/x/*.tar'
+    python -m jobs.benchmark --out results/benchmark       # refresh the committed results on purpose
 
-Prints the table and writes it (Markdown and JSON) under results/. See specvlm/evaluation/benchmark.py for what each
-row measures.
+Prints the table and writes it (Markdown and JSON) to --out (default out/benchmark). See
+specvlm/evaluation/benchmark.py for what each row measures and which figures it flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 from dataclasses import asdict
@@ -20,9 +22,10 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from specvlm.demo import ASSETS
+from specvlm.engine import DraftSettings, build_draft
 from specvlm.evaluation.benchmark import caption_requests, markdown_table, run_suite
-from specvlm.models.loading import load_draft, load_target
-from specvlm.specdec.tree import TreeSettings
+from specvlm.models.loading import load_target
+from specvlm.specdec.decode import generation_eos
 
 
 def main(argv=None) -> None:
@@ -36,30 +39,38 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="results/benchmark")
+    parser.add_argument("--out", default="out/benchmark", help="path of the .md and .json results, no suffix")
+    parser.add_argument("--quick", action="store_true", help="fewer modes and images, for a first look")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.requests = min(args.requests, 16)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
     target = load_target(args.target, device=args.device, dtype="float32" if args.device == "cpu" else "auto")
     requests = caption_requests(target, args.shards, args.requests)
-    text = lambda **kw: load_draft("text", target, args.text_draft, **kw)
-    vlm = lambda **kw: load_draft("vlm", target, args.vlm_draft, **kw)
-    tree = TreeSettings()  # the defaults, tuned on the demo family: narrow and deep
+    text = DraftSettings("text", args.text_draft)
+    vlm = DraftSettings("vlm", args.vlm_draft)
+    tree = dict(mode="tree", gamma=8)  # the tree defaults, tuned on the demo family: narrow and deep
+
+    def draft(settings: DraftSettings, lean: bool = True, **changes):
+        return lambda: build_draft(dataclasses.replace(settings, **changes), target, lean=lean)
+
     drafts = {
-        "text chain γ=3": (text, 3),
-        "text chain γ=5": (text, 5),
-        "vlm chain γ=3": (vlm, 3),
-        "vlm chain γ=5": (vlm, 5),
-        "vlm chain γ=7": (vlm, 7),
-        "vlm chain γ=5, HF draft forward": (lambda: vlm(lean=False), 5),
-        "vlm tree depth 8": (lambda: vlm(tree=tree), 8),
-        "text tree depth 8": (lambda: text(tree=tree), 8),
-        "prompt lookup γ=5": (lambda: load_draft("prompt_lookup", target), 5),
+        "text chain γ=3": draft(text, gamma=3),
+        "text chain γ=5": draft(text, gamma=5),
+        "vlm chain γ=3": draft(vlm, gamma=3),
+        "vlm chain γ=5": draft(vlm, gamma=5),
+        "vlm chain γ=7": draft(vlm, gamma=7),
+        "vlm chain γ=5, HF draft forward": draft(vlm, lean=False, gamma=5),
+        "vlm tree depth 8": draft(vlm, **tree),
+        "text tree depth 8": draft(text, **tree),
+        "prompt lookup γ=5": draft(DraftSettings("prompt_lookup"), gamma=5),
     }
-    assistants = {"text draft": text().model, "vlm draft": vlm().model}
-    eos = target.model.generation_config.eos_token_id
-    eos = tuple(eos) if isinstance(eos, list) else (eos,)
+    if args.quick:
+        drafts = {name: drafts[name] for name in ("vlm chain γ=5", "text chain γ=3")}
+    assistants = {"text draft": drafts["text chain γ=3"]().model, "vlm draft": drafts["vlm chain γ=5"]().model}
+    eos = generation_eos(target.model)
     rows = run_suite(
         target.model,
         drafts,
@@ -70,6 +81,7 @@ def main(argv=None) -> None:
         pad_id=target.tokenizer.pad_token_id,
         batches=tuple(args.batches),
         repeats=args.repeats,
+        replay_acceptance=(0.9,) if args.quick else (0.5, 0.7, 0.9),
     )
 
     device = (
@@ -79,7 +91,8 @@ def main(argv=None) -> None:
     )
     header = (
         f"Device: {device}. Target {args.target}; {len(requests)} demo images, caption task, greedy, "
-        f"max {args.max_new_tokens} new tokens; median of {args.repeats} timed runs after a warm-up.\n\n"
+        f"max {args.max_new_tokens} new tokens; median of {args.repeats} timed rounds after a warm-up, modes "
+        "taking turns; spread = slowest / fastest round.\n\n"
     )
     table = markdown_table(rows)
     print(table)
@@ -87,6 +100,9 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(header + table + "\n")
     out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    flagged = [r for r in rows if r.flags]
+    if flagged:
+        print(f"{len(flagged)} rows flagged (see the flags column): rerun on a quieter machine or with more --repeats")
     print(f"written: {out.with_suffix('.md')}")
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from specvlm.engine import DraftSettings, build_draft
 from specvlm.evaluation.demo_quality import evaluate
-from specvlm.models.loading import decode_parameters, load_draft, load_target
+from specvlm.models.loading import decode_parameters, load_target
 
 
 def describe(name: str, model: torch.nn.Module, path: Path) -> str:
@@ -44,9 +45,10 @@ def main() -> None:
     hf_logging.disable_progress_bar()
 
     target = load_target(str(args.models / "target"), device="cpu", dtype="float32")
-    drafts = {kind: load_draft(kind, target, str(args.models / f"draft-{kind}")) for kind in ("text", "vlm")}
+    drafts = {kind: DraftSettings(kind, str(args.models / f"draft-{kind}")) for kind in ("text", "vlm")}
     lines = [describe("target", target.model, args.models / "target")]
-    for kind, draft in drafts.items():
+    for kind, settings in drafts.items():
+        draft = build_draft(settings, target)
         lines.append(
             describe(f"draft-{kind}", draft.model, args.models / f"draft-{kind}") + f", c = {draft.cost_ratio:.3f}"
         )

@@ -17,9 +17,10 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from specvlm.demo import ASSETS
+from specvlm.engine import DraftSettings, build_draft
 from specvlm.evaluation.benchmark import caption_requests
 from specvlm.evaluation.demo_quality import decode_all
-from specvlm.models.loading import load_draft, load_target
+from specvlm.models.loading import load_target
 from specvlm.specdec.tree import TreeSettings
 
 CHAINS = (3, 5, 7, 9, 11)
@@ -49,26 +50,23 @@ def main(argv=None) -> None:
     target = load_target(str(ASSETS / "models/target"), device="cpu", dtype="float32")
     requests = caption_requests(target, str(ASSETS / "shards/*.tar"), args.requests)
     eos = target.tokenizer.eos_token_id
-    strategies = {"autoregressive": (lambda: None, 1)}
-    draft = lambda tree=None: load_draft(args.draft, target, str(ASSETS / f"models/draft-{args.draft}"), tree=tree)
+    path = str(ASSETS / f"models/draft-{args.draft}")
+    strategies = {"autoregressive": DraftSettings()}
     for gamma in CHAINS:
-        strategies[f"chain γ={gamma}"] = (draft, gamma)
+        strategies[f"chain γ={gamma}"] = DraftSettings(args.draft, path, gamma=gamma)
     for depth, topk, beam, nodes in TREES:
         tree = TreeSettings(topk=topk, beam=beam, max_nodes=nodes)
-        strategies[f"tree depth {depth}, top-{topk}, beam {beam}, {nodes} nodes"] = (
-            lambda tree=tree: draft(tree),
-            depth,
-        )
+        name = f"tree depth {depth}, top-{topk}, beam {beam}, {nodes} nodes"
+        strategies[name] = DraftSettings(args.draft, path, mode="tree", gamma=depth, tree=tree)
 
     lines = ["| batch | strategy | tau | tok/s vs autoregressive | identical |", "|---:|---|---:|---:|---:|"]
     for batch in args.batches:
         best, outputs = {}, {}
         for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every strategy alike
-            for name, (make, gamma) in strategies.items():
+            for name, settings in strategies.items():
+                draft = build_draft(settings, target)
                 start = time.perf_counter()
-                out = decode_all(
-                    target.model, make(), requests, gamma=gamma, max_new_tokens=64, eos_token_id=eos, batch_size=batch
-                )
+                out = decode_all(target.model, draft, requests, max_new_tokens=64, eos_token_id=eos, batch_size=batch)
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
                 outputs[name] = out
         reference = [r.tokens for r in outputs["autoregressive"]]

@@ -7,8 +7,10 @@ as an endpoint URL, and keys that look like secrets are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specvlm.data.prompts import DEFAULT_CAPTION_INSTRUCTION
+from specvlm.engine import DraftSettings, TargetSettings
+from specvlm.specdec.sampling import SamplingParams
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
 
@@ -40,15 +44,26 @@ def _no_secrets(options: dict) -> dict:
 
 
 class InputConfig(Section):
-    uri: str  # directory, file or glob, any fsspec URI
-    format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
-    files_per_shard: int = Field(1000, ge=1)  # image folders only
+    uri: str  # directory, file or glob, any fsspec URI; for a benchmark layout its annotation file
+    # Shards (auto: tars, else parquet, else images), or a benchmark layout (specvlm/data/benchmarks.py).
+    format: Literal["auto", "images", "webdataset", "parquet", "coco", "vqav2", "scienceqa", "jsonl", "hf"] = "auto"
+    files_per_shard: int = Field(1000, ge=1)  # image folders and benchmark layouts: samples per shard
     max_shards: int | None = Field(None, ge=1)  # only the first N shards (in sorted order): trials, evaluations
     image_column: str = "image"  # parquet only
+    images: str | None = None  # benchmark layouts: root of the image files (default: beside the annotations)
+    annotations: str | None = None  # vqav2: the answers file (default: the one named like the questions file)
+    split: str | None = None  # scienceqa, hf: the split to read
     # Task fields taken from a record's metadata under another name, e.g. {question: mc_question}.
-    fields: dict[Literal["caption", "question", "choices", "answer"], str] = Field(default_factory=dict)
+    fields: dict[Literal["caption", "question", "choices", "answer", "references"], str] = Field(default_factory=dict)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     _check_secrets = field_validator("storage_options")(_no_secrets)
+
+    @model_validator(mode="after")
+    def _layout_options_need_a_layout(self):
+        for name in ("images", "annotations", "split"):
+            if getattr(self, name) is not None and self.format in ("auto", "images", "webdataset", "parquet"):
+                raise ValueError(f"input.{name} applies to the benchmark layouts only, not to format {self.format!r}")
+        return self
 
 
 class OutputConfig(Section):
@@ -65,47 +80,17 @@ class TaskConfig(Section):
     template: str = "chat"  # "chat": the processor's chat template; else a format string with {instruction}
 
 
-class ModelConfig(Section):
-    target: str  # local directory, Hugging Face model id (already in the local cache), or fsspec URI
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    _check_secrets = field_validator("storage_options")(_no_secrets)
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings(SamplingParams):
+    """The engine's sampling parameters (temperature, top_k, top_p), plus the job's generation length and seed."""
 
+    max_new_tokens: int = 64  # per sample; the model's positions may end a sample sooner (stop_reason max_positions)
+    seed: int = 0  # per-sample seeds derive from it, the shard and the key: reruns sample alike
 
-class TreeConfig(Section):
-    """Dynamic tree drafting (model drafts); the tree's depth is draft.gamma."""
-
-    topk: int = Field(2, ge=1)  # children per expanded node (defaults tuned on the demo family: README, Benchmarks)
-    beam: int = Field(2, ge=1)  # nodes expanded per level
-    max_nodes: int = Field(16, ge=1)  # nodes verified per row and step
-    min_score: float = Field(0.0, ge=0.0, lt=1.0)  # path probability below which nodes are not expanded
-
-
-class DraftConfig(Section):
-    kind: Literal["none", "text", "vlm", "prompt_lookup"] = "none"
-    path: str | None = None
-    mode: Literal["chain", "tree"] = "chain"  # tree: model drafts only
-    gamma: int = Field(5, ge=1, le=32)  # chain length, or tree depth
-    min_confidence: float = Field(0.0, ge=0.0, lt=1.0)  # chain: stop drafting when the draft is less sure
-    tree: TreeConfig = Field(default_factory=TreeConfig)
-    max_ngram: int = Field(3, ge=1)  # prompt lookup
-    min_ngram: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _tree_needs_a_model(self):
-        if self.mode == "tree" and self.kind not in ("text", "vlm"):
-            raise ValueError(f"mode 'tree' needs a model draft (kind text or vlm), not {self.kind!r}")
-        return self
-
-
-class DecodeSettings(Section):
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 class ComputeConfig(Section):
@@ -115,12 +100,20 @@ class ComputeConfig(Section):
     # Intra-op threads of each decode actor (default: its cpus_per_actor, as Ray sets it). More than that can
     # pay when the CPU stages are light, as on a small machine running the demo.
     torch_threads: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)  # rows per engine call
-    # Cache slots per engine call (prompt + generated tokens per row): bounds actor memory when prompts are long;
-    # a batch over it is split. A row alone is never split.
+    # Rows each decode actor decodes together (continuous batching: a finished row is refilled at once).
+    # auto: calibrated on the first requests, grown while tokens/s rises, within max_batch_tokens.
+    batch_size: int | Literal["auto"] = "auto"
+    # Cache slots of an actor's running batch (each row: prompt + output + one draft window): bounds its memory.
     max_batch_tokens: int = Field(32768, ge=1)
     preprocess_workers: int = Field(1, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)  # larger images are refused before decoding (bomb guard)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be 'auto' or >= 1")
+        return value
 
 
 class RayConfig(Section):
@@ -132,30 +125,32 @@ class JobConfig(Section):
     input: InputConfig
     output: OutputConfig
     task: TaskConfig = Field(default_factory=TaskConfig)
-    model: ModelConfig
-    draft: DraftConfig = Field(default_factory=DraftConfig)
+    model: TargetSettings
+    draft: DraftSettings = Field(default_factory=DraftSettings)
     decode: DecodeSettings = Field(default_factory=DecodeSettings)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     def output_hash(self, weights: dict[str, str]) -> str:
         """A hash of everything that shapes the generated text (not paths, compute or storage settings). weights:
-        fingerprints of the checkpoints (models.loading.weights_fingerprint), so that a model retrained under the
+        fingerprints of the checkpoints (models.checkpoints.weights_fingerprint), so that a model retrained under the
         same path never resumes into output made by the old one."""
+        sections = self.model_dump(mode="json")
         shaping = {
-            "task": self.task.model_dump(),
+            "task": sections["task"],
             "target": self.model.target,
             "dtype": self.model.dtype,
-            "draft": self.draft.model_dump(),
-            "decode": self.decode.model_dump(),
+            "draft": sections["draft"],
+            "decode": sections["decode"],
             "weights": weights,
         }
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
-    def draft_name(self) -> str:
-        if self.draft.kind in ("none", "prompt_lookup"):
-            return self.draft.kind
-        return f"{self.draft.kind}-{self.draft.mode}:{self.draft.path}"
+    @field_validator("model")
+    @classmethod
+    def _no_secrets_in_model_options(cls, model: TargetSettings) -> TargetSettings:
+        _no_secrets(model.storage_options)
+        return model
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -169,7 +164,7 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'decode.gamma=3' -> ('decode.gamma', 3); the value is read as YAML, so numbers and booleans work."""
+    """'draft.gamma=3' -> ('draft.gamma', 3); the value is read as YAML, so numbers and booleans work."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
@@ -195,13 +190,54 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         raise ConfigError(_describe(exc, path)) from None
 
 
+def _fields(section) -> set[str]:
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        return set(section.model_fields)
+    return {f.name for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else set()
+
+
+def _section(loc: tuple) -> type | None:
+    """The config class at a location of the job config, e.g. ("draft", "tree") -> TreeSettings."""
+    section = JobConfig
+    for part in loc:
+        if part not in _fields(section):
+            return None
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            section = section.model_fields[part].annotation
+        else:
+            section = typing.get_type_hints(section)[part]
+    return section
+
+
+def _field_loc(loc: tuple) -> tuple:
+    """The location without pydantic's union-member parts (draft.gamma.int -> draft.gamma)."""
+    for end in range(len(loc), 0, -1):
+        if loc[end - 1] in _fields(_section(loc[: end - 1])):
+            return loc[:end]
+    return loc
+
+
 def _describe(exc: ValidationError, path) -> str:
-    lines = [f"invalid job config{f' {path}' if path else ''}:"]
+    messages: dict[tuple, list[str]] = {}  # field -> what is wrong with it
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = "unknown field (check its spelling and section)" if err["type"] == "extra_forbidden" else err["msg"]
-        # Never echo storage options back: a rejected one may be a credential.
-        quiet = err["type"] in ("missing", "extra_forbidden") or "storage_options" in err["loc"]
-        shown = "" if quiet else f" (got {err.get('input')!r})"
-        lines.append(f"  {field}: {message}{shown}")
+        loc, message = tuple(err["loc"]), err["msg"]
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            messages.setdefault(loc, []).append("unknown field (check its spelling and section)")
+            continue
+        if err["type"] == "value_error":
+            # A section's own check ("gamma must be ...") names the field: report it at that field.
+            message = message.removeprefix("Value error, ")
+            name = message.split(" ", 1)[0]
+            if name in _fields(_section(loc)):
+                loc, message = (*loc, name), message.split(" ", 1)[1]
+        loc = _field_loc(loc)
+        # Echo only plain values back, never a section, and never storage options: a rejected one may be a
+        # credential.
+        value = err.get("input")
+        quiet = err["type"] == "missing" or "storage_options" in loc or isinstance(value, (dict, list))
+        messages.setdefault(loc, []).append(message + ("" if quiet else f" (got {value!r})"))
+    lines = [f"invalid job config{f' {path}' if path else ''}:"]
+    for loc, found in messages.items():
+        # A value outside a union fails each of its members: one line, the alternatives joined.
+        lines.append(f"  {'.'.join(map(str, loc)) or '(top level)'}: {'; or '.join(dict.fromkeys(found))}")
     return "\n".join(lines)

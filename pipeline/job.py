@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pipeline.config import ConfigError, JobConfig
 from pipeline.processor import decode_records, model_fingerprints
 from pipeline.sink import OutputDir, ShardCollector
-from pipeline.stages import read_shards, shard_to_item
+from pipeline.stages import OperatingPoints, read_shards, shard_to_item
 from specvlm.data.sources import SourceError, list_shards
 
 
@@ -82,6 +82,7 @@ def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
             config.input.format,
             storage_options=config.input.storage_options,
             files_per_shard=config.input.files_per_shard,
+            **config.input.model_dump(include={"images", "annotations", "split"}),
         )
     except (SourceError, OSError) as exc:
         raise ConfigError(f"input.uri: {exc}") from None
@@ -103,17 +104,18 @@ def init_ray(config: JobConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": an embedded Ray of our own, never a cluster that happens to run on this machine.
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def build_dataset(config: JobConfig, shards: list, config_hash: str):
+def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
     ds = ray.data.from_items([shard_to_item(s) for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(
         read_shards, fn_kwargs={"storage_options": config.input.storage_options}, batch_format="pyarrow", batch_size=1
     )
-    return decode_records(ds, config, config_hash)
+    return decode_records(ds, config, config_hash, reports)
 
 
 def run_job(config: JobConfig, *, log=print) -> Summary:
@@ -125,16 +127,22 @@ def run_job(config: JobConfig, *, log=print) -> Summary:
 
     started = time.perf_counter()
     collector = ShardCollector(output, config_hash)
+    operating_points = {}
     if pending:
+        import ray
+
         init_ray(config)
-        for batch in build_dataset(config, pending, config_hash).iter_batches(batch_format="pyarrow", batch_size=None):
+        reports = ray.remote(OperatingPoints).options(num_cpus=0).remote()
+        dataset = build_dataset(config, pending, config_hash, reports)
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             collector.add(batch)
+        operating_points = ray.get(reports.get.remote())
         if collector.incomplete:
             raise JobFailed(f"shards {collector.incomplete} did not receive all their rows; rerun to finish them")
     elapsed = time.perf_counter() - started
 
     summary = _summarise(output, shards, len(done), collector, elapsed)
-    output.write_manifest(_manifest(config, config_hash, summary, collector))
+    output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points))
     output.clean_staging()
     log(summary.table())
     if summary.error_fraction > config.output.max_error_fraction:
@@ -171,7 +179,9 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
     )
 
 
-def _manifest(config: JobConfig, config_hash: str, summary: Summary, collector: ShardCollector) -> dict:
+def _manifest(
+    config: JobConfig, config_hash: str, summary: Summary, collector: ShardCollector, operating_points: dict
+) -> dict:
     import ray
     import torch
     import transformers
@@ -182,10 +192,12 @@ def _manifest(config: JobConfig, config_hash: str, summary: Summary, collector: 
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "config_hash": config_hash,
         "model": config.model.target,
-        "draft": config.draft_name(),
+        "draft": config.draft.label,
         "task": config.task.kind,
         "input": config.input.uri,
         "shards_written_this_run": collector.written,
+        # Per decode actor: the running batch it settled on and the speculation controller's measured costs.
+        "operating_points": operating_points,
         "summary": {
             **summary.__dict__,
             "error_fraction": summary.error_fraction,

@@ -25,20 +25,11 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field, field_validator
 
-from pipeline.config import (
-    ComputeConfig,
-    ConfigError,
-    DecodeSettings,
-    DraftConfig,
-    JobConfig,
-    ModelConfig,
-    Section,
-    TaskConfig,
-    _no_secrets,
-)
+from pipeline.config import ComputeConfig, ConfigError, DecodeSettings, JobConfig, Section, TaskConfig, _no_secrets
 from pipeline.schema import OUTPUT_SCHEMA
-from pipeline.stages import RECORD_SCHEMA, DecodeActor, preprocess
+from pipeline.stages import DECODE_BATCH_ROWS, DECODE_TASKS_PER_ACTOR, RECORD_SCHEMA, DecodeActor, preprocess
 from specvlm.data.retry import with_retries
+from specvlm.engine import DraftSettings, TargetSettings
 from specvlm.models.checkpoints import ModelLoadError, check_model_location, weights_fingerprint
 
 TEXT_FIELDS = ("caption", "question", "choices", "answer")
@@ -50,15 +41,15 @@ class ProcessorConfig(Section):
     """A job config without input and output locations: the Dataset is the input, the caller writes the output."""
 
     image_column: str = Field("image", description="column holding the image: bytes, path/URI, PIL or numpy")
-    fields: dict[Literal["caption", "question", "choices", "answer"], str] = Field(
+    fields: dict[Literal["caption", "question", "choices", "answer", "references"], str] = Field(
         default_factory=dict, description="task fields taken from other columns, e.g. {question: mc_question}"
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for images given as URIs (no credentials)"
     )
     task: TaskConfig = Field(default_factory=TaskConfig)
-    model: ModelConfig
-    draft: DraftConfig = Field(default_factory=DraftConfig)
+    model: TargetSettings
+    draft: DraftSettings = Field(default_factory=DraftSettings)
     decode: DecodeSettings = Field(default_factory=DecodeSettings)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     _check_secrets = field_validator("storage_options")(_no_secrets)
@@ -126,9 +117,10 @@ def model_fingerprints(config: JobConfig) -> dict[str, str]:
     return weights
 
 
-def decode_records(ds, config: JobConfig, config_hash: str):
+def decode_records(ds, config: JobConfig, config_hash: str, reports=None):
     """Preprocessing (CPU tasks) and speculative decoding (the decode actor pool) of a Dataset of records
-    (stages.RECORD_SCHEMA rows) -> decoded rows (stages.DECODED_SCHEMA)."""
+    (stages.RECORD_SCHEMA rows) -> decoded rows (stages.DECODED_SCHEMA). reports: an OperatingPoints actor that
+    collects the decode actors' operating points, or None."""
     import ray
 
     c = config.compute
@@ -136,12 +128,17 @@ def decode_records(ds, config: JobConfig, config_hash: str):
     # bundle size of the task Ray Data fuses with the reader, and that task would read that many shards in a
     # row (all of a small job's) on one node, instead of one shard per task across the cluster.
     ds = ds.map_batches(preprocess, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=None)
+    # An async actor with several batches in flight: the engine decodes rows of many batches together.
     return ds.map_batches(
         DecodeActor,
-        fn_constructor_kwargs={"config": config, "config_hash": config_hash},
+        fn_constructor_kwargs={"config": config, "config_hash": config_hash, "reports": reports},
         batch_format="pyarrow",
-        batch_size=c.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=c.actors),
+        batch_size=DECODE_BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(
+            size=c.actors,
+            max_concurrent_calls_per_actor=DECODE_TASKS_PER_ACTOR,
+            max_tasks_in_flight_per_actor=2 * DECODE_TASKS_PER_ACTOR,
+        ),
         num_gpus=_gpus_per_actor(config),
         num_cpus=c.cpus_per_actor,
     )

@@ -15,6 +15,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("output_ids", pa.list_(pa.int32())),  # generated token ids (EOS included when hit)
         pa.field("answer", pa.string()),  # mc: the extracted choice letter
         pa.field("reference", pa.string()),  # ground truth from the record (caption, or answer), if any
+        pa.field("references", pa.list_(pa.string())),  # every reference, when the record has several
+        pa.field("meta", pa.string()),  # the record's other fields as JSON (evaluation slices by them)
         pa.field("new_tokens", pa.int32()),
         pa.field("target_calls", pa.int32()),
         pa.field("draft_calls", pa.int32()),

@@ -2,7 +2,7 @@
 
     read_shards    (map_batches, CPU task)  one shard -> its records, numbered, streamed in blocks, then an end marker
     preprocess     (map_batches, CPU task)  decode + validate the image, build the prompt, run the processor
-    DecodeActor        (map_batches, actor)     target + draft loaded once; batched speculative decoding
+    DecodeActor    (map_batches, actor)     target + draft loaded once; continuous batched speculative decoding
 
 Every row carries `row_index` (its position in the shard) and `is_end`: the reader appends one end-marker row
 per shard whose row_index is the shard's row count. Rows may reach the writer in any order; a shard is
@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -44,6 +43,7 @@ RECORD_SCHEMA = pa.schema(
         pa.field("question", pa.string()),
         pa.field("choices", pa.list_(pa.string())),
         pa.field("answer", pa.string()),
+        pa.field("references", pa.list_(pa.string())),
         pa.field("meta", pa.string()),
         pa.field("error", pa.string()),
         *ROW_FIELDS,
@@ -58,6 +58,8 @@ PREPARED_SCHEMA = pa.schema(
         pa.field("task", pa.string()),
         pa.field("prompt", pa.string()),
         pa.field("reference", pa.string()),
+        pa.field("references", pa.list_(pa.string())),
+        pa.field("meta", pa.string()),
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("pixel_values", pa.binary()),
         pa.field("pixel_shape", pa.list_(pa.int32())),
@@ -68,6 +70,8 @@ PREPARED_SCHEMA = pa.schema(
     ]
 )
 DECODED_SCHEMA = pa.schema([*OUTPUT_SCHEMA, *ROW_FIELDS])
+# Prepared-row columns the decode actor copies into its output row as they are.
+PASSED_THROUGH = ("key", "shard_id", "source", "task", "prompt", "reference", "references", "meta", "error")
 
 
 READ_BATCH_ROWS = 32  # records per block out of the reader: a shard is streamed, never held whole
@@ -112,6 +116,7 @@ def _end_marker(shard: Shard, rows: int) -> dict:
         "question": None,
         "choices": None,
         "answer": None,
+        "references": None,
         "meta": None,
         "error": None,
         "row_index": rows,
@@ -159,6 +164,8 @@ class Preparer:
             "task": task.kind,
             "prompt": None,
             "reference": _reference(task.kind, fields),
+            "references": _references(fields.get("references")),
+            "meta": record["meta"],
             "input_ids": None,
             "pixel_values": None,
             "pixel_shape": None,
@@ -171,22 +178,29 @@ class Preparer:
         if record["is_end"] or row["error"]:
             return row
         try:
-            image = decode_image(record["image"], max_pixels=self.config.compute.max_pixels)
             text = instruction(
                 task.kind, fields, caption_instruction=task.caption_instruction, mc_suffix=task.mc_suffix
             )
-            row["prompt"] = render(text, self.processor, task.template)
-            encoded = self.processor(images=image, text=row["prompt"], return_tensors="np")
+            if record["image"] is None:  # only benchmark layouts give such records (a ScienceQA text question)
+                if task.kind == "caption":
+                    raise PromptError(f"record {record['key']!r} has no image, and a caption needs one")
+                # A text-only prompt, as LLaVA targets take them; a target that cannot fails here, on this row.
+                row["prompt"] = render(text, self.processor, task.template, image=False)
+                encoded = self.processor(text=row["prompt"], return_tensors="np")
+            else:
+                image = decode_image(record["image"], max_pixels=self.config.compute.max_pixels)
+                row["prompt"] = render(text, self.processor, task.template)
+                encoded = self.processor(images=image, text=row["prompt"], return_tensors="np")
         except (ImageError, PromptError) as exc:
             row["error"] = str(exc)
             return row
         except Exception as exc:
             row["error"] = f"preprocessing failed: {type(exc).__name__}: {exc}"
             return row
-        pixels = np.ascontiguousarray(encoded["pixel_values"], dtype=np.float32)
-        row.update(
-            input_ids=encoded["input_ids"][0].tolist(), pixel_values=pixels.tobytes(), pixel_shape=list(pixels.shape)
-        )
+        row["input_ids"] = encoded["input_ids"][0].tolist()
+        if "pixel_values" in encoded:
+            pixels = np.ascontiguousarray(encoded["pixel_values"], dtype=np.float32)
+            row.update(pixel_values=pixels.tobytes(), pixel_shape=list(pixels.shape))
         if "image_sizes" in encoded:
             row["image_sizes"] = [int(v) for v in np.asarray(encoded["image_sizes"]).reshape(-1)]
         return row
@@ -206,6 +220,13 @@ def _mapped_fields(record: dict, mapping: dict[str, str]) -> dict:
     return fields
 
 
+def _references(value) -> list[str] | None:
+    """A record's references as strings: mapped from metadata they may be Hugging Face-style answer dicts."""
+    if not isinstance(value, list) or not value:
+        return None
+    return [str(v["answer"] if isinstance(v, dict) and "answer" in v else v) for v in value]
+
+
 def _reference(task: str, fields: dict) -> str | None:
     if task == "caption":
         return fields.get("caption")
@@ -215,113 +236,103 @@ def _reference(task: str, fields: dict) -> str | None:
     return None if answer is None else str(answer)
 
 
-class DecodeActor:
-    """A decode actor: loads the target and the draft once, then maps batches of prepared rows to output rows."""
+# Rows per Ray Data batch into a decode actor: small, so that a shard's rows flow on as soon as they are decoded.
+DECODE_BATCH_ROWS = 16
+# Batches each decode actor holds at once: Ray tasks in the actor (Ray Core max_concurrency), each with up to
+# Ray Data's default of 4 async batches. 8 x 4 x 16 = 512 rows in flight: enough to keep the engine's running
+# batch full while rows finish and new ones join.
+DECODE_TASKS_PER_ACTOR = 8
 
-    def __init__(self, config: JobConfig, config_hash: str):
+
+class DecodeActor:
+    """A decode actor: loads target and draft once; every call hands its batch's rows to the engine's running
+    batch and yields their output rows once all are decoded. Calls are async and many are in flight at once, so
+    rows of many Ray Data batches decode together and a finished row is replaced at once (continuous batching)."""
+
+    def __init__(self, config: JobConfig, config_hash: str, reports=None):
         from transformers.utils import logging as hf_logging
 
-        from specvlm.models.loading import load_draft, load_target
+        from specvlm.engine import build_engine
         from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
-        from specvlm.specdec.sampling import SamplingParams
-        from specvlm.specdec.tree import TreeSettings
+        from specvlm.specdec.service import EngineService
 
         hf_logging.disable_progress_bar()  # one bar per weight file per actor only clutters the job's log
+        c = config.compute
+        if c.torch_threads:
+            torch.set_num_threads(c.torch_threads)
+        decode = DecodeConfig(
+            max_new_tokens=config.decode.max_new_tokens,
+            sampling=config.decode,
+            max_rows=None if c.batch_size == "auto" else c.batch_size,
+            max_batch_tokens=c.max_batch_tokens,
+            adaptive=config.draft.adaptive,
+        )
+        engine = build_engine(config.model, config.draft, decode)
+        self.tokenizer = engine.target.tokenizer
+        self.service = EngineService(lambda: SpeculativeDecoder(engine.target.model, engine.draft, decode))
+        self.identity = {"model": config.model.target, "draft": config.draft.label, "config_hash": config_hash}
+        self.reports = reports  # where the actor's operating point goes, for the job's manifest
+        self.batches = 0
 
-        m, d, s = config.model, config.draft, config.decode
-        self.config = config
-        if config.compute.torch_threads:
-            torch.set_num_threads(config.compute.torch_threads)
-        self.target = load_target(
-            m.target,
-            device=m.device,
-            dtype=m.dtype,
-            trust_remote_code=m.trust_remote_code,
-            storage_options=m.storage_options,
-        )
-        tree = TreeSettings(**d.tree.model_dump()) if d.mode == "tree" else None
-        draft = load_draft(
-            d.kind,
-            self.target,
-            d.path,
-            trust_remote_code=m.trust_remote_code,
-            storage_options=m.storage_options,
-            max_ngram=d.max_ngram,
-            min_ngram=d.min_ngram,
-            tree=tree,
-            min_confidence=d.min_confidence,
-        )
-        eos = self.target.model.generation_config.eos_token_id
-        decode_config = DecodeConfig(
-            max_new_tokens=s.max_new_tokens,
-            gamma=d.gamma,
-            sampling=SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else (),
-        )
-        self.decoder = SpeculativeDecoder(self.target.model, draft, decode_config)
-        self.window = self.decoder.max_nodes + 1
-        self.identity = {"model": m.target, "draft": config.draft_name(), "config_hash": config_hash}
+    async def __call__(self, batch: pa.Table):
+        import asyncio
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
         inject_fault("decode")
         rows = batch.to_pylist()
-        todo = [i for i, r in enumerate(rows) if not r["is_end"] and not r["error"]]
-        by_row = {}
-        for group in self._token_budget_groups([rows[i] for i in todo], [i for i in todo]):
-            by_row.update(zip(group, self._generate([self._request(rows[i]) for i in group])))
-        return pa.Table.from_pylist([self._output(r, by_row.get(i)) for i, r in enumerate(rows)], schema=DECODED_SCHEMA)
-
-    def _token_budget_groups(self, rows: list[dict], ids: list[int]) -> list[list[int]]:
-        """Split a batch so each engine call holds at most compute.max_batch_tokens cache slots (prompt plus
-        generated tokens plus one draft window per row): memory stays bounded whatever the prompt lengths."""
-        budget, per_row = self.config.compute.max_batch_tokens, self.config.decode.max_new_tokens + self.window
-        groups, current, used = [], [], 0
-        for row, i in zip(rows, ids):
-            cost = len(row["input_ids"]) + per_row
-            if current and used + cost > budget:
-                groups.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += cost
-        return groups + [current] if current else groups
-
-    def _generate(self, requests):
-        try:
-            return self.decoder.generate(requests)
-        except Exception:
-            if len(requests) == 1:
-                from specvlm.specdec.requests import Result
-
-                return [Result.failed(f"decoding failed: {traceback.format_exc(limit=1).strip()}")]
-            # One request may break the whole batch (say an input the model cannot handle): isolate it by
-            # decoding the rest in halves, so every other row still gets its text.
-            half = len(requests) // 2
-            return self._generate(requests[:half]) + self._generate(requests[half:])
-
-    def _request(self, row: dict):
-        from specvlm.specdec.requests import Request
-
-        pixels = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(row["pixel_shape"])
-        sizes = None if row["image_sizes"] is None else torch.tensor(row["image_sizes"]).reshape(-1, 2)
-        return Request(row["input_ids"], torch.from_numpy(pixels.copy()), image_sizes=sizes, seed=row["seed"])
+        pending = {
+            i: asyncio.wrap_future(self.service.submit(row_to_request(row)))
+            for i, row in enumerate(rows)
+            if not row["is_end"] and not row["error"]
+        }
+        results = dict(zip(pending, await asyncio.gather(*pending.values())))
+        yield pa.Table.from_pylist([self._output(r, results.get(i)) for i, r in enumerate(rows)], schema=DECODED_SCHEMA)
+        self.batches += 1
+        if self.reports is not None and self.batches % REPORT_EVERY == 1:
+            self.reports.record.remote(self.service.describe())
 
     def _output(self, row: dict, result) -> dict:
-        out = {
-            name: row.get(name)
-            for name in ("key", "shard_id", "source", "task", "prompt", "reference", "error", "row_index", "is_end")
-        }
+        out = {name: row.get(name) for name in (*PASSED_THROUGH, "row_index", "is_end")}
         out.update(self.identity, stop_reason="error")
         if result is None:
             return out
         out.update(stop_reason=result.stop_reason, error=result.error)
         if result.error is None:
             out["output_ids"] = result.tokens
-            out["text"] = self.target.tokenizer.decode(result.tokens, skip_special_tokens=True).strip()
+            out["text"] = self.tokenizer.decode(result.tokens, skip_special_tokens=True).strip()
             if row["task"] == "mc":
                 out["answer"] = extract_choice(out["text"])
             metrics = result.metrics.as_row()
             out.update({k: v for k, v in metrics.items() if k in DECODED_SCHEMA.names})
         return out
+
+
+REPORT_EVERY = 8  # batches between an actor's reports of its operating point
+
+
+class OperatingPoints:
+    """A small Ray actor the decode actors report their operating point to (batch cap, draft depths, measured
+    costs), so that the driver can put it in the job's manifest."""
+
+    def __init__(self):
+        self.points: dict[str, dict] = {}
+
+    def record(self, point: dict) -> None:
+        self.points[point["actor"]] = point
+
+    def get(self) -> dict[str, dict]:
+        return self.points
+
+
+def row_to_request(row: dict):
+    """A prepared row as an engine request (the pixel bytes and their shape back into a tensor)."""
+    from specvlm.specdec.requests import Request
+
+    pixels = None  # a text-only prompt
+    if row["pixel_values"] is not None:
+        array = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(row["pixel_shape"])
+        pixels = torch.from_numpy(array.copy())
+    sizes = None if row["image_sizes"] is None else torch.tensor(row["image_sizes"]).reshape(-1, 2)
+    return Request(row["input_ids"], pixels, image_sizes=sizes, seed=row["seed"])
 
 
 def shard_to_item(shard: Shard) -> dict:

@@ -78,21 +78,25 @@ class Family:
         return self.target.config.image_token_id
 
     @property
-    def vocab_size(self) -> int:
+    def target_vocab(self) -> int:
         return self.target.config.text_config.vocab_size
 
-    def draft(self, kind: str, tree: TreeSettings | None = None, min_confidence: float = 0.0) -> Draft | None:
-        """kind: none | prompt_lookup | one of self.drafts, as a chain, or as a tree with `tree` settings."""
+    def draft(
+        self, kind: str, gamma: int = 4, tree: TreeSettings | None = None, min_confidence: float = 0.0
+    ) -> Draft | None:
+        """kind: none | prompt_lookup | one of self.drafts, as a chain of `gamma`, or as a tree of that depth with
+        `tree` settings."""
         if kind == "none":
             return None
         if kind == "prompt_lookup":
-            return PromptLookupDraft(image_token_id=self.image_token_id, device=torch.device("cpu"))
+            return PromptLookupDraft(image_token_id=self.image_token_id, device=torch.device("cpu"), gamma=gamma)
         common = dict(
             text_only=kind.startswith("text"),
             image_token_id=self.image_token_id,
-            vocab_size=self.vocab_size,
+            target_vocab=self.target_vocab,
             cost_ratio=0.1,
             name=kind,
+            gamma=gamma,
         )
         if tree is not None:
             return TreeDraft(self.drafts[kind], tree=tree, **common)

@@ -18,6 +18,7 @@ def ray_local(s3_endpoint, worker_model_cache):
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SPECVLM_CACHE", str(worker_model_cache.parent))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": always a fresh local Ray for the tests, never one that happens to run on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

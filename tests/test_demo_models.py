@@ -10,8 +10,9 @@ from specvlm.data.images import decode_image
 from specvlm.data.prompts import render
 from specvlm.data.sources import list_shards, read_shard
 from specvlm.demo.world import make_scene
+from specvlm.engine import DraftSettings, build_draft
 from specvlm.evaluation.demo_quality import decode_all, is_correct, scene_requests
-from specvlm.models.loading import load_draft, load_target
+from specvlm.models.loading import load_target
 from specvlm.specdec.requests import Request
 
 MODELS = Path(__file__).resolve().parents[1] / "assets" / "demo" / "models"
@@ -70,13 +71,13 @@ def test_target_answers_held_out_scenes(target, task, min_right):
 
 @pytest.mark.parametrize("kind, min_tau", [("text", 2.0), ("vlm", 3.0)])
 def test_speculative_output_with_each_shipped_draft_equals_the_target_output(target, kind, min_tau):
-    draft = load_draft(kind, target, str(MODELS / f"draft-{kind}"))
+    draft = build_draft(DraftSettings(kind, str(MODELS / f"draft-{kind}"), gamma=5), target)
     scenes = [make_scene(HELD_OUT_SEED, i) for i in range(16, 24)]
     eos = target.tokenizer.eos_token_id
     for task in ("caption", "mc"):
         requests = scene_requests(scenes, task, target.processor)
         reference = decode_all(target.model, None, requests, eos_token_id=eos)
-        results = decode_all(target.model, draft, requests, gamma=5, eos_token_id=eos)
+        results = decode_all(target.model, draft, requests, eos_token_id=eos)
         assert [r.tokens for r in results] == [r.tokens for r in reference]
         tau = sum(r.metrics.new_tokens for r in results) / sum(r.metrics.target_calls for r in results)
         assert tau >= min_tau, f"{kind} draft on {task}: tau {tau:.2f}"

@@ -98,16 +98,17 @@ def test_llava_next_greedy_matches_generate(next_family, draft):
     common = dict(
         text_only=False,
         image_token_id=target.config.image_token_id,
-        vocab_size=len(tokenizer),
+        target_vocab=len(tokenizer),
         cost_ratio=1.0,
         name=draft,
+        gamma=3,
     )
     drafts = {
         "none": None,
         "chain": ModelDraft(noisy, **common),
         "tree": TreeDraft(noisy, tree=TreeSettings(topk=2, beam=2, max_nodes=8), **common),
     }
-    config = DecodeConfig(max_new_tokens=12, gamma=3, eos_token_ids=(tokenizer.eos_token_id,))
+    config = DecodeConfig(max_new_tokens=12, eos_token_ids=(tokenizer.eos_token_id,), adaptive=False)
     results = SpeculativeDecoder(target, drafts[draft], config).generate(requests)
     assert [r.tokens for r in results] == expected
     if draft != "none":

@@ -19,10 +19,14 @@ def references(families):
     return out
 
 
-def decode(fam, draft: str, gamma: int, requests, max_new=MAX_NEW, eos=None):
+def decode(fam, draft: str, gamma: int, requests, max_new=MAX_NEW, eos=None, rows=None, adaptive=False):
+    """All requests as one batch (or `rows` at a time, the rest joining as rows finish), at a fixed depth gamma
+    unless `adaptive`."""
     eos_ids = (fam.tokenizer.eos_token_id if eos is None else eos,)
-    config = DecodeConfig(max_new_tokens=max_new, gamma=gamma, eos_token_ids=eos_ids)
-    return SpeculativeDecoder(fam.target, fam.draft(draft), config).generate(requests)
+    config = DecodeConfig(
+        max_new_tokens=max_new, eos_token_ids=eos_ids, max_rows=rows or max(1, len(requests)), adaptive=adaptive
+    )
+    return SpeculativeDecoder(fam.target, fam.draft(draft, gamma=gamma), config).generate(requests)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -38,8 +38,8 @@ def exact_distribution(fam, request: Request, params: SamplingParams, length: in
 
 
 def sample_sequences(fam, draft: str, request: Request, params: SamplingParams, gamma: int) -> list[tuple]:
-    config = DecodeConfig(max_new_tokens=LENGTH, gamma=gamma, sampling=params)
-    decoder = SpeculativeDecoder(fam.target, fam.draft(draft), config)
+    config = DecodeConfig(max_new_tokens=LENGTH, sampling=params, max_rows=500)
+    decoder = SpeculativeDecoder(fam.target, fam.draft(draft, gamma=gamma), config)
     out = []
     for start in range(0, RUNS, 500):
         batch = [Request(request.input_ids, request.pixel_values, seed=s) for s in range(start, start + 500)]
@@ -106,8 +106,8 @@ def test_statistical_test_rejects_a_wrong_acceptance_rule(family, setup, monkeyp
 
 
 def test_same_seed_same_output_regardless_of_batch(family):
-    config = DecodeConfig(max_new_tokens=12, gamma=3, sampling=SamplingParams(temperature=0.8, top_p=0.9))
-    decoder = SpeculativeDecoder(family.target, family.draft("vlm_noisy"), config)
+    config = DecodeConfig(max_new_tokens=12, sampling=SamplingParams(temperature=0.8, top_p=0.9))
+    decoder = SpeculativeDecoder(family.target, family.draft("vlm_noisy", gamma=3), config)
     alone = decoder.generate([family.request("fox", seed=7)])[0].tokens
     together = decoder.generate([family.request(q, seed=s) for q, s in [("a", 1), ("fox", 7), ("b c d", 2)]])
     assert together[1].tokens == alone

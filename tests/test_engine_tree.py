@@ -31,10 +31,16 @@ def references(families):
 GREEDY = SamplingParams()
 
 
-def run(fam, draft, requests, gamma=4, max_new=MAX_NEW, sampling=GREEDY):
+def run(fam, draft, requests, gamma=4, tree=None, min_confidence=0.0, max_new=MAX_NEW, sampling=GREEDY):
+    """Decode with the family's draft `draft` at a fixed depth `gamma` (the controller does not adapt it)."""
     config = DecodeConfig(
-        max_new_tokens=max_new, gamma=gamma, sampling=sampling, eos_token_ids=(fam.tokenizer.eos_token_id,)
+        max_new_tokens=max_new,
+        sampling=sampling,
+        eos_token_ids=(fam.tokenizer.eos_token_id,),
+        max_rows=len(requests),
+        adaptive=False,
     )
+    draft = fam.draft(draft, gamma=gamma, tree=tree, min_confidence=min_confidence)
     return SpeculativeDecoder(fam.target, draft, config).generate(requests)
 
 
@@ -45,7 +51,7 @@ def test_greedy_tree_matches_target_generate_batch_1_to_8(families, references, 
     fam = families[shape]
     requests, expected = references[shape]
     for batch in (1, 3, 8):
-        results = run(fam, fam.draft(draft, tree=TREES[tree]), requests[:batch])
+        results = run(fam, draft, requests[:batch], tree=TREES[tree])
         assert [r.tokens for r in results] == expected[:batch], f"batch {batch}"
         for r in results:
             assert all(0 <= a <= 4 for a in r.metrics.accepted_per_step)
@@ -56,7 +62,7 @@ def test_greedy_tree_matches_target_generate_batch_1_to_8(families, references, 
 def test_greedy_tree_edge_cases_match(family, references, gamma):
     requests, _ = references["mha"]
     for max_new in (1, 2, 7):
-        results = run(family, family.draft("vlm_noisy", tree=TREES["wide"]), requests, gamma=gamma, max_new=max_new)
+        results = run(family, "vlm_noisy", requests, gamma=gamma, tree=TREES["wide"], max_new=max_new)
         assert [r.tokens for r in results] == [family.reference(r, max_new) for r in requests]
 
 
@@ -64,7 +70,7 @@ def test_self_draft_tree_accepts_full_depth(family, references):
     """With the target as its own draft the greedy path is always in the tree: tau = depth + 1."""
     requests, _ = references["mha"]
     tree = TreeSettings(topk=2, beam=8, max_nodes=30)  # expands and keeps every node: 2 + 4 + 8 + 16
-    results = run(family, family.draft("vlm_self", tree=tree), requests[:3], gamma=4)
+    results = run(family, "vlm_self", requests[:3], gamma=4, tree=tree)
     for r in results:
         assert r.metrics.accepted_per_step == [4, 4, 4, 4]
         assert r.metrics.draft_calls == 4 * 4  # per step: the pending feed plus one forward per deeper level
@@ -72,8 +78,9 @@ def test_self_draft_tree_accepts_full_depth(family, references):
 
 def test_tree_proposals_are_well_formed_trees(family, references):
     requests, _ = references["mha"]
-    draft = family.draft("vlm_noisy", tree=TREES["wide"])
-    draft.prefill(requests, MAX_NEW, 4)
+    draft = family.draft("vlm_noisy", gamma=4, tree=TREES["wide"])
+    draft.allocate(len(requests), 128)
+    assert draft.admit(list(range(len(requests))), requests) == {}
     proposal = draft.propose(len(requests), 4, SamplingParams(), None)
     k = proposal.tokens.shape[1]
     valid = proposal.valid
@@ -109,7 +116,7 @@ def ancestors_of(parents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("threshold", [0.004, 0.0065])
 def test_adaptive_chain_is_lossless_and_stops_early(family, references, threshold):
     requests, expected = references["mha"]
-    results = run(family, family.draft("vlm_noisy", min_confidence=threshold), requests, gamma=5)
+    results = run(family, "vlm_noisy", requests, gamma=5, min_confidence=threshold)
     assert [r.tokens for r in results] == expected
     steps = [k for r in results for k in r.metrics.nodes_per_step]
     assert min(steps) < 5 and max(steps) > 1, "chains of several lengths"
@@ -132,7 +139,7 @@ def sample_tree_sequences(fam, draft, request, gamma=3):
         batch = [Request(request.input_ids, request.pixel_values, seed=s) for s in range(start, start + 500)]
         out += [
             tuple(r.tokens)
-            for r in run(fam, fam.draft(draft, tree=TREE_SAMPLING), batch, gamma=gamma, max_new=LENGTH, sampling=PARAMS)
+            for r in run(fam, draft, batch, gamma=gamma, tree=TREE_SAMPLING, max_new=LENGTH, sampling=PARAMS)
         ]
     return out
 
@@ -150,9 +157,7 @@ def test_adaptive_chain_sampling_matches_target_distribution(family, sampling_se
     samples = []
     for start in range(0, RUNS, 500):
         batch = [Request(request.input_ids, request.pixel_values, seed=s) for s in range(start, start + 500)]
-        results = run(
-            family, family.draft("vlm_noisy", min_confidence=0.3), batch, gamma=3, max_new=LENGTH, sampling=PARAMS
-        )
+        results = run(family, "vlm_noisy", batch, gamma=3, min_confidence=0.3, max_new=LENGTH, sampling=PARAMS)
         samples += [tuple(r.tokens) for r in results]
     assert chi_square_p(samples, exact) > 1e-3
 

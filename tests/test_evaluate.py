@@ -1,34 +1,44 @@
-"""The evaluation and benchmark jobs: every strategy's output is compared with the target's and reported."""
+"""The evaluation and benchmark jobs: every strategy's output is compared with the target's and reported, with the
+task quality stated once and checked for every strategy; jobs.score rebuilds the report from the outputs."""
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from jobs import score
 from pipeline.config import ConfigError
-from pipeline.evaluate import load_evaluate_config, run_evaluation, write_report
-from specvlm.demo.shards import write_webdataset_shards
+from pipeline.evaluate import load_evaluate_config, run_evaluation
+from specvlm.demo.benchmark import write_demo_benchmark
 from specvlm.evaluation.benchmark import markdown_table, run_suite
+from specvlm.evaluation.report import Run, build_report, read_index, write_report
 from specvlm.specdec.tree import TreeSettings
 
 
 def test_evaluate_runs_every_strategy_through_the_pipeline_and_reports(models, tmp_path, ray_local):
-    write_webdataset_shards(str(tmp_path / "in"), seed=3, num_shards=3, per_shard=3)
+    bench = write_demo_benchmark(tmp_path / "bench", count=8)
     job = {
-        "input": {"uri": f"{tmp_path}/in/*.tar"},
+        "input": {"uri": "unused"},
         "output": {"uri": "unused"},
         "model": {"target": str(models / "target")},
         "decode": {"max_new_tokens": 8},
         "compute": {"batch_size": 2},
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    draft = [f"draft.path={models / 'draft'}", "draft.kind=vlm"]
+    # Tiny test models: the depth controller would rightly find that drafting does not pay, and step aside.
+    draft = [f"draft.path={models / 'draft'}", "draft.kind=vlm", "draft.adaptive=false"]
+    coco = [f"input.uri={bench}/annotations/captions_world1.json", f"input.images={bench}/images"]
     evaluation = {
         "job": str(tmp_path / "job.yaml"),
         "output": str(tmp_path / "runs"),
         "report_dir": str(tmp_path / "report"),
-        "max_shards": 2,
-        "tasks": {"caption": ["task.kind=caption"], "vqa": ["task.kind=vqa"]},
+        "slices": ["shapes", "has_image"],
+        "tasks": {
+            "caption": ["task.kind=caption", "input.format=coco", "input.files_per_shard=4", *coco],
+            "mc": ["task.kind=mc", "input.format=scienceqa", f"input.uri={bench}/scienceqa/problems.json"],
+        },
         "strategies": {
             "autoregressive": ["draft.kind=none"],
             "vlm chain": [*draft, "draft.gamma=3"],
@@ -40,20 +50,90 @@ def test_evaluate_runs_every_strategy_through_the_pipeline_and_reports(models, t
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation, allow_unicode=True))
     config = load_evaluate_config(str(tmp_path / "eval.yaml"))
-    results = run_evaluation(config, log=lambda *_: None)
-    assert {(r.task, r.strategy, r.batch) for r in results} >= {
-        ("caption", "vlm tree", 2),
-        ("vqa", "prompt lookup", 2),
+    runs = run_evaluation(config, log=lambda *_: None)
+    assert {(r.task, r.strategy, r.batch) for r in runs} == {
+        *[(task, s, 2) for task in ("caption", "mc") for s in evaluation["strategies"]],
+        ("caption", "autoregressive", 1),
         ("caption", "vlm chain", 1),
     }
-    assert all(r.samples == 6 and r.identical == 1.0 for r in results)  # 2 shards x 3 samples, all identical
-    drafted = [r for r in results if r.strategy.startswith("vlm")]
+    assert all(r.wall_s > 0 for r in runs)
+    assert [Run(**r) for r in read_index(str(tmp_path / "runs"))["runs"]] == runs
+
+    report = build_report(runs, config.slices)
+    assert report.all_match and not report.mismatches
+    assert all(r.samples == 8 and r.identical == 1.0 and r.quality_matches for r in report.results)
+    drafted = [r for r in report.results if r.strategy.startswith("vlm")]
     assert all(r.tau > 1.0 and 0 < r.acceptance < 1 for r in drafted)
-    report = write_report(results, tmp_path / "report")
-    text = report.read_text()
-    assert "| caption | 2 | vlm tree | 6 | 100% |" in text
-    for figure in ("tau.png", "speedup.png", "accepted_lengths.png", "speedup_vs_batch.png"):
+    # The target's quality, once per task, broken down by the slice fields each layout has.
+    assert set(report.quality) == {"caption", "mc"}
+    assert set(report.quality["caption"]["metrics"]) >= {"BLEU-4", "ROUGE-L", "CIDEr"}
+    assert report.quality["mc"]["slices"]["has_image"]["False"]["samples"] == 1  # the text-only problem
+    assert sum(g["samples"] for g in report.quality["caption"]["slices"]["shapes"].values()) == 8
+
+    text = write_report(report, tmp_path / "report").read_text()
+    assert "| caption | 2 | vlm tree | 8 | 100% | yes |" in text and "**NO**" not in text
+    for figure in ("time.png", "tau.png", "speedup.png", "accepted_lengths.png", "speedup_vs_batch.png"):
         assert (tmp_path / "report" / figure).stat().st_size > 1000 and f"]({figure})" in text
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["all_match"] and len(metrics["strategies"]) == len(runs)
+
+    # Re-scoring needs only the outputs: the same report again.
+    assert score.main([str(tmp_path / "runs"), "--report", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["quality"] == metrics["quality"] and again["strategies"] == metrics["strategies"]
+
+
+def _output(path, texts: dict[str, str], latency: float) -> str:
+    """A job output with just the columns the report reads: one row per key, tokens spelled by the text."""
+    rows = [
+        {
+            "shard_id": "s0",
+            "key": key,
+            "task": "vqa",
+            "text": text,
+            "output_ids": [ord(c) for c in text],
+            "reference": "red",
+            "references": ["red"] * 9 + ["blue"],
+            "meta": json.dumps({"kind": "colour" if key < "k2" else "size"}),
+            "error": None,
+            "new_tokens": len(text),
+            "target_calls": 2,
+            "accepted_tokens": 1,
+            "proposed_tokens": 2,
+            "mbsu": 1.5,
+            "latency_s": latency,
+            "accepted_per_step": [1, 0],
+        }
+        for key, text in texts.items()
+    ]
+    path.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), path / "s0.parquet")
+    return str(path)
+
+
+def test_report_flags_a_row_that_differs_and_a_quality_that_does_not_match(tmp_path):
+    target = {"k0": "red", "k1": "red", "k2": "blue", "k3": "red"}
+    runs = [
+        Run("vqa", "autoregressive", 8, _output(tmp_path / "ar", target, 2.0), wall_s=30.0),
+        Run("vqa", "good draft", 8, _output(tmp_path / "good", target, 1.0), wall_s=12.0),
+        Run("vqa", "bad draft", 8, _output(tmp_path / "bad", {**target, "k1": "blue"}, 0.5), wall_s=10.0),
+    ]
+    report = build_report(runs, ["kind"], meteor=False)
+    # k0, k1, k3: 9 of 10 humans said red (1.0); k2: 1 said blue (0.3).
+    assert report.quality["vqa"]["metrics"] == {"VQA accuracy": pytest.approx((3 + 0.3) / 4)}
+    good, bad = report.results[1:]
+    assert (good.identical, good.quality_matches, good.wall_speedup, good.decode_speedup) == (1.0, True, 2.5, 2.0)
+    assert (bad.identical, bad.mismatched, bad.quality_matches) == (0.75, 1, False)
+    assert report.mismatches == [
+        {"task": "vqa", "strategy": "bad draft", "batch": 8, "shard_id": "s0", "key": "k1", "target": "red",
+         "output": "blue", "error": None}
+    ]  # fmt: skip
+    assert not report.all_match
+    text = write_report(report, tmp_path / "report").read_text()
+    assert "**Not every strategy matches the target**" in text
+    assert "| vqa | 8 | bad draft | 4 | **75% (1 differ)** | **NO** | 10.0 | 3.00x |" in text
+    assert "| vqa | bad draft | 8 | s0 | k1 | red | blue |" in text
+    assert "| colour | 2 | 1.000 |" in text  # the target's quality by slice
 
 
 def test_evaluate_config_errors_name_the_problem(tmp_path):
@@ -82,10 +162,10 @@ def test_benchmark_suite_compares_every_mode_with_the_target(family):
     requests = family.requests(4)
     eos = (family.tokenizer.eos_token_id,)
     drafts = {
-        "vlm chain": (lambda: family.draft("vlm_noisy"), 3),
-        "vlm tree": (lambda: family.draft("vlm_noisy", tree=TreeSettings(topk=2, beam=2, max_nodes=8)), 3),
-        "text chain": (lambda: family.draft("text_copy"), 3),
-        "prompt lookup": (lambda: family.draft("prompt_lookup"), 3),
+        "vlm chain": lambda: family.draft("vlm_noisy", gamma=3),
+        "vlm tree": lambda: family.draft("vlm_noisy", gamma=3, tree=TreeSettings(topk=2, beam=2, max_nodes=8)),
+        "text chain": lambda: family.draft("text_copy", gamma=3),
+        "prompt lookup": lambda: family.draft("prompt_lookup", gamma=3),
     }
     rows = run_suite(
         family.target,

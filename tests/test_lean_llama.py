@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from specvlm.specdec.lean_llama import LeanLlama
-from specvlm.specdec.requests import collate_images
+from specvlm.specdec.prefill import prefill
 from specvlm.specdec.runner import ModelRunner, causal_attend
 
 SMALL = dict(
@@ -33,15 +33,25 @@ def _text_lm(kind: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _steps(model, prompt: torch.Tensor, lengths: torch.Tensor, lean: bool, **images) -> list[torch.Tensor]:
-    """Logits of a prefill, a ragged chain step and a tree step, with rows of different committed lengths."""
-    n = prompt.shape[0]
-    draw = torch.Generator().manual_seed(1)
+def _lean(model, lean: bool) -> LeanLlama | None:
     forward = LeanLlama.of(model) if lean else None
     assert (forward is not None) == lean
-    runner = ModelRunner(model, n, prompt.shape[1] + 16, lean=forward)
-    out = [runner.forward(prompt, causal_attend(lengths, prompt.shape[1]), **images)]
-    runner.kv_len[:n] = lengths
+    return forward
+
+
+def _steps(model, prompt: torch.Tensor, lengths: torch.Tensor, lean: bool) -> list[torch.Tensor]:
+    """Logits of a prefill, a ragged chain step and a tree step, with rows of different committed lengths."""
+    runner = ModelRunner(model, prompt.shape[0], prompt.shape[1] + 16, lean=_lean(model, lean))
+    out = [runner.forward(prompt, causal_attend(lengths, prompt.shape[1]))]
+    runner.kv_len[: prompt.shape[0]] = lengths
+    return out + _decode_steps(runner)
+
+
+def _decode_steps(runner: ModelRunner) -> list[torch.Tensor]:
+    """A ragged chain step and a tree step on whatever the runner's rows have committed."""
+    n = runner.rows
+    draw = torch.Generator().manual_seed(1)
+    out = []
     chain = torch.randint(5, 90, (n, 3), generator=draw)
     out.append(runner.forward(chain, causal_attend(torch.tensor([3, 1] * (n // 2) + [2] * (n % 2)), 3)))
     # A tree: node 0 is the root's child, nodes 1 and 2 are both children of node 0, at depth 1, 2, 2.
@@ -68,13 +78,11 @@ def test_lean_forward_matches_hugging_face_vlm_drafts(families, shape):
     reading the keys and values the prefill left in the cache."""
     family = families[shape]
     requests = family.requests(4)
-    width = max(len(r.input_ids) for r in requests)
-    prompt = torch.tensor([r.input_ids + [0] * (width - len(r.input_ids)) for r in requests])
-    lengths = torch.tensor([len(r.input_ids) for r in requests])
     model = family.drafts["vlm_noisy"]
-    images = collate_images(requests, model)
-    hf, lean = _steps(model, prompt, lengths, False, **images), _steps(model, prompt, lengths, True, **images)
-    for a, b in zip(hf, lean):
+    ids = [r.input_ids for r in requests]
+    width = max(map(len, ids)) + 16
+    steps = [_decode_steps(prefill(model, requests, ids, width, lean=_lean(model, lean))[0]) for lean in (False, True)]
+    for a, b in zip(*steps):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 

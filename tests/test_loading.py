@@ -4,8 +4,9 @@ with the draft's vocabulary checked against the target's."""
 import pytest
 import torch
 
+from specvlm.engine import DraftSettings, build_draft
 from specvlm.models.build import build_text_lm, build_tokenizer
-from specvlm.models.loading import ModelLoadError, load_draft, load_target, resolve_model_dir
+from specvlm.models.loading import ModelLoadError, load_draft_model, load_target, resolve_model_dir
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import ModelDraft, PromptLookupDraft
 
@@ -23,21 +24,21 @@ def saved(family, tmp_path_factory):
 
 def test_loaded_pair_decodes_like_the_in_memory_pair(family, saved):
     target = load_target(str(saved / "target"), device="cpu", dtype="float32")
-    draft = load_draft("vlm", target, str(saved / "vlm_noisy"))
-    assert isinstance(draft, ModelDraft) and not draft.text_only
+    draft = build_draft(DraftSettings("vlm", str(saved / "vlm_noisy"), gamma=3), target)
+    assert isinstance(draft, ModelDraft) and not draft.text_only and draft.max_depth == 3
     assert 0.9 < draft.cost_ratio < 1.1  # same architecture as the target
     requests = family.requests(4)
-    config = DecodeConfig(max_new_tokens=12, gamma=3, eos_token_ids=(family.tokenizer.eos_token_id,))
+    config = DecodeConfig(max_new_tokens=12, eos_token_ids=(family.tokenizer.eos_token_id,))
     results = SpeculativeDecoder(target.model, draft, config).generate(requests)
     assert [r.tokens for r in results] == [family.reference(r, 12) for r in requests]
 
 
 def test_text_draft_and_prompt_lookup_load(saved):
     target = load_target(str(saved / "target"), device="cpu", dtype="float32")
-    text = load_draft("text", target, str(saved / "text_copy"))
+    text = build_draft(DraftSettings("text", str(saved / "text_copy")), target)
     assert text.text_only and text.cost_ratio == pytest.approx(1.0)  # the target's own LM, minus the vision tower
-    assert isinstance(load_draft("prompt_lookup", target), PromptLookupDraft)
-    assert load_draft("none", target) is None
+    assert isinstance(build_draft(DraftSettings("prompt_lookup"), target), PromptLookupDraft)
+    assert build_draft(DraftSettings("none"), target) is None
 
 
 def test_draft_with_a_different_vocabulary_is_refused(saved, tmp_path):
@@ -46,14 +47,14 @@ def test_draft_with_a_different_vocabulary_is_refused(saved, tmp_path):
     build_text_lm(other_tokenizer).save_pretrained(tmp_path)
     other_tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="does not share the target's vocabulary"):
-        load_draft("text", target, str(tmp_path))
+        build_draft(DraftSettings("text", str(tmp_path)), target)
 
 
 def test_draft_without_tokenizer_is_refused(saved, family, tmp_path):
     target = load_target(str(saved / "target"), device="cpu", dtype="float32")
     family.drafts["text_random"].save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="no tokenizer files"):
-        load_draft("text", target, str(tmp_path))
+        build_draft(DraftSettings("text", str(tmp_path)), target)
 
 
 def test_pickle_weights_are_refused(saved, tmp_path):
@@ -66,5 +67,14 @@ def test_pickle_weights_are_refused(saved, tmp_path):
 def test_unknown_location_says_where_it_looked(tmp_path):
     with pytest.raises(ModelLoadError, match="not a local directory, not a URI"):
         resolve_model_dir("no-such-org/no-such-model-xyz")
-    with pytest.raises(ModelLoadError, match=r"unknown draft kind|not one of"):
-        load_draft("medusa", None)
+    with pytest.raises(ModelLoadError, match="model drafts are text, vlm"):
+        load_draft_model("medusa", None, "somewhere")
+
+
+def test_draft_of_the_wrong_kind_is_refused_before_loading(saved):
+    """draft.kind=text with draft.path at a VLM draft (and the reverse) names the mistake and the fix."""
+    target = load_target(str(saved / "target"), device="cpu", dtype="float32")
+    with pytest.raises(ModelLoadError, match=r"set draft\.kind=vlm"):
+        build_draft(DraftSettings("text", str(saved / "vlm_noisy")), target)
+    with pytest.raises(ModelLoadError, match=r"set draft\.kind=text"):
+        build_draft(DraftSettings("vlm", str(saved / "text_copy")), target)

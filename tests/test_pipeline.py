@@ -31,6 +31,19 @@ from tests.badfiles import write_bad_image_corpus
 MAX_NEW = 10
 SEED, SHARDS, PER_SHARD = 5, 3, 4
 
+# Per-sample columns that depend on the draft depths the controller chose, which follow measured timings.
+SCHEDULE_COLUMNS = [
+    "target_calls",
+    "draft_calls",
+    "proposed_tokens",
+    "accepted_tokens",
+    "accepted_per_step",
+    "nodes_per_step",
+    "block_efficiency",
+    "acceptance_rate",
+    "mbsu",
+]
+
 
 def config_for(models, input_uri, output_uri, *extra, endpoint=None):
     overrides = [
@@ -40,6 +53,7 @@ def config_for(models, input_uri, output_uri, *extra, endpoint=None):
         "draft.kind=vlm",
         f"draft.path={models / 'draft'}",
         "draft.gamma=3",
+        "draft.adaptive=false",  # tiny test models: the controller would rightly find drafting does not pay
         f"decode.max_new_tokens={MAX_NEW}",
         "compute.batch_size=4",
         "output.max_error_fraction=0",
@@ -165,9 +179,10 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(models, tmp_path, r
     summary = run_job(config, log=lambda *_: None)
     assert (summary.shards_skipped, summary.shards_written, summary.rows) == (SHARDS - 1, 1, SHARDS * PER_SHARD)
     again = read_output(f"{tmp_path}/out")
-    assert {k: t.drop(["latency_s", "tokens_per_s"]) for k, t in again.items()} == {
-        k: t.drop(["latency_s", "tokens_per_s"]) for k, t in first.items()
-    }
+    # Timings, and the speculation schedule the controller picked from them, differ between runs; the rows'
+    # content may not.
+    varying = ["latency_s", "tokens_per_s", *SCHEDULE_COLUMNS]
+    assert {k: t.drop(varying) for k, t in again.items()} == {k: t.drop(varying) for k, t in first.items()}
 
     with pytest.raises(ResumeConflict, match="other settings"):
         run_job(
@@ -293,4 +308,4 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
         timeout=60,
     )
     assert result.returncode == 2
-    assert "compute.batch_size" in result.stderr and "greater than or equal to 1" in result.stderr
+    assert "compute.batch_size" in result.stderr and ">= 1" in result.stderr

@@ -8,10 +8,11 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import ComputeConfig, ConfigError, DecodeSettings, DraftConfig, ModelConfig, TaskConfig
+from pipeline.config import ComputeConfig, ConfigError, DecodeSettings, TaskConfig
 from pipeline.processor import ProcessorConfig, build_processor, dataset_records
 from pipeline.schema import OUTPUT_SCHEMA
 from specvlm.demo.world import make_scene
+from specvlm.engine import DraftSettings, TargetSettings
 from tests.test_pipeline import MAX_NEW, SEED, expected_tokens
 
 
@@ -24,8 +25,8 @@ def png(image) -> bytes:
 def processor_config(models, **changes) -> ProcessorConfig:
     settings = {
         "task": TaskConfig(kind="vqa"),
-        "model": ModelConfig(target=str(models / "target")),
-        "draft": DraftConfig(kind="vlm", path=str(models / "draft"), gamma=3),
+        "model": TargetSettings(target=str(models / "target")),
+        "draft": DraftSettings(kind="vlm", path=str(models / "draft"), gamma=3),
         "decode": DecodeSettings(max_new_tokens=MAX_NEW),
         "compute": ComputeConfig(batch_size=4),
     }
@@ -48,7 +49,7 @@ def test_processor_decodes_an_in_memory_dataset_of_every_image_kind(family, mode
         {"img": image, "ask": s.question, "truth": s.answer, "id": kind}
         for (kind, image), s in zip(images.items(), scenes)
     ]
-    rows += [{"img": b"not an image", "id": "broken"}, {"img": 17, "id": "int"}]
+    rows += [{"img": b"not an image", "ask": "What is shown?", "id": "broken"}, {"img": 17, "id": "int"}]
     processor = build_processor(
         processor_config(models),
         # The hooks map one row to one row, as Ray Data LLM's do: here they rename the user's columns.
@@ -86,6 +87,6 @@ def test_rows_without_a_key_are_named_by_their_content():
 
 def test_a_missing_model_is_refused_before_any_ray_work(models, tmp_path):
     with pytest.raises(ConfigError, match=r"model\.target"):
-        build_processor(processor_config(models, model=ModelConfig(target=str(tmp_path / "no-model"))))
+        build_processor(processor_config(models, model=TargetSettings(target=str(tmp_path / "no-model"))))
     with pytest.raises(ValidationError, match=r"storage_options[^$]*looks like a credential"):
         processor_config(models, storage_options={"secret": "hunter2"})

@@ -78,7 +78,7 @@ def _parquet(table: pa.Table, row_group_size: int = 2) -> bytes:
 
 
 def _record(shard: Shard, key: str, **fields) -> dict:
-    empty = dict.fromkeys(["image", "caption", "question", "choices", "answer", "meta", "error"])
+    empty = dict.fromkeys(["image", "caption", "question", "choices", "answer", "references", "meta", "error"])
     return {"key": key, "shard_id": shard.shard_id, "source": shard.uri, **empty, **fields}
 
 

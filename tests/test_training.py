@@ -14,9 +14,10 @@ from specvlm.demo.cli import make_demo_main
 from specvlm.demo.shards import write_parquet_shards
 from specvlm.demo.tokenizer import build_demo_tokenizer
 from specvlm.demo.world import make_scene
+from specvlm.engine import DraftSettings, build_draft
 from specvlm.evaluation.demo_quality import content_tokens, decode_all, scene_requests, token_outcomes
 from specvlm.models.build import build_text_lm, build_tokenizer
-from specvlm.models.loading import ModelLoadError, load_draft, load_target
+from specvlm.models.loading import ModelLoadError, load_target
 from specvlm.training.cli import train_draft_main
 from specvlm.training.examples import Example
 from specvlm.training.loop import TrainConfig, last_step, train
@@ -90,8 +91,8 @@ def test_make_demo_family_loads_and_decodes_losslessly_through_the_engine(demo):
     eos = target.tokenizer.eos_token_id
     reference = decode_all(target.model, None, requests, max_new_tokens=10, eos_token_id=eos)
     for kind in ("text", "vlm"):
-        draft = load_draft(kind, target, str(models / f"draft-{kind}"))
-        results = decode_all(target.model, draft, requests, gamma=3, max_new_tokens=10, eos_token_id=eos)
+        draft = build_draft(DraftSettings(kind, str(models / f"draft-{kind}"), gamma=3), target)
+        results = decode_all(target.model, draft, requests, max_new_tokens=10, eos_token_id=eos)
         assert [r.tokens for r in results] == [r.tokens for r in reference]
         assert all(r.metrics.proposed_tokens > 0 for r in results)
         info = json.loads((models / f"draft-{kind}" / "draft_training.json").read_text())

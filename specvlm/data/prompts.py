@@ -47,17 +47,19 @@ def instruction(
     raise PromptError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
 
 
-def render(instruction_text: str, processor, template: str = "chat") -> str:
-    """Wrap an instruction in the model's chat format, with one image placeholder."""
+def render(instruction_text: str, processor, template: str = "chat", *, image: bool = True) -> str:
+    """Wrap an instruction in the model's chat format, with one image placeholder (none for a text-only prompt)."""
     if template == "chat":
         if getattr(processor, "chat_template", None):
-            conversation = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction_text}]}
-            ]
+            content = [{"type": "image"}] if image else []
+            conversation = [{"role": "user", "content": [*content, {"type": "text", "text": instruction_text}]}]
             return processor.apply_chat_template(conversation, add_generation_prompt=True)
         template = LLAVA_1_5_TEMPLATE
     if "{instruction}" not in template:
         raise PromptError("a prompt template must contain {instruction}")
+    if not image:
+        placeholder = getattr(processor, "image_token", "<image>")
+        template = template.replace(f"{placeholder}\n", "").replace(placeholder, "")
     return template.format(instruction=instruction_text)
 
 

@@ -1,4 +1,5 @@
-"""Shard listing and reading from any fsspec URI: image folders, WebDataset tars, Parquet files.
+"""Shard listing and reading from any fsspec URI: image folders, WebDataset tars, Parquet files, and the
+benchmark layouts of `benchmarks.py` (COCO, VQAv2, ScienceQA, JSONL, Hugging Face datasets).
 
 `list_shards` turns a URI (directory, file or glob) into a sorted list of `Shard`s; `read_shard`
 streams one `Record` per sample. Data problems never raise out of `read_shard`: they become
@@ -27,7 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from specvlm.data.retry import is_transient, with_retries
 
-ShardFormat = Literal["images", "webdataset", "parquet"]
+ShardFormat = Literal["images", "webdataset", "parquet", "coco", "vqav2", "scienceqa", "jsonl", "hf"]
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 _SIDECAR_EXTENSIONS = frozenset({"txt", "json"})
@@ -45,7 +46,10 @@ class Shard:
     uri: str  # the file (tar, parquet) or, for image folders, the listed root folder
     format: ShardFormat
     shard_id: str  # unique within a listing, filesystem-safe; names the output file
-    files: tuple[str, ...] = field(default=())  # image folders only: image and sidecar file URIs
+    files: tuple[str, ...] = field(default=())  # image folders: image and sidecar URIs; annotation layouts: sample ids
+    images: str = ""  # benchmark layouts: the root that image paths in the annotations are relative to
+    annotations: str = ""  # vqav2: the answers file
+    split: str = ""  # scienceqa: the split kept
 
 
 class Record(TypedDict):
@@ -57,6 +61,7 @@ class Record(TypedDict):
     question: str | None
     choices: list[str] | None
     answer: str | None
+    references: list[str] | None  # every reference when the record has several (captions, human answers)
     meta: str | None  # raw JSON text of extra fields
     error: str | None
 
@@ -65,13 +70,26 @@ class Record(TypedDict):
 
 
 def list_shards(
-    uri: str, format: str = "auto", *, storage_options: dict | None = None, files_per_shard: int = 1000
+    uri: str,
+    format: str = "auto",
+    *,
+    storage_options: dict | None = None,
+    files_per_shard: int = 1000,
+    **layout: str | None,
 ) -> list[Shard]:
-    """List the shards under `uri` (a directory, a single file or a glob), sorted and deterministic."""
-    if format not in ("auto", "images", "webdataset", "parquet"):
-        raise SourceError(f"unknown format {format!r}; use auto, images, webdataset or parquet")
+    """List the shards under `uri` (a directory, a single file or a glob), sorted and deterministic.
+    layout: images, annotations, split, for the benchmark layouts (benchmarks.py)."""
+    from specvlm.data import benchmarks  # it builds on this module's Shard and Record
+
+    formats = ("auto", "images", "webdataset", "parquet", *benchmarks.BENCHMARK_FORMATS)
+    if format not in formats:
+        raise SourceError(f"unknown format {format!r}; use one of {', '.join(formats)}")
     if files_per_shard < 1:
         raise SourceError(f"files_per_shard must be at least 1, got {files_per_shard}")
+    if format in benchmarks.BENCHMARK_FORMATS:
+        return benchmarks.list_benchmark_shards(
+            uri, format, storage_options=storage_options or {}, files_per_shard=files_per_shard, **layout
+        )
     fs, path = url_to_fs(uri, **(storage_options or {}))
     # fsspec keeps one filesystem instance per process with its directory listings cached;
     # a listing must see the store as it is now.
@@ -192,11 +210,15 @@ def read_shard(
     With raise_transient, a failure that may pass (a dropped connection, throttling) is raised
     instead, so the caller can retry; `skip` then resumes after the records it already has.
     """
+    from specvlm.data import benchmarks  # it builds on this module's Shard and Record
+
     fs, path = url_to_fs(shard.uri, **(storage_options or {}))
     if shard.format == "images":
         records = _read_image_folder(shard, fs, path)
     elif shard.format == "webdataset":
         records = _read_webdataset(shard, fs, path)
+    elif shard.format in benchmarks.BENCHMARK_FORMATS:
+        records = benchmarks.read_benchmark_shard(shard, storage_options or {})
     else:
         records = _read_parquet(shard, fs, path, image_column)
     count, seen = 0, Counter()
@@ -233,6 +255,7 @@ def _record(shard: Shard, key: str, **fields) -> Record:
         question=None,
         choices=None,
         answer=None,
+        references=None,
         meta=None,
         error=None,
     )

@@ -24,9 +24,10 @@ from specvlm.demo.shards import write_webdataset_shards
 from specvlm.demo.target import DEMO_TARGET, train_target
 from specvlm.demo.tokenizer import DEMO_VOCAB_SIZE, TOKENIZER_SCENES, build_demo_tokenizer
 from specvlm.demo.world import corpus_lines
+from specvlm.engine import DraftSettings
 from specvlm.evaluation.demo_quality import evaluate
 from specvlm.models.build import LlavaShape
-from specvlm.models.loading import load_draft, load_target
+from specvlm.models.loading import load_target
 from specvlm.training.draft import DraftShape, train_draft
 from specvlm.training.loop import TrainConfig
 
@@ -179,7 +180,7 @@ def make_demo(plan: DemoPlan, log=print) -> dict[str, float]:
     if plan.eval_scenes:
         with _stage("evaluation", timings, log):
             target = load_target(str(out / "target"), device="cpu", dtype="float32")
-            drafts = {kind: load_draft(kind, target, str(out / f"draft-{kind}")) for kind in ("text", "vlm")}
+            drafts = {kind: DraftSettings(kind, str(out / f"draft-{kind}")) for kind in ("text", "vlm")}
             log(evaluate(target, drafts, scenes=plan.eval_scenes).table())
     log("stage times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
     return timings

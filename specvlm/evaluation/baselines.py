@@ -12,8 +12,9 @@ import time
 import torch
 
 from specvlm.specdec.lean_llama import LeanLlama
-from specvlm.specdec.requests import Request, collate_images
-from specvlm.specdec.runner import ModelRunner, causal_attend
+from specvlm.specdec.prefill import image_inputs, prefill
+from specvlm.specdec.requests import Request
+from specvlm.specdec.runner import causal_attend
 
 
 def _trim(tokens: list[int], eos: set[int]) -> list[int]:
@@ -27,7 +28,8 @@ def _trim(tokens: list[int], eos: set[int]) -> list[int]:
 def hf_generate(
     target, requests: list[Request], max_new_tokens: int, batch: int, eos: tuple[int, ...], pad_id: int, assistant=None
 ) -> tuple[list[list[int]], float]:
-    """Greedy `generate` over left-padded batches (or with an assistant model, one request at a time)."""
+    """Greedy `generate` over left-padded batches (or with an assistant model, one request at a time). eos with
+    no valid id means "never stop": then the model's generation config must not name one either."""
     if assistant is not None and batch != 1:
         raise ValueError("Hugging Face assisted generation supports batch size 1 only")
     outputs, start = [], time.perf_counter()
@@ -39,14 +41,16 @@ def hf_generate(
             [[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in group], device=target.device
         )
         extra = {"assistant_model": assistant} if assistant is not None else {}
+        stop = [t for t in eos if t >= 0]
+        if stop:
+            extra["eos_token_id"] = stop
         out = target.generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=list(eos),
             pad_token_id=pad_id,
-            **collate_images(group, target),
+            **image_inputs(group, target),
             **extra,
         )
         outputs += [_trim(row[width:].tolist(), set(eos)) for row in out]
@@ -59,12 +63,13 @@ def forward_time(
 ) -> float:
     """Seconds per forward of `model` with q new tokens per row, after prefilling the rows' prompts (lean: the
     draft's LeanLlama, as a draft runs; see ModelRunner)."""
-    ids = [r.input_ids for r in rows]
-    width = max(len(x) for x in ids)
-    runner = ModelRunner(model, len(rows), width + steps * q + 2 * q, lean=lean)
-    tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids], device=model.device)
-    images = collate_images(rows, model) if with_images else {}
-    runner.prefill(tokens, torch.tensor([len(x) for x in ids], device=model.device), **images)
+    width = max(len(r.input_ids) for r in rows)
+    runner, _, errors = prefill(
+        model, rows, [r.input_ids for r in rows], width + steps * q + 2 * q, use_images=with_images, lean=lean
+    )
+    if errors:
+        raise ValueError(f"cannot time a forward on these rows: {next(iter(errors.values()))}")
+    tokens = torch.tensor([r.input_ids[:1] for r in rows], device=model.device)
     new = tokens[:, :1].expand(-1, q)
     attend = causal_attend(torch.full((len(rows),), q, dtype=torch.long, device=model.device), q)
     runner.forward(new, attend)  # warm-up

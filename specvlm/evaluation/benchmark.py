@@ -1,9 +1,11 @@
 """Side-by-side speed and identity of every decoding mode on the same models and inputs, in one process.
 
-Modes: this engine autoregressive (the baseline), this engine with each draft strategy, Hugging Face batched
-greedy `generate`, and Hugging Face assisted generation (batch 1). Every mode decodes the same requests; each
-is timed as the median of `repeats` runs after a warm-up, and its output is compared token by token with the
-engine's autoregressive output. Ratios are taken within one batch size.
+Modes: this engine autoregressive (the baseline), this engine with each draft, Hugging Face batched greedy
+`generate`, and Hugging Face assisted generation (batch 1). Every mode decodes the same requests; the modes take
+turns, `repeats` rounds after a warm-up, so that drift on a shared machine hits them alike, and each is timed as
+the median of its rounds (the spread, max/min, is reported beside it). Outputs are compared token by token with
+the engine's autoregressive output. Ratios are taken within one batch size. Drafts run at their full depth every
+step (the controller's adaptivity has its own benchmark, throughput.py): this measures what a draft buys.
 
 Replay rows measure the engine's own overhead: a draft that costs nothing replays the target's recorded
 continuation, corrupted so that each token is accepted with probability a; the achieved speedup over
@@ -13,6 +15,10 @@ That limit assumes a target pass over gamma + 1 tokens costs what a pass over on
 small model on a CPU is bound by arithmetic, not by reading its weights), r, the measured cost of the step's
 verification pass relative to a one-token pass, gives the limit this hardware allows: tau / (r + calls * c),
 calls = draft forwards per step. achieved / that limit is the engine's own efficiency.
+
+Figures that cannot be right are flagged rather than printed silently: r below 1 beyond noise (a pass over more
+tokens cheaper than a pass over one), an achieved speedup above its limit, and timings whose rounds disagree by
+more than SPREAD_WARNING.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,43 +37,65 @@ from specvlm.evaluation.baselines import draft_forward_time, forward_time, hf_ge
 from specvlm.evaluation.replay import ReplayDraft
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import Draft
+from specvlm.specdec.metrics import pool
 from specvlm.specdec.requests import Request
+
+SPREAD_WARNING = 1.25  # max / min of a mode's rounds above this: the machine was too busy to trust its ratio
+TOLERANCE = 0.05  # how far a measured ratio may pass a bound it cannot pass before it is flagged
+
+
+@dataclass
+class Timing:
+    """Seconds of each timed round."""
+
+    rounds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rounds)
+
+    @property
+    def spread(self) -> float:
+        return max(self.rounds) / min(self.rounds)
 
 
 @dataclass
 class Row:
     mode: str
     batch: int
-    seconds: float
+    timing: Timing
     new_tokens: int
     identical: float  # fraction of requests token-identical to the engine's autoregressive output
     tau: float | None = None
     acceptance: float | None = None
     c: float | None = None
-    limit: float | None = None  # tau / (gamma * c + 1)
+    limit: float | None = None  # tau / (calls * c + 1)
     r: float | None = None  # cost of the step's verification pass / a one-token pass
     hardware_limit: float | None = None  # tau / (r + draft calls per step * c)
     speedup_vs_ar: float | None = None
     speedup_vs_hf: float | None = None
+    flags: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.new_tokens / self.seconds
+        return self.new_tokens / self.timing.median
+
+    def check(self) -> None:
+        """Flag figures that cannot be right."""
+        if self.timing.spread > SPREAD_WARNING:
+            self.flags.append(f"noisy: rounds differ {self.timing.spread:.2f}x")
+        if self.r is not None and self.r < 1 - TOLERANCE:
+            self.flags.append(f"r = {self.r:.2f} < 1: a longer pass measured cheaper (a busy machine?)")
+        for name, bound in (("limit", self.limit), ("hardware limit", self.hardware_limit)):
+            if bound and self.speedup_vs_ar and self.speedup_vs_ar > bound * (1 + TOLERANCE):
+                self.flags.append(f"above its {name} ({self.speedup_vs_ar:.2f}x > {bound:.2f}x)")
+        if self.identical < 1.0 and not self.mode.startswith("HF"):
+            self.flags.append("OUTPUT DIFFERS from the target's")
 
 
-def _median_time(run: Callable[[], list], repeats: int) -> tuple[list, float]:
-    run()  # warm-up: allocator, kernels, caches
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = run()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return out, statistics.median(times)
-
-
-def _engine(target, draft: Draft | None, config: DecodeConfig, requests: list[Request], batch: int):
+def _engine(target, draft: Draft | None, requests: list[Request], batch: int, max_new_tokens: int, eos):
+    """Static batches of `batch` requests, as the classic speculative decoding papers measure."""
+    config = DecodeConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, max_rows=batch, adaptive=False)
     decoder = SpeculativeDecoder(target, draft, config)
     return [r for i in range(0, len(requests), batch) for r in decoder.generate(requests[i : i + batch])]
 
@@ -76,9 +104,23 @@ def _identity(outputs: list[list[int]], reference: list[list[int]]) -> float:
     return sum(a == b for a, b in zip(outputs, reference)) / len(reference)
 
 
+def _timed_rounds(modes: dict[str, Callable[[], list]], repeats: int) -> tuple[dict[str, list], dict[str, Timing]]:
+    """Each mode once to warm up, then `repeats` rounds in which every mode runs once, in turn."""
+    outputs = {name: run() for name, run in modes.items()}
+    rounds: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in range(repeats):
+        for name, run in modes.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            rounds[name].append(time.perf_counter() - start)
+    return outputs, {name: Timing(times) for name, times in rounds.items()}
+
+
 def run_suite(
     target,
-    drafts: dict[str, tuple[Callable[[], Draft], int]],  # name -> (make a fresh draft, gamma)
+    drafts: dict[str, Callable[[], Draft]],  # name -> make a fresh draft
     assistants: dict[str, torch.nn.Module],  # name -> draft model for HF assisted generation
     requests: list[Request],
     *,
@@ -89,113 +131,111 @@ def run_suite(
     repeats: int = 3,
     replay_acceptance: tuple[float, ...] = (0.5, 0.7, 0.9),
     replay_gamma: int = 5,
+    replay_trees: tuple[int, ...] = (),
     log=print,
 ) -> list[Row]:
+    """replay_trees: sibling counts of replayed trees (acceptance 0.9), which exercise tree verification."""
     rows: list[Row] = []
-    base = DecodeConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos)
     for batch in batches:
-        one_token = forward_time(target, requests[:batch], True)  # the unit of c and r at this batch size
-        r_of = {}  # tokens per verification pass -> r
-
-        def r_for(metrics) -> float:
-            nodes = [n for m in metrics for n in m.nodes_per_step]
-            q = round(sum(nodes) / len(nodes)) + 1 if nodes else 1
-            if q not in r_of:
-                r_of[q] = forward_time(target, requests[:batch], True, q) / one_token
-            return r_of[q]
-
-        ar, ar_time = _median_time(lambda: _engine(target, None, base, requests, batch), repeats)
-        reference = [r.tokens for r in ar]
-        ar_row = Row("engine autoregressive", batch, ar_time, sum(len(t) for t in reference), 1.0, tau=1.0)
-        hf, hf_time = _median_time(
-            lambda: hf_generate(target, requests, max_new_tokens, batch, eos, pad_id)[0], repeats
+        rows += _rows_at(
+            target,
+            drafts,
+            assistants if batch == 1 else {},
+            requests,
+            batch,
+            max_new_tokens,
+            eos,
+            pad_id,
+            repeats,
+            replay_acceptance,
+            replay_gamma,
+            replay_trees,
+            log,
         )
-        hf_row = Row("HF generate (greedy)", batch, hf_time, sum(len(t) for t in hf), _identity(hf, reference))
-        batch_rows = [ar_row, hf_row]
-        log(f"batch {batch}: autoregressive {ar_row.tokens_per_s:.1f} tok/s, HF generate {hf_row.tokens_per_s:.1f}")
+    return rows
 
-        for name, (make, gamma) in drafts.items():
-            config = DecodeConfig(max_new_tokens=max_new_tokens, gamma=gamma, eos_token_ids=eos)
-            out, seconds = _median_time(lambda: _engine(target, make(), config, requests, batch), repeats)
-            metrics = [r.metrics for r in out]
-            tau = sum(m.new_tokens for m in metrics) / sum(m.target_calls for m in metrics)
-            proposed = sum(m.proposed_tokens for m in metrics)
-            draft = make()
-            has_model = hasattr(draft, "model")
-            c = 0.0
-            if has_model:
-                c = draft_forward_time(target, draft.model, requests[:batch], draft.lean) / one_token
-            per_step = sum(m.draft_calls for m in metrics) / sum(m.target_calls for m in metrics)
-            r_verify = r_for(metrics)
-            batch_rows.append(
-                Row(
-                    f"engine {name}",
-                    batch,
-                    seconds,
-                    sum(m.new_tokens for m in metrics),
-                    _identity([r.tokens for r in out], reference),
-                    tau=tau,
-                    acceptance=sum(m.accepted_tokens for m in metrics) / proposed if proposed else 0.0,
-                    c=c,
-                    limit=tau / (per_step * c + 1),
-                    r=r_verify,
-                    hardware_limit=tau / (r_verify + per_step * c),
-                )
+
+def _rows_at(
+    target,
+    drafts,
+    assistants,
+    requests,
+    batch,
+    max_new_tokens,
+    eos,
+    pad_id,
+    repeats,
+    replay_acceptance,
+    replay_gamma,
+    replay_trees,
+    log,
+) -> list[Row]:
+    """Every mode at one batch size."""
+    one_token = forward_time(target, requests[:batch], True)  # the unit of c and r at this batch size
+    reference = [r.tokens for r in _engine(target, None, requests, batch, max_new_tokens, eos)]
+    scripts = {tuple(r.input_ids): out for r, out in zip(requests, reference)}
+    vocab = target.get_output_embeddings().weight.shape[0]
+    made = {name: make() for name, make in drafts.items()}
+
+    def engine(draft):
+        return lambda: _engine(target, draft, requests, batch, max_new_tokens, eos)
+
+    modes: dict[str, Callable[[], list]] = {
+        "engine autoregressive": engine(None),
+        "HF generate (greedy)": lambda: hf_generate(target, requests, max_new_tokens, batch, eos, pad_id)[0],
+    }
+    for name, draft in made.items():
+        modes[f"engine {name}"] = engine(draft)
+    for name, assistant in assistants.items():
+        modes[f"HF assisted ({name})"] = lambda a=assistant: hf_generate(
+            target, requests, max_new_tokens, 1, eos, pad_id, assistant=a
+        )[0]
+    for a in replay_acceptance:
+        modes[f"replay a={a}"] = engine(
+            ReplayDraft(scripts, error_rate=1 - a, target_vocab=vocab, device=target.device, gamma=replay_gamma)
+        )
+    for k in replay_trees:
+        modes[f"replay tree a=0.9, {k} siblings"] = engine(
+            ReplayDraft(
+                scripts, error_rate=0.1, target_vocab=vocab, device=target.device, gamma=replay_gamma, siblings=k
             )
-            log(f"  {name}: tau {tau:.2f}, {batch_rows[-1].tokens_per_s:.1f} tok/s")
+        )
+    outputs, timings = _timed_rounds(modes, repeats)
 
-        if batch == 1:
-            for name, assistant in assistants.items():
-                out, seconds = _median_time(
-                    lambda: hf_generate(target, requests, max_new_tokens, 1, eos, pad_id, assistant=assistant)[0],
-                    repeats,
-                )
-                batch_rows.append(
-                    Row(f"HF assisted ({name})", 1, seconds, sum(len(t) for t in out), _identity(out, reference))
-                )
+    r_of: dict[int, float] = {}  # tokens per verification pass -> r
 
-        vocab = target.get_output_embeddings().weight.shape[0]
-        for acceptance in replay_acceptance:
-            config = DecodeConfig(max_new_tokens=max_new_tokens, gamma=replay_gamma, eos_token_ids=eos)
+    def r_for(metrics) -> float:
+        nodes = [n for m in metrics for n in m.nodes_per_step]
+        q = round(sum(nodes) / len(nodes)) + 1 if nodes else 1
+        if q not in r_of:
+            r_of[q] = forward_time(target, requests[:batch], True, q) / one_token
+        return r_of[q]
 
-            def replayed():
-                # The replay draft holds one recorded continuation per request of the batch it decodes.
-                results = []
-                for i in range(0, len(requests), batch):
-                    draft = ReplayDraft(
-                        reference[i : i + batch],
-                        error_rate=1 - acceptance,
-                        vocab_size=vocab,
-                        device=target.device,
-                        seed=i,
-                    )
-                    results += SpeculativeDecoder(target, draft, config).generate(requests[i : i + batch])
-                return results
-
-            out, seconds = _median_time(replayed, repeats)
-            metrics = [r.metrics for r in out]
-            tau = sum(m.new_tokens for m in metrics) / sum(m.target_calls for m in metrics)
-            r_verify = r_for(metrics)
-            batch_rows.append(
-                Row(
-                    f"replay a={acceptance}",
-                    batch,
-                    seconds,
-                    sum(m.new_tokens for m in metrics),
-                    _identity([r.tokens for r in out], reference),
-                    tau=tau,
-                    c=0.0,
-                    limit=tau,
-                    r=r_verify,
-                    hardware_limit=tau / r_verify,
-                    acceptance=sum(m.accepted_tokens for m in metrics) / sum(m.proposed_tokens for m in metrics),
-                )
-            )
-
-        for row in batch_rows:
-            row.speedup_vs_ar = row.tokens_per_s / ar_row.tokens_per_s
-            row.speedup_vs_hf = row.tokens_per_s / hf_row.tokens_per_s
-        rows += batch_rows
+    rows = []
+    for name, out in outputs.items():
+        tokens = [r if isinstance(r, list) else r.tokens for r in out]
+        row = Row(name, batch, timings[name], sum(map(len, tokens)), _identity(tokens, reference))
+        if name.startswith(("engine", "replay")):
+            pooled = pool(r.metrics for r in out)
+            row.tau, row.acceptance = pooled.block_efficiency, pooled.acceptance_rate
+            draft = made.get(name.removeprefix("engine "))
+            model = getattr(draft, "model", None)
+            row.c = 0.0
+            if model is not None:
+                row.c = draft_forward_time(target, model, requests[:batch], draft.lean) / one_token
+            calls = pooled.draft_calls_per_step
+            row.limit = row.tau / (calls * row.c + 1)
+            if name != "engine autoregressive":
+                row.r = r_for([r.metrics for r in out])
+                row.hardware_limit = row.tau / (row.r + calls * row.c)
+        rows.append(row)
+    ar, hf = rows[0], rows[1]
+    for row in rows:
+        row.speedup_vs_ar = row.tokens_per_s / ar.tokens_per_s
+        row.speedup_vs_hf = row.tokens_per_s / hf.tokens_per_s
+        row.check()
+        flags = "".join(f" [{f}]" for f in row.flags)
+        log(f"batch {batch}: {row.mode}: {row.speedup_vs_ar:.2f}x autoregressive{flags}")
     return rows
 
 
@@ -204,17 +244,18 @@ def markdown_table(rows: list[Row]) -> str:
         return "" if x is None else format(x, spec)
 
     lines = [
-        "| batch | mode | tok/s vs engine AR | tok/s vs HF generate | tau | acceptance | c | limit tau/(γc+1) | "
-        "achieved / limit | r | limit tau/(r+γc) | achieved / that limit | identical |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | mode | tok/s vs engine AR | tok/s vs HF generate | spread | tau | acceptance | c | "
+        "limit tau/(γc+1) | achieved / limit | r | limit tau/(r+γc) | achieved / that limit | identical | flags |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         efficiency = r.speedup_vs_ar / r.limit if r.limit else None
         hardware = r.speedup_vs_ar / r.hardware_limit if r.hardware_limit else None
         lines.append(
-            f"| {r.batch} | {r.mode} | {fmt(r.speedup_vs_ar)} | {fmt(r.speedup_vs_hf)} | {fmt(r.tau)} | "
-            f"{fmt(r.acceptance)} | {fmt(r.c, '.3f')} | {fmt(r.limit)} | {fmt(efficiency, '.0%')} | "
-            f"{fmt(r.r)} | {fmt(r.hardware_limit)} | {fmt(hardware, '.0%')} | {r.identical:.0%} |"
+            f"| {r.batch} | {r.mode} | {fmt(r.speedup_vs_ar)} | {fmt(r.speedup_vs_hf)} | {r.timing.spread:.2f} | "
+            f"{fmt(r.tau)} | {fmt(r.acceptance)} | {fmt(r.c, '.3f')} | {fmt(r.limit)} | {fmt(efficiency, '.0%')} | "
+            f"{fmt(r.r)} | {fmt(r.hardware_limit)} | {fmt(hardware, '.0%')} | {r.identical:.0%} | "
+            f"{'; '.join(r.flags)} |"
         )
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ something else (a rejection) unless a == gamma (a bonus token nobody proposed).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -21,7 +22,9 @@ from specvlm.data.prompts import LETTERS, TASKS, extract_choice, instruction, re
 from specvlm.demo.tokenizer import task_record
 from specvlm.demo.world import BACKGROUNDS, COLOURS, NUMBERS, SHAPES, SIZES, Scene, make_scene
 from specvlm.demo.world_data import reference
+from specvlm.engine import build_draft
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
+from specvlm.specdec.metrics import pool
 from specvlm.specdec.requests import Request
 
 CONTENT_WORDS = frozenset(
@@ -44,21 +47,14 @@ def scene_requests(scenes: list[Scene], task: str, processor) -> list[Request]:
 
 
 def decode_all(
-    target_model,
-    draft,
-    requests: list[Request],
-    *,
-    gamma: int = 5,
-    max_new_tokens: int = 96,
-    eos_token_id: int,
-    batch_size: int = 8,
+    target_model, draft, requests: list[Request], *, max_new_tokens: int = 96, eos_token_id: int, batch_size: int = 8
 ):
-    decoder = SpeculativeDecoder(
-        target_model, draft, DecodeConfig(max_new_tokens=max_new_tokens, gamma=gamma, eos_token_ids=(eos_token_id,))
+    """Every request through the engine, `batch_size` rows at a time, the draft at its full depth every step
+    (this measures the draft, not the controller)."""
+    config = DecodeConfig(
+        max_new_tokens=max_new_tokens, eos_token_ids=(eos_token_id,), max_rows=batch_size, adaptive=False
     )
-    results = []
-    for start in range(0, len(requests), batch_size):
-        results += decoder.generate(requests[start : start + batch_size])
+    results = SpeculativeDecoder(target_model, draft, config).generate(requests)
     failed = [r.error for r in results if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed to decode, e.g. {failed[0]}")
@@ -173,7 +169,7 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 96,
 ) -> Report:
-    """target: a LoadedTarget; drafts: name -> Draft (as load_draft returns them)."""
+    """target: a LoadedTarget; drafts: name -> the draft's settings (its gamma is replaced by each of gammas)."""
     world = [make_scene(seed, i) for i in range(scenes)]
     tokenizer, eos = target.tokenizer, target.tokenizer.eos_token_id
     exact, lengths, rows = {}, {}, []
@@ -188,22 +184,22 @@ def evaluate(
         classes = [content_tokens(r.tokens, tokenizer) for r in reference_results]
         for name, draft in drafts.items():
             for gamma in gammas:
+                draft_at_gamma = build_draft(dataclasses.replace(draft, gamma=gamma), target)
                 results = decode_all(
                     target.model,
-                    draft,
+                    draft_at_gamma,
                     requests,
-                    gamma=gamma,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=eos,
                     batch_size=batch_size,
                 )
+                pooled = pool(r.metrics for r in results)
                 row = DraftRow(
                     name,
                     gamma,
                     task,
-                    tau=sum(r.metrics.new_tokens for r in results) / sum(r.metrics.target_calls for r in results),
-                    acceptance=sum(r.metrics.accepted_tokens for r in results)
-                    / max(1, sum(r.metrics.proposed_tokens for r in results)),
+                    tau=pooled.block_efficiency,
+                    acceptance=pooled.acceptance_rate,
                     identical=all(r.tokens == ref.tokens for r, ref in zip(results, reference_results)),
                 )
                 for result, kinds in zip(results, classes):

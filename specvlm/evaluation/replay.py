@@ -3,6 +3,9 @@
 It costs nothing to run, and its acceptance rate is set by `error_rate` (each proposed token is replaced by a
 different random token with that probability). So a benchmark can measure the engine's overhead at any
 acceptance rate, on any target, even a random-weight one of real size.
+
+With `siblings` > 1 it proposes a tree instead: at every depth the recorded token plus siblings - 1 random
+tokens that are leaves, so the verifier, the tree masks and the commit's compaction run at real size too.
 """
 
 from __future__ import annotations
@@ -19,43 +22,105 @@ class ReplayDraft(Draft):
     name = "replay"
 
     def __init__(
-        self, scripts: list[list[int]], *, error_rate: float, vocab_size: int, device: torch.device, seed: int = 0
+        self,
+        scripts: dict[tuple[int, ...], list[int]],
+        *,
+        error_rate: float,
+        target_vocab: int,
+        device: torch.device,
+        gamma: int = 5,
+        seed: int = 0,
+        siblings: int = 1,
     ):
+        """scripts: prompt ids -> the target's greedy continuation of that prompt."""
         if not 0.0 <= error_rate <= 1.0:
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
-        self.scripts = scripts  # per request, in the order the batch will hold them
+        self.scripts = scripts
+        self.prompt_lengths = sorted({len(p) for p in scripts})
         self.error_rate = error_rate
-        self.vocab_size = vocab_size
+        self.target_vocab = target_vocab  # the target's logit width: corrupted tokens are drawn below it
         self.device = device
+        self.max_depth = gamma
         self.seed = seed
+        self.siblings = siblings
+        self.rows: list[tuple[list[int], int, random.Random] | None] = []  # script, position, corruption stream
 
-    def prefill(self, requests, max_new_tokens, gamma):
-        if len(requests) != len(self.scripts):
-            raise ValueError("a replay draft needs one recorded continuation per request")
-        self.rows = list(range(len(requests)))  # script index per row
-        self.position = [0] * len(requests)  # tokens committed per row
-        # One stream per script, so corruption does not depend on how requests are batched.
-        self.rngs = [random.Random(self.seed * 1_000_003 + i) for i in range(len(requests))]
+    def reset(self):
+        self.rows = []
 
-    def _corrupt(self, token: int, rng: random.Random) -> int:
-        if rng.random() >= self.error_rate:
+    def allocate(self, rows, capacity):
+        self.rows = (self.rows + [None] * rows)[:rows]
+
+    def admit(self, rows, requests):
+        errors = {}
+        for i, (row, request) in enumerate(zip(rows, requests)):
+            ids = tuple(request.input_ids)
+            # A request may arrive with tokens generated so far: its prompt is the recorded prefix.
+            prompt = next((ids[:n] for n in self.prompt_lengths if ids[:n] in self.scripts), None)
+            if prompt is None:
+                errors[i] = "replay draft: no recorded continuation for this prompt"
+                continue
+            # One corruption stream per prompt, so corruption does not depend on batching.
+            stream = random.Random(hash((self.seed, prompt)))
+            self.rows[row] = (self.scripts[prompt], len(ids) - len(prompt), stream)
+        return errors
+
+    def release(self, rows):
+        for row in rows:
+            self.rows[row] = None
+
+    def _corrupt(self, token: int, stream: random.Random) -> int:
+        if stream.random() >= self.error_rate:
             return token
-        return (token + rng.randrange(1, self.vocab_size)) % self.vocab_size
+        return (token + stream.randrange(1, self.target_vocab)) % self.target_vocab
 
-    def propose(self, n, gamma, params, rng):
-        tokens = torch.zeros(n, gamma, dtype=torch.long)
+    def max_nodes(self, depth):
+        return depth * self.siblings
+
+    def propose(self, n, depth, params, rng):
+        tokens = torch.zeros(n, depth, dtype=torch.long)
         lengths = []
         for row in range(n):
-            script, rng = self.scripts[self.rows[row]], self.rngs[self.rows[row]]
-            upcoming = [self._corrupt(t, rng) for t in script[self.position[row] : self.position[row] + gamma]]
+            upcoming = []
+            if self.rows[row] is not None:
+                script, position, stream = self.rows[row]
+                upcoming = [self._corrupt(t, stream) for t in script[position : position + depth]]
             tokens[row, : len(upcoming)] = torch.tensor(upcoming, dtype=torch.long)
             lengths.append(len(upcoming))
-        return Proposal.chain(tokens.to(self.device), torch.tensor(lengths, device=self.device), None, draft_calls=0)
+        lengths = torch.tensor(lengths)
+        if self.siblings == 1:
+            return Proposal.chain(tokens.to(self.device), lengths.to(self.device), None, draft_calls=0)
+        return self._tree(tokens, lengths)
+
+    def _tree(self, line: torch.Tensor, depths: torch.Tensor) -> Proposal:
+        """Level j holds nodes j*k .. j*k+k-1: the recorded token first (it carries the tree on), then leaves."""
+        n, depth = line.shape
+        k = self.siblings
+        index = torch.arange(depth * k)
+        level = index // k
+        tokens = (line[:, level] + index % k) % self.target_vocab  # siblings differ from the line's token
+        parents = torch.where(level > 0, (level - 1) * k, -1).expand(n, -1)
+        # A node sees the line's nodes above it, and itself.
+        on_line = index % k == 0
+        ancestry = (on_line[None, :] & (level[None, :] < level[:, None])) | torch.eye(depth * k, dtype=torch.bool)
+        return Proposal(
+            tokens.to(self.device),
+            parents.to(self.device),
+            (depths * k).to(self.device),
+            None,
+            0,
+            ancestry.expand(n, -1, -1).to(self.device),
+        )
+
+    def calls(self, depth):
+        return 0
 
     def commit(self, tokens, counts):
         for row, count in enumerate(counts.tolist()):
-            self.position[row] += count
+            if self.rows[row] is not None:
+                script, position, stream = self.rows[row]
+                self.rows[row] = (script, position + count, stream)
 
     def move_rows(self, dst, src):
         for d, s in zip(dst, src):
-            self.rows[d], self.position[d] = self.rows[s], self.position[s]
+            self.rows[d] = self.rows[s]

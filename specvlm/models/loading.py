@@ -7,6 +7,7 @@ A URI (s3://, gs://, ...) is copied once per node into a local cache directory a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from specvlm.models.checkpoints import ModelLoadError, resolve_model_dir
-from specvlm.specdec.drafts import Draft, ModelDraft, PromptLookupDraft
-from specvlm.specdec.tree import TreeDraft, TreeSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +65,8 @@ class LoadedTarget:
         return getattr(config, "image_token_id", getattr(config, "image_token_index", None))
 
     @property
-    def vocab_size(self) -> int:
+    def output_vocab(self) -> int:
+        """The width of the target's logits (its output embedding rows)."""
         return self.model.get_output_embeddings().weight.shape[0]
 
 
@@ -109,35 +109,42 @@ def check_vocabulary(target_tokenizer, draft_tokenizer, draft_location: str) -> 
         )
 
 
-def load_draft(
+DRAFT_MODEL_KINDS = ("text", "vlm")
+
+
+def check_draft_kind(kind: str, config: dict, location: str) -> None:
+    """A text draft is a causal LM, a VLM draft an image-text model: say so before anything loads the weights.
+    config: the checkpoint's config.json."""
+    is_vlm = "vision_config" in config
+    if kind == "text" and is_vlm:
+        raise ModelLoadError(
+            f"draft {location!r} is a vision-language model ({config.get('model_type')}), not a text-only LM; "
+            "set draft.kind=vlm, or point draft.path at a text-only draft"
+        )
+    if kind == "vlm" and not is_vlm:
+        raise ModelLoadError(
+            f"draft {location!r} is a text-only model ({config.get('model_type')}), not a vision-language model; "
+            "set draft.kind=text, or point draft.path at a VLM draft"
+        )
+
+
+def load_draft_model(
     kind: str,
     target: LoadedTarget,
-    location: str | None = None,
+    location: str,
     *,
-    dtype: str = "auto",
     trust_remote_code: bool = False,
     storage_options: dict | None = None,
-    max_ngram: int = 3,
-    min_ngram: int = 1,
-    tree: TreeSettings | None = None,
-    min_confidence: float = 0.0,
-    lean: bool = True,
-) -> Draft | None:
-    """kind: none | text | vlm | prompt_lookup. A model draft proposes a chain, or a dynamic tree when `tree`
-    is given; min_confidence > 0 makes chains stop early where the draft is unsure. lean=False runs the draft's
-    decode steps through Hugging Face instead of LeanLlama (for comparison)."""
-    if kind == "none":
-        return None
-    if kind == "prompt_lookup":
-        return PromptLookupDraft(
-            image_token_id=target.image_token_id, device=target.model.device, max_ngram=max_ngram, min_ngram=min_ngram
-        )
-    if kind not in ("text", "vlm"):
-        raise ModelLoadError(f"draft kind {kind!r} is not one of none, text, vlm, prompt_lookup")
+) -> torch.nn.Module:
+    """A draft's model (kind text or vlm), on the target's device and in its dtype, checked against the target:
+    same vocabulary, and for a VLM draft the same image expansion."""
+    if kind not in DRAFT_MODEL_KINDS:
+        raise ModelLoadError(f"draft kind {kind!r} has no model; model drafts are {', '.join(DRAFT_MODEL_KINDS)}")
     if not location:
         raise ModelLoadError(f"a {kind!r} draft needs a model path")
     path = resolve_model_dir(location, storage_options=storage_options)
     _require_safetensors(path)
+    check_draft_kind(kind, json.loads((path / "config.json").read_text()), location)
     try:
         draft_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
@@ -154,17 +161,7 @@ def load_draft(
     model = model.to(target.model.device).eval()
     if kind == "vlm":
         _check_same_image_tokens(target.model, model, location)
-    common = dict(
-        text_only=kind == "text",
-        image_token_id=target.image_token_id,
-        vocab_size=target.vocab_size,
-        cost_ratio=decode_parameters(model) / decode_parameters(target.model),
-        name=f"{kind}:{location}",
-        lean=lean,
-    )
-    if tree is not None:
-        return TreeDraft(model, tree=tree, **common)
-    return ModelDraft(model, min_confidence=min_confidence, **common)
+    return model
 
 
 def _check_same_image_tokens(target: torch.nn.Module, draft: torch.nn.Module, location: str) -> None:

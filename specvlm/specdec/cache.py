@@ -11,8 +11,9 @@ next forward overwrites. So rollback after a rejected draft is just "don't advan
 (each with its own length) never need padding tricks inside the cache: the attention mask, built by the
 runner from kv_len, says which slots each query may see.
 
-Rows are a dense prefix [0, n) of the buffer. When rows finish, `move_rows` copies the few surviving rows
-from the tail into the holes, so the active batch stays a cheap view and no step copies the whole cache.
+Forwards run over the dense prefix of rows [0, n), a cheap view. New requests are prefilled in a cache of
+their own and copied into free rows (`take_rows`); when the batch shrinks, `move_rows` copies the few
+surviving rows from the tail into the holes. No step copies the whole cache.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class SlotKVCache:
         self.num_layers = num_layers
         self.rows = rows
         self.capacity = capacity
-        # Allocated lazily on the first update, from the key/value shapes the model actually produces;
+        # Allocated lazily on the first write, from the key/value shapes the model actually produces;
         # that keeps the cache independent of how each architecture names its head sizes.
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
@@ -33,30 +34,55 @@ class SlotKVCache:
         self.write_slots: torch.Tensor | None = None  # [n, q] slot of each query token
         self.read_len = 0  # attention reads slots [0, read_len)
 
+    def _buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is None:
+            shape = (self.rows, like.shape[1], self.capacity, like.shape[3])
+            self.keys[layer] = like.new_zeros(shape)
+            self.values[layer] = like.new_zeros(shape)
+        return self.keys[layer], self.values[layer]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store this forward's keys/values ([n, kv_heads, q, head_dim]) and return all readable ones."""
         n, heads, q, dim = key_states.shape
-        if self.keys[layer_idx] is None:
-            shape = (self.rows, heads, self.capacity, dim)
-            self.keys[layer_idx] = key_states.new_zeros(shape)
-            self.values[layer_idx] = value_states.new_zeros(shape)
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self._buffers(layer_idx, key_states)
         index = self.write_slots[:, None, :, None].expand(n, heads, q, dim)
         keys[:n].scatter_(2, index, key_states)
         values[:n].scatter_(2, index, value_states)
         return keys[:n, :, : self.read_len], values[:n, :, : self.read_len]
 
+    def _all(self):
+        return [buf for buf in (*self.keys, *self.values) if buf is not None]
+
+    def resize(self, rows: int, capacity: int) -> None:
+        """Change the row count and slots per row, keeping what the surviving rows and slots hold."""
+        for store in (self.keys, self.values):
+            for layer, buf in enumerate(store):
+                if buf is not None:
+                    new = buf.new_zeros((rows, buf.shape[1], capacity, buf.shape[3]))
+                    r, c = min(rows, self.rows), min(capacity, self.capacity)
+                    new[:r, :, :c] = buf[:r, :, :c]
+                    store[layer] = new
+        self.rows, self.capacity = rows, capacity
+
+    def take_rows(self, rows: torch.Tensor, source: SlotKVCache, length: int) -> None:
+        """Copy the first `length` slots of source's rows [0, len(rows)) into this cache's rows `rows`."""
+        for store, other in ((self.keys, source.keys), (self.values, source.values)):
+            for layer, buf in enumerate(other):
+                if buf is None:
+                    continue
+                if store[layer] is None:
+                    store[layer] = buf.new_zeros((self.rows, buf.shape[1], self.capacity, buf.shape[3]))
+                store[layer][rows, :, :length] = buf[: len(rows), :, :length]
+
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Copy whole rows src -> dst (used to fill the holes left by finished rows)."""
-        for buf in (*self.keys, *self.values):
-            if buf is not None:
-                buf[dst] = buf[src]
+        for buf in self._all():
+            buf[dst] = buf[src]
 
     def move_slots(self, n: int, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Per row, copy slots src -> dst ([n, a] each). Reads all sources before writing, so ranges may overlap."""
-        for buf in (*self.keys, *self.values):
-            if buf is not None:
-                heads, dim = buf.shape[1], buf.shape[3]
-                src = src_slots[:, None, :, None].expand(n, heads, -1, dim)
-                dst = dst_slots[:, None, :, None].expand(n, heads, -1, dim)
-                buf[:n].scatter_(2, dst, buf[:n].gather(2, src))
+        for buf in self._all():
+            heads, dim = buf.shape[1], buf.shape[3]
+            src = src_slots[:, None, :, None].expand(n, heads, -1, dim)
+            dst = dst_slots[:, None, :, None].expand(n, heads, -1, dim)
+            buf[:n].scatter_(2, dst, buf[:n].gather(2, src))

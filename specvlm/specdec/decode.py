@@ -1,225 +1,505 @@
-"""The speculative decoding loop: prefill, then per step draft -> verify -> accept -> commit, for a ragged batch.
+"""The speculative decoding loop, with continuous batching: requests join the running batch as rows finish.
 
-State per row (tensors indexed by row; rows [0, n) are active, finished rows are compacted away):
+Rows hold requests; rows [0, n) are the running batch. Per-row state (tensors indexed by row):
     tokens[row]        committed ids: the prompt, then generated tokens
     length[row]        committed token count
     generated[row]     generated token count
+    limit[row]         tokens the row may generate: its max_new_tokens, or fewer where the model's positions end
+    drafted[row]       the draft holds this row (rows the draft does not hold decode one token per step)
     target.kv_len[row] committed tokens whose keys/values are cached: always length - 1, because the last
                        committed token (the target's own last pick) is fed at the start of the next step.
 
-One step, for every active row at once:
-    1. draft:   the draft proposes a chain or tree of tokens below the last committed one  (drafts.py, tree.py)
+One step, for every row at once:
+    0. admit:   waiting requests take the rows that finished (prefill: image features checked per request, the
+                prompt cached in one pass), or the batch is compacted when nobody waits          (prefill.py)
+    1. draft:   the draft proposes a chain or tree of tokens below the last committed one, as deep as the
+                controller decides this step pays (0: plain decoding)               (drafts.py, tree.py, controller.py)
     2. verify:  the target scores [last, node 0, ..., node k-1] in one forward pass, each node seeing its
                 ancestors only (a tree mask; causal for a chain)                            (runner.py)
     3. accept:  the verifier picks the accepted path d_1..d_a and one target token t      (verify.py)
     4. commit:  append d_1..d_a, t; move the path's cache entries next to the prefix (a no-op for a chain);
-                advance kv_len by a + 1; tell the draft; stop rows on EOS or max_new_tokens.
-Rejected drafts leave stale cache slots beyond kv_len that the next step overwrites: rollback is free.
-Autoregressive decoding is the same loop with an empty proposal (draft=None), so baselines share the code.
+                advance kv_len by a + 1; tell the draft; stop rows on EOS or at their limit.
+    5. retire:  finished rows hand back their results and free their rows.
+Rejected drafts leave stale cache slots beyond kv_len that the next step overwrites: rollback is free. A row's
+output does not depend on which rows share its batch or when it joined: greedy output is the target's argmax at
+every position, and a sampled row draws its randomness from its own seed, the same count every step.
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from specvlm.specdec.autobatch import AutoRows
+from specvlm.specdec.controller import DepthController, Stopwatch
 from specvlm.specdec.drafts import Draft, append_tokens
 from specvlm.specdec.metrics import SampleMetrics
+from specvlm.specdec.prefill import prefill
 from specvlm.specdec.proposal import Proposal
-from specvlm.specdec.requests import Request, Result, TargetSpec, collate_images, validate
+from specvlm.specdec.requests import Request, Result, TargetSpec, validate
 from specvlm.specdec.runner import ModelRunner
 from specvlm.specdec.sampling import RowRandom, SamplingParams
 from specvlm.specdec.verify import Verdict, verify_greedy, verify_sampling
 
+CAPACITY_STEP = 64  # cache slots per row grow in these steps, so that a slightly longer prompt rarely reallocates
+
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    max_new_tokens: int = 64
-    gamma: int = 5  # draft depth per step: chain length, or tree depth (ignored without a draft)
+    max_new_tokens: int = 64  # per request, unless the request sets its own
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None  # None: the target's generation config
+    max_rows: int | None = 8  # rows decoded together (None: found by measurement, autobatch.py)
+    max_batch_tokens: int | None = None  # cache slots of all rows together (prompt + output + draft window)
+    adaptive: bool = True  # greedy: choose each step's draft depth from measured costs (see controller.py)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.gamma < 1:
-            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None (auto), got {self.max_rows}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+
+
+def generation_eos(model: torch.nn.Module) -> tuple[int, ...]:
+    """The end-of-sequence ids of the model's generation config (what `generate` stops on)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
+
+@dataclass
+class Live:
+    """A request holding a row."""
+
+    id: int
+    request: Request
+    prompt_len: int
+    position_limited: bool  # its limit is where the model's positions end, not its max_new_tokens
+    metrics: SampleMetrics
+    start: float
+    draft_refused: bool = False  # the draft could not take this request: it decodes without one
 
 
 @dataclass
 class DecodeState:
-    """The ragged state of the requests being decoded together (see the module docstring)."""
+    """The rows of the running batch (see the module docstring). Rows [0, n) are decoded; a row whose request
+    finished is a hole until a waiting request takes it or the batch is compacted, both before the next step."""
 
-    tokens: torch.Tensor
-    length: torch.Tensor
-    generated: torch.Tensor
-    prompt_lens: list[int]
+    tokens: torch.Tensor  # [rows, capacity]
+    length: torch.Tensor  # [rows]
+    generated: torch.Tensor  # [rows]
+    limit: torch.Tensor  # [rows]
+    drafted: torch.Tensor  # [rows] bool
     target: ModelRunner
     rng: RowRandom | None
-    row_ids: list[int]  # which request each row holds
-    metrics: list[SampleMetrics]
-    results: list[Result | None]
-    start: float
+    live: list[Live | None]
+    n: int = 0
 
     @property
-    def n(self) -> int:
-        return len(self.row_ids)
+    def rows(self) -> int:
+        return len(self.live)
+
+    @property
+    def capacity(self) -> int:
+        return self.tokens.shape[1]
 
 
 class SpeculativeDecoder:
-    def __init__(self, target: torch.nn.Module, draft: Draft | None, config: DecodeConfig):
+    """submit() requests, then step() until they are done (or generate() for a list at once). Requests wait in
+    a queue and join the running batch as rows free up; step() returns the results of rows that finished."""
+
+    def __init__(self, target: torch.nn.Module, draft: Draft | None, config: DecodeConfig = DecodeConfig()):
         self.target = target
         self.draft = draft
         self.config = config
         self.spec = TargetSpec.from_model(target)
         self.device = target.device
-        self.max_nodes = draft.max_nodes(config.gamma) if draft is not None else 0
-        self.eos = torch.tensor(config.eos_token_ids or [-1], device=self.device)
+        eos = config.eos_token_ids if config.eos_token_ids is not None else generation_eos(target)
+        self.eos = torch.tensor(list(eos) or [-1], device=self.device)
+        self.max_depth = draft.max_depth if draft is not None else 0
+        self.window = 1 + (draft.max_nodes(self.max_depth) if draft is not None else 0)  # verified tokens per row
+        self.auto_rows = AutoRows() if config.max_rows is None else None
+        self.controller = None
+        if draft is not None:
+            draft.reset()
+            self.controller = DepthController(
+                self.max_depth, draft.max_nodes, draft.calls, 1, self.device, config.adaptive
+            )
+        self.stopwatch = Stopwatch(self.device)
+        self.waiting: collections.deque[tuple[int, Request, int]] = collections.deque()  # (id, request, limit)
+        self.ready: list[tuple[int, Result]] = []  # results not handed out yet
+        self.state: DecodeState | None = None
+        self.next_id = 0
+        # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow.
+        windows = [w for w in ModelRunner(target, 1, 1).windows.values() if w is not None]
+        if windows and min(windows) <= self.window:
+            raise ValueError(
+                f"the target's sliding window of {min(windows)} tokens is not longer than a verification window of "
+                f"{self.window}; use a shallower draft (draft.gamma, draft.tree.max_nodes)"
+            )
+
+    # ---- the public interface -------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> int:
+        """Queue a request; returns its id. A request that fails validation is answered at the next step."""
+        rid, self.next_id = self.next_id, self.next_id + 1
+        error = validate(request, self.spec)
+        if error:
+            self.ready.append((rid, Result.failed(error)))
+        else:
+            wanted = request.max_new_tokens or self.config.max_new_tokens
+            self.waiting.append((rid, request, wanted))
+        return rid
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.ready or (self.state is not None and self.state.n))
+
+    def step(self) -> list[tuple[int, Result]]:
+        """Admit waiting requests, run one decoding step, and return (id, result) for every request finished."""
+        started = time.perf_counter()
+        self._admit()
+        finished, self.ready = self.ready, []
+        state = self.state
+        if state is None or state.n == 0:
+            return finished
+        rows, waiting = state.n, bool(self.waiting)
+        with torch.inference_mode():
+            finished += self._step(state)
+        if self.auto_rows is not None:
+            self.auto_rows.observe(rows, waiting, self.last_step_tokens, time.perf_counter() - started)
+        return finished
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """One Result per request, in order. A request that fails validation gets an error Result and does
-        not disturb the others."""
-        results: list[Result | None] = [None] * len(requests)
-        good = []
-        for i, request in enumerate(requests):
-            error = validate(request, self.spec, self.config.max_new_tokens)
-            if error:
-                results[i] = Result.failed(error)
-            else:
-                good.append(i)
-        if good:
-            for i, result in zip(good, self._decode([requests[i] for i in good])):
-                results[i] = result
-        return results
+        """One Result per request, in order. A request that fails validation gets an error Result and does not
+        disturb the others."""
+        ids = [self.submit(r) for r in requests]
+        wanted, results = set(ids), {}
+        while wanted - results.keys():
+            for rid, result in self.step():
+                results[rid] = result
+        return [results[i] for i in ids]
 
-    @torch.inference_mode()
-    def _decode(self, requests: list[Request]) -> list[Result]:
-        batch = self._prefill(requests)
-        while batch.n > 0:
-            proposal = self._draft(batch)
-            logits = self._verify(batch, proposal)
-            verdict = self._accept(batch, proposal, logits)
-            done, hit_eos = self._commit(batch, proposal, verdict)
-            if bool(done.any()):
-                self._retire(batch, done, hit_eos)
-        return batch.results
+    def describe(self) -> dict:
+        """The running batch's shape and the controller's cost model, for reports and manifests."""
+        state = self.state
+        shape = {"rows": state.rows, "capacity": state.capacity} if state is not None else {}
+        return {
+            **shape,
+            "auto_rows": self.auto_rows.describe() if self.auto_rows else None,
+            "controller": self.controller.describe() if self.controller else None,
+        }
 
-    def _prefill(self, requests: list[Request]) -> DecodeState:
-        cfg, device = self.config, self.device
-        prompt_lens = [len(r.input_ids) for r in requests]
-        # Room for the prompt, every generated token, and one verification window of scratch.
-        width = max(prompt_lens) + cfg.max_new_tokens + self.max_nodes + 1
-        tokens = torch.zeros(len(requests), width, dtype=torch.long, device=device)
-        for row, r in enumerate(requests):
-            tokens[row, : len(r.input_ids)] = torch.tensor(r.input_ids)
-        length = torch.tensor(prompt_lens, device=device)
+    # ---- one step ---------------------------------------------------------------------------------------------
 
-        target = ModelRunner(self.target, len(requests), width)
-        # All but the last prompt token: the first step feeds that one, like every later last token.
-        target.prefill(tokens[:, : max(prompt_lens) - 1], length - 1, **collate_images(requests, self.target))
-        if self.draft is not None:
-            self.draft.prefill(requests, cfg.max_new_tokens, cfg.gamma)
-        cost = self.draft.cost_ratio if self.draft is not None else 0.0
-        return DecodeState(
-            tokens=tokens,
-            length=length,
-            generated=torch.zeros_like(length),
-            prompt_lens=prompt_lens,
-            target=target,
-            rng=None if cfg.sampling.greedy else RowRandom([r.seed for r in requests], device),
-            row_ids=list(range(len(requests))),
-            metrics=[SampleMetrics(cost_ratio=cost) for _ in requests],
-            results=[None] * len(requests),
-            start=time.perf_counter(),
+    def _step(self, state: DecodeState) -> list[tuple[int, Result]]:
+        n = state.n
+        clock = self.stopwatch
+        started = clock()
+        depth = self._depth(state)
+        proposal = self._draft(state, depth)
+        drafted = clock()
+        logits = self._verify(state, proposal)
+        verified = clock()
+        verdict = self._accept(state, proposal, logits)
+        done, hit_eos, accepted = self._commit(state, proposal, verdict)
+        finished = self._retire(state, done, hit_eos) if bool(done.any()) else []
+        if self.controller is not None:
+            times = (drafted - started, verified - drafted, clock() - verified)
+            self.controller.observe(n, depth, proposal.row_depth(), accepted, times, proposal.draft_calls)
+        return finished
+
+    def _depth(self, state: DecodeState) -> int:
+        if self.controller is None:
+            return 0
+        n = state.n
+        left = state.limit[:n] - state.generated[:n]
+        greedy = self.config.sampling.greedy
+        return self.controller.choose(
+            n, state.drafted[:n], left, greedy, lambda q: self._probe(state, q), lambda: self.draft.probe(n)
         )
 
-    def _draft(self, batch: DecodeState) -> Proposal:
-        n = batch.n
-        if self.draft is None:
+    def _probe(self, state: DecodeState, q: int) -> float:
+        """Seconds of a target pass over q tokens per row, at the current rows; writes only scratch slots."""
+        n = state.n
+        tokens = state.tokens[:n].gather(1, (state.length[:n] - 1)[:, None]).expand(n, q)
+        attend = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(n, q, q)
+        best = math.inf
+        for _ in range(2):  # the first pass of a new shape can pay one-off set-up costs
+            start = self.stopwatch()
+            state.target.forward(tokens, attend)
+            best = min(best, self.stopwatch() - start)
+        return best
+
+    def _draft(self, state: DecodeState, depth: int) -> Proposal:
+        n = state.n
+        if depth == 0:
             proposal = Proposal.empty(n, self.device)
         else:
-            proposal = self.draft.propose(n, self.config.gamma, self.config.sampling, batch.rng)
+            proposal = self.draft.propose(n, depth, self.config.sampling, state.rng)
         # A row never proposes deeper than it may still generate, counting the target's own token.
-        proposal.limit_depth(self.config.max_new_tokens - batch.generated[:n] - 1)
+        proposal.limit_depth(state.limit[:n] - state.generated[:n] - 1)
         return proposal
 
-    def _verify(self, batch: DecodeState, proposal: Proposal) -> torch.Tensor:
+    def _verify(self, state: DecodeState, proposal: Proposal) -> torch.Tensor:
         """One target pass over [last committed token, node 0, ..., node k-1] -> logits [n, k+1, V]."""
-        n = batch.n
-        last = batch.tokens[:n].gather(1, (batch.length[:n] - 1)[:, None])
+        n = state.n
+        last = state.tokens[:n].gather(1, (state.length[:n] - 1)[:, None])
         depth = torch.cat([torch.zeros_like(last), proposal.depth()], 1)
-        return batch.target.forward(torch.cat([last, proposal.tokens], 1), proposal.verification_attend(), depth=depth)
+        return state.target.forward(torch.cat([last, proposal.tokens], 1), proposal.verification_attend(), depth=depth)
 
-    def _accept(self, batch: DecodeState, proposal: Proposal, logits: torch.Tensor) -> Verdict:
-        if batch.rng is None:
+    def _accept(self, state: DecodeState, proposal: Proposal, logits: torch.Tensor) -> Verdict:
+        if state.rng is None:
             return verify_greedy(logits, proposal)
         # A fixed count per row and step, so a request's randomness never depends on its batch.
-        uniforms = batch.rng.uniforms(batch.n, self.max_nodes + 1)
+        uniforms = state.rng.uniforms(state.n, self.window)
         k = proposal.tokens.shape[1]
-        return verify_sampling(
-            logits, proposal, self.config.sampling, torch.cat([uniforms[:, :k], uniforms[:, -1:]], 1)
-        )
+        chosen = torch.cat([uniforms[:, :k], uniforms[:, -1:]], 1)
+        return verify_sampling(logits, proposal, self.config.sampling, chosen)
 
-    def _commit(self, batch: DecodeState, proposal: Proposal, verdict: Verdict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the accepted path and the target's token; returns (finished rows [n], stopped on EOS [n])."""
+    def _commit(self, state: DecodeState, proposal: Proposal, verdict: Verdict):
+        """Append the accepted path and the target's token. Returns finished rows [n], rows stopped on EOS [n],
+        and the draft tokens each row accepted [n]."""
         n, k = proposal.tokens.shape
-        device = self.device
         accepted = verdict.accepted
-        new = torch.cat([proposal.tokens.gather(1, verdict.path.clamp(min=0)), torch.zeros_like(accepted)[:, None]], 1)
+        path = verdict.path.clamp(min=0)
+        new = torch.cat([proposal.tokens.gather(1, path), torch.zeros_like(accepted)[:, None]], 1)
         new.scatter_(1, accepted[:, None], verdict.next_token[:, None])  # [n, k+1]: d_1..d_a, t, scratch
         counts = accepted + 1
-        is_eos = torch.isin(new, self.eos) & (torch.arange(k + 1, device=device)[None, :] < counts[:, None])
+        is_eos = torch.isin(new, self.eos) & (torch.arange(k + 1, device=self.device)[None, :] < counts[:, None])
         hit_eos = is_eos.any(1)
         counts = torch.where(hit_eos, is_eos.long().argmax(1) + 1, counts)
 
         if not proposal.is_chain:
             # Window slot 0 holds the last token, slot 1 + i node i: bring the path's entries to slots 1..a.
-            batch.target.compact_window(
-                n, torch.cat([torch.zeros_like(accepted)[:, None], 1 + verdict.path.clamp(min=0)], 1)
-            )
-        batch.target.kv_len[:n] += counts  # the last token and the accepted drafts are now committed
-        append_tokens(batch.tokens, batch.length, new, counts)
-        batch.generated[:n] += counts
+            state.target.compact_window(n, torch.cat([torch.zeros_like(accepted)[:, None], 1 + path], 1))
+        state.target.kv_len[:n] += counts  # the last token and the accepted drafts are now committed
+        append_tokens(state.tokens, state.length, new, counts)
+        state.generated[:n] += counts
         if self.draft is not None:
             self.draft.commit(new, counts)
-        self._account(batch, proposal, accepted.clamp(max=counts - 1), counts)
-        return hit_eos | (batch.generated[:n] >= self.config.max_new_tokens), hit_eos
-
-    def _retire(self, batch: DecodeState, done: torch.Tensor, hit_eos: torch.Tensor) -> None:
-        """Record finished rows, then fill their places with survivors from the tail (few rows move)."""
-        n, now = batch.n, time.perf_counter() - batch.start
-        done_list, eos_list = done.tolist(), hit_eos.tolist()
-        for row in (r for r in range(n) if done_list[r]):
-            i = batch.row_ids[row]
-            batch.metrics[i].latency_s = now
-            out = batch.tokens[row, batch.prompt_lens[i] : batch.length[row]].tolist()
-            batch.results[i] = Result(out, "eos" if eos_list[row] else "max_tokens", metrics=batch.metrics[i])
-        keep = n - sum(done_list)
-        dst = [r for r in range(keep) if done_list[r]]
-        src = [r for r in range(keep, n) if not done_list[r]]
-        if dst:
-            dst_t, src_t = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
-            for state in (batch.tokens, batch.length, batch.generated):
-                state[dst_t] = state[src_t]
-            batch.target.move_rows(dst_t, src_t)
-            if self.draft is not None:
-                self.draft.move_rows(dst, src)
-            if batch.rng is not None:
-                batch.rng.move_rows(dst, src)
-            for d, s in zip(dst, src):
-                batch.row_ids[d] = batch.row_ids[s]
-        del batch.row_ids[keep:]
+        accepted = accepted.clamp(max=counts - 1)
+        self.last_step_tokens = int(counts.sum())
+        self._account(state, proposal, accepted, counts)
+        return hit_eos | (state.generated[:n] >= state.limit[:n]), hit_eos, accepted
 
     @staticmethod
-    def _account(batch: DecodeState, proposal: Proposal, accepted: torch.Tensor, counts: torch.Tensor) -> None:
+    def _account(state: DecodeState, proposal: Proposal, accepted: torch.Tensor, counts: torch.Tensor) -> None:
+        calls = proposal.draft_calls
         for row, (a, c, k) in enumerate(zip(accepted.tolist(), counts.tolist(), proposal.lengths.tolist())):
-            m = batch.metrics[batch.row_ids[row]]
+            m = state.live[row].metrics
             m.new_tokens += c
             m.target_calls += 1
-            m.draft_calls += proposal.draft_calls
+            m.draft_calls += calls if k else 0
             m.proposed_tokens += k
             m.accepted_tokens += a
             m.accepted_per_step.append(a)
             m.nodes_per_step.append(k)
+
+    def _retire(self, state: DecodeState, done: torch.Tensor, hit_eos: torch.Tensor) -> list[tuple[int, Result]]:
+        """Hand back the results of finished rows; their rows become holes for waiting requests."""
+        now = time.perf_counter()
+        rows = [row for row, flag in enumerate(done.tolist()) if flag]
+        eos = hit_eos.tolist()
+        finished = []
+        for row in rows:
+            live = state.live[row]
+            live.metrics.latency_s = now - live.start
+            output = state.tokens[row, live.prompt_len : state.length[row]].tolist()
+            reason = "eos" if eos[row] else "max_positions" if live.position_limited else "max_tokens"
+            finished.append((live.id, Result(output, reason, metrics=live.metrics)))
+            state.live[row] = None
+        self._release(state, rows)
+        return finished
+
+    def _release(self, state: DecodeState, rows: list[int]) -> None:
+        if self.draft is not None and rows:
+            self.draft.release(rows)
+            state.drafted[rows] = False
+
+    # ---- admission --------------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Waiting requests take free rows (holes first); then the batch is made dense again."""
+        if self.waiting:
+            state = self.state
+            free = [] if state is None else [row for row in range(state.n) if state.live[row] is None]
+            chosen = self._take_waiting(len(free))
+            if chosen:
+                self._start(chosen, free)
+        if self.state is not None:
+            self._compact(self.state)
+            self._catch_up(self.state)
+
+    def _need(self, request: Request, limit: int) -> int:
+        """Cache slots a request needs per row: prompt, output, and one verification window."""
+        return len(request.input_ids) + limit + self.window
+
+    def _take_waiting(self, holes: int) -> list[tuple[int, Request, int, bool]]:
+        """Requests that fit now, in order: rows free, and (with a token budget) their cache slots. A request
+        that does not fit yet stops the queue, so it cannot be overtaken forever."""
+        state = self.state
+        live = 0 if state is None else sum(x is not None for x in state.live[: state.n])
+        capacity = 0 if state is None else state.capacity
+        chosen = []
+        while self.waiting:
+            rid, request, wanted = self.waiting[0]
+            positions_left = self.spec.max_positions - len(request.input_ids)
+            limit = min(wanted, positions_left)
+            need = max(capacity, _round_up(self._need(request, limit)))
+            rows = self._rows_for(need)
+            if live + len(chosen) + 1 > rows:
+                break
+            self.waiting.popleft()
+            chosen.append((rid, request, limit, positions_left < wanted))
+            capacity = need
+        return chosen
+
+    def _rows_for(self, capacity: int) -> int:
+        """Rows of `capacity` slots that may run together: the cap, within the token budget."""
+        budget = self.config.max_batch_tokens
+        fit = budget // capacity if budget is not None else None
+        if self.auto_rows is not None:
+            self.auto_rows.limit = fit or self.auto_rows.limit
+            cap = self.auto_rows.cap
+        else:
+            cap = self.config.max_rows
+        return max(1, min(cap, fit)) if fit is not None else cap
+
+    def _start(self, chosen: list[tuple[int, Request, int, bool]], holes: list[int]) -> None:
+        capacity = max(_round_up(self._need(r, limit)) for _, r, limit, _ in chosen)
+        if self.state is not None and capacity > self.state.capacity:
+            self._compact(self.state)  # the rows may be reallocated: no holes may be left among them
+            holes = []
+        state = self._reserve(capacity)
+        rows = (holes + list(range(state.n, state.rows)))[: len(chosen)]
+        requests = [r for _, r, _, _ in chosen]
+        scratch, good, errors = prefill(
+            self.target, requests, [r.input_ids for r in requests], max(len(r.input_ids) for r in requests)
+        )
+        for i, message in errors.items():
+            self.ready.append((chosen[i][0], Result.failed(message)))
+        if not good:
+            return
+        now = time.perf_counter()
+        index = torch.tensor([rows[i] for i in good], device=self.device)
+        state.target.take_rows(index, scratch)
+        cost = self.draft.cost_ratio if self.draft is not None else 0.0
+        for i in good:
+            rid, request, limit, position_limited = chosen[i]
+            row, prompt = rows[i], request.input_ids
+            state.tokens[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
+            state.length[row], state.generated[row], state.limit[row] = len(prompt), 0, limit
+            state.live[row] = Live(rid, request, len(prompt), position_limited, SampleMetrics(cost_ratio=cost), now)
+            if state.rng is not None:
+                state.rng.seed_row(row, request.seed)
+        state.n = max(state.n, max(rows[i] for i in good) + 1)
+        if self.controller is not None:
+            self.controller.reset_rows(index)
+            if self.controller.wants_drafting or not self.config.sampling.greedy:
+                self._draft_rows(state, [rows[i] for i in good], [requests[i] for i in good])
+
+    def _draft_rows(self, state: DecodeState, rows: list[int], requests: list[Request]) -> None:
+        """The draft starts holding these rows; a row it cannot serve decodes without it."""
+        errors = self.draft.admit(rows, requests)
+        for i, row in enumerate(rows):
+            if i in errors:
+                state.live[row].draft_refused = True
+            else:
+                state.drafted[row] = True
+
+    def _catch_up(self, state: DecodeState) -> None:
+        """When drafting pays again, the draft takes over rows that joined while it did not (prompt and tokens so
+        far), if they have enough left to generate to repay the draft's prefill."""
+        if self.controller is None or not self.controller.wants_drafting or not self.config.sampling.greedy:
+            return
+        n = state.n
+        if bool(state.drafted[:n].all()):
+            return
+        left = (state.limit[:n] - state.generated[:n]).tolist()
+        drafted = state.drafted[:n].tolist()
+        rows = [
+            row
+            for row in range(n)
+            if not drafted[row] and not state.live[row].draft_refused and left[row] > 2 * self.max_depth
+        ]
+        if rows:
+            requests = []
+            for row in rows:
+                request = state.live[row].request
+                so_far = state.tokens[row, : state.length[row]].tolist()
+                requests.append(Request(so_far, request.pixel_values, request.image_sizes, request.seed))
+            self._draft_rows(state, rows, requests)
+
+    def _reserve(self, capacity: int) -> DecodeState:
+        """The state, with room for rows of `capacity` slots (allocated or grown as needed)."""
+        state = self.state
+        capacity = max(capacity, state.capacity) if state is not None else capacity
+        rows = self._rows_for(capacity)
+        if state is not None and capacity == state.capacity and rows <= state.rows:
+            return state
+        if state is None:
+            greedy = self.config.sampling.greedy
+            self.state = state = DecodeState(
+                tokens=torch.zeros(rows, capacity, dtype=torch.long, device=self.device),
+                length=torch.zeros(rows, dtype=torch.long, device=self.device),
+                generated=torch.zeros(rows, dtype=torch.long, device=self.device),
+                limit=torch.zeros(rows, dtype=torch.long, device=self.device),
+                drafted=torch.zeros(rows, dtype=torch.bool, device=self.device),
+                target=ModelRunner(self.target, rows, capacity),
+                rng=None if greedy else RowRandom([0] * rows, self.device),
+                live=[None] * rows,
+            )
+        else:
+            # Fewer rows may fit at a larger capacity (_take_waiting admitted only what fits), or the cap grew.
+            kept = min(rows, state.rows)
+            tokens = torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
+            tokens[:kept, : state.capacity] = state.tokens[:kept]
+            state.tokens = tokens
+            for name in ("length", "generated", "limit", "drafted"):
+                old = getattr(state, name)
+                new = old.new_zeros(rows)
+                new[:kept] = old[:kept]
+                setattr(state, name, new)
+            state.target.resize(rows, capacity)
+            state.live = (state.live + [None] * rows)[:rows]
+            if state.rng is not None:
+                state.rng.resize(rows)
+        if self.draft is not None:
+            self.draft.allocate(rows, capacity)
+            self.controller.resize(rows)
+        return state
+
+    def _compact(self, state: DecodeState) -> None:
+        """Move rows from the tail into holes, so that rows [0, n) are all live (few rows move)."""
+        while state.n > 0 and state.live[state.n - 1] is None:
+            state.n -= 1
+        holes = [row for row in range(state.n) if state.live[row] is None]
+        if not holes:
+            return
+        tail = [row for row in range(state.n - 1, -1, -1) if state.live[row] is not None][: len(holes)]
+        pairs = [(d, s) for d, s in zip(holes, tail) if d < s]
+        dst, src = [d for d, _ in pairs], [s for _, s in pairs]
+        dst_t, src_t = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
+        for tensor in (state.tokens, state.length, state.generated, state.limit, state.drafted):
+            tensor[dst_t] = tensor[src_t]
+        state.target.move_rows(dst_t, src_t)
+        if self.draft is not None:
+            self.draft.move_rows(dst, src)
+            self.controller.move_rows(dst_t, src_t)
+        if state.rng is not None:
+            state.rng.move_rows(dst, src)
+        for d, s in pairs:
+            state.live[d], state.live[s] = state.live[s], None
+        state.n -= len(holes)
+
+
+def _round_up(slots: int) -> int:
+    return -(-slots // CAPACITY_STEP) * CAPACITY_STEP

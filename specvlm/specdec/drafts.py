@@ -1,42 +1,72 @@
 """Drafts: anything that proposes a continuation for each row. The verifier never knows which one it talks to.
 
-The interface is three calls per batch, in the spirit of Hugging Face's candidate generators:
-  prefill(requests)         once, with the batch's prompts
-  propose(gamma, ...)       every step: up to gamma tokens per row (rows may propose fewer)
-  commit(tokens, counts)    every step: what the target committed per row (accepted prefix + one target token)
-plus move_rows, to follow the engine when finished rows are compacted away.
+A draft owns its shape: how deep it proposes (`max_depth`: a chain's length, a tree's depth), how many nodes a
+proposal of a given depth holds, and the scratch it needs. The engine asks; each step it may ask for less than
+the full depth (down to nothing, when speculation does not pay). The calls, in the spirit of Hugging Face's
+candidate generators:
+  allocate(rows, capacity)       room for the running batch (rows are reused as requests come and go)
+  admit(rows, requests)          start drafting for these rows (a request may already carry generated tokens)
+  release(rows)                  stop drafting for these rows; they propose nothing until admitted again
+  propose(n, depth, ...)         every drafting step: up to `depth` tokens deep for each of rows [0, n)
+  commit(tokens, counts)         every step: what the target committed per row (accepted prefix + one token)
+  move_rows(dst, src)            follow the engine when it compacts its rows
+Rows the draft has not admitted propose nothing, and whatever their scratch holds is never read.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
 
 from specvlm.specdec.lean_llama import LeanLlama
+from specvlm.specdec.prefill import prefill
 from specvlm.specdec.proposal import Proposal
-from specvlm.specdec.requests import Request, collate_images
+from specvlm.specdec.requests import Request
 from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams, probs_from_logits, sample_from
 
 
 class Draft(ABC):
     name: str
+    max_depth: int  # the deepest proposal: chain length, or tree depth
     cost_ratio: float = 0.0  # c: cost of one draft forward relative to one target forward
 
-    @abstractmethod
-    def prefill(self, requests: list[Request], max_new_tokens: int, gamma: int) -> None:
-        """Start a batch of requests that will generate up to max_new_tokens each."""
+    def max_nodes(self, depth: int) -> int:
+        """The most draft tokens a proposal of this depth holds (a chain: depth)."""
+        return depth
 
-    def max_nodes(self, gamma: int) -> int:
-        """The most draft tokens one proposal can hold (a chain: gamma)."""
-        return gamma
+    def calls(self, depth: int) -> int:
+        """Draft forward passes a proposal of this depth takes."""
+        return depth
 
     @abstractmethod
-    def propose(self, n: int, gamma: int, params: SamplingParams, rng: RowRandom | None) -> Proposal:
-        """Propose for the first n rows, at most gamma tokens deep. rng drives sampling (None when greedy);
-        a row must draw the same number of uniforms whatever the other rows do."""
+    def reset(self) -> None:
+        """Forget every row: a new decoder starts with this draft."""
+
+    def probe(self, n: int) -> float:
+        """Seconds of one draft pass over rows [0, n), writing only scratch (0 for drafts without a model)."""
+        return 0.0
+
+    @abstractmethod
+    def allocate(self, rows: int, capacity: int) -> None:
+        """Room for `rows` rows of up to `capacity` committed tokens each, keeping the rows already admitted."""
+
+    @abstractmethod
+    def admit(self, rows: list[int], requests: list[Request]) -> dict[int, str]:
+        """Start drafting for rows[i] from requests[i].input_ids (prompt, and any tokens generated so far).
+        Returns an error message for each request index the draft cannot serve; those rows stay released."""
+
+    @abstractmethod
+    def release(self, rows: list[int]) -> None:
+        """Stop drafting for these rows."""
+
+    @abstractmethod
+    def propose(self, n: int, depth: int, params: SamplingParams, rng: RowRandom | None) -> Proposal:
+        """Propose for rows [0, n), at most `depth` deep. rng drives sampling (None when greedy); each row draws
+        the same number of uniforms whatever the other rows do."""
 
     @abstractmethod
     def commit(self, tokens: torch.Tensor, counts: torch.Tensor) -> None:
@@ -46,20 +76,41 @@ class Draft(ABC):
     def move_rows(self, dst: list[int], src: list[int]) -> None: ...
 
 
+def _timed(run, device: torch.device) -> float:
+    """Wall seconds of run(), waiting for a GPU to finish it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def strip_image_tokens(ids: list[int], image_token_id: int | None) -> list[int]:
     return [t for t in ids if t != image_token_id]
 
 
+def append_tokens(buffer: torch.Tensor, length: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
+    """buffer[row, length[row] + j] = tokens[row, j] for j < counts[row]; then length += counts."""
+    n, m = tokens.shape
+    cols = length[:n, None] + torch.arange(m, device=buffer.device)
+    keep = torch.arange(m, device=buffer.device)[None, :] < counts[:, None]
+    # Padding columns are written too, into scratch beyond the row's new length.
+    buffer[:n].scatter_(1, cols, torch.where(keep, tokens, buffer[:n].gather(1, cols)))
+    length[:n] += counts
+
+
 class ModelDraft(Draft):
     """A small causal LM (text-only draft: fed the prompt's text tokens, no image) or a small VLM (fed the
-    same expanded prompt and pixels as the target), proposing a chain.
+    same expanded prompt and pixels as the target), proposing a chain of up to `gamma` tokens.
 
     With min_confidence > 0 the chain adapts its length: a row stops drafting when the draft's next
     distribution has no token above that probability, and the batch stops when every row has. The decision is
     made before the token is drawn, from what the draft has already seen, so sampling stays exact.
 
     Decode steps run through LeanLlama where the architecture allows (lean=False keeps Hugging Face's forward):
-    the draft is called gamma times a step, and at its size framework overhead is most of its cost.
+    the draft is called up to gamma times a step, and at its size framework overhead is most of its cost.
     """
 
     def __init__(
@@ -68,62 +119,99 @@ class ModelDraft(Draft):
         *,
         text_only: bool,
         image_token_id: int | None,
-        vocab_size: int,
+        target_vocab: int,
         cost_ratio: float,
         name: str,
+        gamma: int = 5,
         min_confidence: float = 0.0,
         lean: bool = True,
     ):
+        if gamma < 1:
+            raise ValueError(f"gamma (draft depth) must be >= 1, got {gamma}")
         self.model = model
         # Built once per draft: it holds fused copies of the projection weights.
         self.lean = LeanLlama.of(model) if lean else None
+        self.max_depth = gamma
         self.min_confidence = min_confidence
         self.text_only = text_only
         self.image_token_id = image_token_id
-        self.vocab_size = vocab_size  # the target's logit width; draft logits are aligned to it
+        self.target_vocab = target_vocab  # the target's logit width; draft logits are aligned to it
         self.cost_ratio = cost_ratio
         self.name = name
         self.device = model.device
-
-    def scratch(self, gamma: int) -> int:
-        """Cache slots needed past the committed tokens: a chain of gamma after up to 2 pending tokens."""
-        return gamma + 2
-
-    def prefill(self, requests: list[Request], max_new_tokens: int, gamma: int) -> None:
-        prompts = [
-            strip_image_tokens(r.input_ids, self.image_token_id) if self.text_only else r.input_ids for r in requests
-        ]
-        n, longest = len(prompts), max(len(p) for p in prompts)
-        capacity = longest + max_new_tokens + self.scratch(gamma)
-        self.tokens = torch.zeros(n, capacity, dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompts):
-            self.tokens[row, : len(prompt)] = torch.tensor(prompt)
-        self.length = torch.tensor([len(p) for p in prompts], device=self.device)
-        self.runner = ModelRunner(self.model, n, capacity, lean=self.lean)
-        # Like the target, the draft caches all but the last prompt token; that one is fed by the first proposal.
-        images = {} if self.text_only else collate_images(requests, self.model)
-        self.runner.prefill(self.tokens[:, : longest - 1], self.length - 1, **images)
+        self.runner: ModelRunner | None = None
         self.fed_drafts = 0
+
+    def reset(self):
+        self.runner = None
+
+    def scratch(self) -> int:
+        """Cache slots needed past the committed tokens: a chain of max_depth after up to 2 pending tokens."""
+        return self.max_depth + 2
+
+    def allocate(self, rows, capacity):
+        capacity += self.scratch()
+        if self.runner is None:
+            self.runner = ModelRunner(self.model, rows, capacity, lean=self.lean)
+            self.tokens = torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
+            self.length = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self.active = torch.zeros(rows, dtype=torch.bool, device=self.device)
+            return
+        self.runner.resize(rows, capacity)
+        kept = min(rows, len(self.length))
+        tokens = torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
+        width = min(capacity, self.tokens.shape[1])
+        tokens[:kept, :width] = self.tokens[:kept, :width]
+        self.tokens = tokens
+        self.length = torch.cat([self.length[:kept], self.length.new_zeros(rows - kept)])
+        self.active = torch.cat([self.active[:kept], self.active.new_zeros(rows - kept)])
+
+    def probe(self, n):
+        tokens = self.tokens[:n, :1]
+        attend = torch.ones(n, 1, 1, dtype=torch.bool, device=self.device)
+        return min(_timed(lambda: self.runner.forward(tokens, attend), self.device) for _ in range(2))
+
+    def _view(self, request: Request) -> list[int]:
+        ids = request.input_ids
+        return strip_image_tokens(ids, self.image_token_id) if self.text_only else ids
+
+    def admit(self, rows, requests):
+        prompts = [self._view(r) for r in requests]
+        scratch, good, errors = prefill(
+            self.model, requests, prompts, max(map(len, prompts)), use_images=not self.text_only, lean=self.lean
+        )
+        if good:
+            index = torch.tensor([rows[i] for i in good], device=self.device)
+            self.runner.take_rows(index, scratch)
+            for i in good:
+                self.tokens[rows[i], : len(prompts[i])] = torch.tensor(prompts[i], device=self.device)
+            self.length[index] = torch.tensor([len(prompts[i]) for i in good], device=self.device)
+            self.active[index] = True
+        return {i: f"draft {self.name}: {e}" for i, e in errors.items()}
+
+    def release(self, rows):
+        self.active[rows] = False
 
     def _feed_pending(self, n: int) -> torch.Tensor:
         """Feed the committed tokens the draft's cache lacks; return the draft's logits after them [n, V]."""
         runner = self.runner
-        # 1 token, or 2 when the last chain was fully accepted; up to depth + 1 after a tree.
-        pending = self.length[:n] - runner.kv_len[:n]  # [n]
-        width = int(pending.max())
-        cols = runner.kv_len[:n, None] + torch.arange(width, device=self.device)
+        # 1 token, or 2 when the last chain was fully accepted; up to depth + 1 after a tree; more after steps
+        # the engine took without drafting. Released rows feed nothing.
+        pending = torch.where(self.active[:n], self.length[:n] - runner.kv_len[:n], 0)  # [n]
+        width = max(1, int(pending.max()))
+        cols = (runner.kv_len[:n, None] + torch.arange(width, device=self.device)).clamp(max=self.tokens.shape[1] - 1)
         feed = self.tokens[:n].gather(1, cols)  # [n, width]; past a row's pending count it is scratch
-        logits = runner.forward(feed, causal_attend(pending, width))
+        logits = runner.forward(feed, causal_attend(pending.clamp(min=1), width))
         runner.kv_len[:n] += pending
-        return self._align_vocab(logits[torch.arange(n, device=self.device), pending - 1])
+        return self._align_vocab(logits[torch.arange(n, device=self.device), (pending - 1).clamp(min=0)])
 
-    def propose(self, n, gamma, params, rng):
+    def propose(self, n, depth, params, rng):
         runner = self.runner
-        uniforms = rng.uniforms(n, gamma) if rng is not None else None
+        uniforms = rng.uniforms(n, self.max_depth) if rng is not None else None
         last = self._feed_pending(n)
-        lengths = torch.full((n,), gamma, device=self.device)
+        lengths = torch.where(self.active[:n], depth, 0)
         tokens, probs, calls = [], [], 1
-        for i in range(gamma):
+        for i in range(depth):
             if params.greedy:
                 p = last.softmax(-1) if self.min_confidence > 0 else None  # only the stopping rule needs it
                 tokens.append(last.argmax(-1))
@@ -135,11 +223,10 @@ class ModelDraft(Draft):
                 # Decided from p, which the draft computed before drawing token i: sampling stays exact.
                 unsure = p.max(-1).values < self.min_confidence
                 lengths = torch.where(unsure & (lengths > i), i, lengths)
-            if i == gamma - 1 or not bool((lengths > i + 1).any()):
+            if i == depth - 1 or not bool((lengths > i + 1).any()):
                 break  # the last proposal is never fed: nothing would use its logits
-            last = self._align_vocab(
-                runner.forward(tokens[-1][:, None], causal_attend(torch.ones_like(lengths), 1))[:, -1]
-            )
+            step = runner.forward(tokens[-1][:, None], causal_attend(torch.ones_like(lengths), 1))
+            last = self._align_vocab(step[:, -1])
             runner.kv_len[:n] += 1
             calls += 1
         self.fed_drafts = calls - 1
@@ -153,34 +240,26 @@ class ModelDraft(Draft):
     def _align_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft and target may pad their embedding tables differently; verification needs one vocabulary."""
         width = logits.shape[-1]
-        if width > self.vocab_size:
-            return logits[..., : self.vocab_size]
-        if width < self.vocab_size:
-            return torch.nn.functional.pad(logits, (0, self.vocab_size - width), value=float("-inf"))
+        if width > self.target_vocab:
+            return logits[..., : self.target_vocab]
+        if width < self.target_vocab:
+            return torch.nn.functional.pad(logits, (0, self.target_vocab - width), value=float("-inf"))
         return logits
 
     def commit(self, tokens, counts):
         n = counts.shape[0]
-        # Drafts fed into the cache stay valid up to the first rejected one.
-        accepted = counts - 1
-        self.runner.kv_len[:n] -= self.fed_drafts - accepted.clamp(max=self.fed_drafts)
-        append_tokens(self.tokens, self.length, tokens, counts)
+        active = self.active[:n]
+        # Drafts fed into the cache stay valid up to the first rejected one; released rows keep none.
+        kept = torch.where(active, (counts - 1).clamp(min=0, max=self.fed_drafts), 0)
+        self.runner.kv_len[:n] -= self.fed_drafts - kept
+        self.fed_drafts = 0
+        append_tokens(self.tokens, self.length, tokens, torch.where(active, counts, 0))
 
     def move_rows(self, dst, src):
         dst_t, src_t = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
         self.runner.move_rows(dst_t, src_t)
-        self.tokens[dst_t] = self.tokens[src_t]
-        self.length[dst_t] = self.length[src_t]
-
-
-def append_tokens(buffer: torch.Tensor, length: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
-    """buffer[row, length[row] + j] = tokens[row, j] for j < counts[row]; then length += counts."""
-    n, m = tokens.shape
-    cols = length[:n, None] + torch.arange(m, device=buffer.device)
-    keep = torch.arange(m, device=buffer.device)[None, :] < counts[:, None]
-    # Padding columns are written too, into scratch beyond the row's new length.
-    buffer[:n].scatter_(1, cols, torch.where(keep, tokens, buffer[:n].gather(1, cols)))
-    length[:n] += counts
+        for state in (self.tokens, self.length, self.active):
+            state[dst_t] = state[src_t]
 
 
 class PromptLookupDraft(Draft):
@@ -190,41 +269,69 @@ class PromptLookupDraft(Draft):
 
     name = "prompt_lookup"
 
-    def __init__(self, *, image_token_id: int | None, device: torch.device, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(
+        self,
+        *,
+        image_token_id: int | None,
+        device: torch.device,
+        gamma: int = 5,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+    ):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if gamma < 1:
+            raise ValueError(f"gamma (draft depth) must be >= 1, got {gamma}")
         self.image_token_id = image_token_id
         self.device = device
+        self.max_depth = gamma
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.history: list[np.ndarray | None] = []
 
-    def prefill(self, requests, max_new_tokens, gamma):
+    def reset(self):
+        self.history = []
+
+    def allocate(self, rows, capacity):
         # Histories live on the host: the search is a handful of small numpy scans per row.
-        self.history = [
-            np.array(strip_image_tokens(r.input_ids, self.image_token_id), dtype=np.int64) for r in requests
-        ]
+        self.history = (self.history + [None] * rows)[:rows]
 
-    def _lookup(self, history: np.ndarray, gamma: int) -> np.ndarray:
+    def admit(self, rows, requests):
+        for row, r in zip(rows, requests):
+            self.history[row] = np.array(strip_image_tokens(r.input_ids, self.image_token_id), dtype=np.int64)
+        return {}
+
+    def release(self, rows):
+        for row in rows:
+            self.history[row] = None
+
+    def _lookup(self, history: np.ndarray | None, depth: int) -> np.ndarray:
+        if history is None:
+            return np.zeros(0, dtype=np.int64)
         for size in range(min(self.max_ngram, len(history) - 1), self.min_ngram - 1, -1):
             suffix = history[-size:]
             windows = np.lib.stride_tricks.sliding_window_view(history[:-1], size)
             starts = np.flatnonzero((windows == suffix).all(axis=1))
             if len(starts):
                 begin = starts[-1] + size
-                return history[begin : begin + gamma]
+                return history[begin : begin + depth]
         return history[:0]
 
-    def propose(self, n, gamma, params, rng):
-        found = [self._lookup(h, gamma) for h in self.history[:n]]
-        tokens = torch.zeros(n, gamma, dtype=torch.long)
+    def propose(self, n, depth, params, rng):
+        found = [self._lookup(h, depth) for h in self.history[:n]]
+        tokens = torch.zeros(n, depth, dtype=torch.long)
         for row, cont in enumerate(found):
             tokens[row, : len(cont)] = torch.from_numpy(cont)
         lengths = torch.tensor([len(c) for c in found])
         return Proposal.chain(tokens.to(self.device), lengths.to(self.device), probs=None, draft_calls=0)
 
+    def calls(self, depth):
+        return 0
+
     def commit(self, tokens, counts):
         tokens, counts = tokens.cpu().numpy(), counts.cpu().tolist()
         for row, count in enumerate(counts):
-            self.history[row] = np.concatenate([self.history[row], tokens[row, :count]])
+            if self.history[row] is not None:
+                self.history[row] = np.concatenate([self.history[row], tokens[row, :count]])
 
     def move_rows(self, dst, src):
         for d, s in zip(dst, src):

@@ -54,6 +54,11 @@ class Proposal:
             return (torch.arange(self.tokens.shape[1], device=self.tokens.device) + 1).expand_as(self.tokens)
         return self.ancestry.sum(-1)
 
+    def row_depth(self) -> torch.Tensor:  # [n]: the depth of each row's deepest node (0: it proposed nothing)
+        if self.is_chain:
+            return self.lengths
+        return (self.depth() * self.valid).amax(1) if self.tokens.shape[1] else self.lengths
+
     def verification_attend(self) -> torch.Tensor:  # [n, k+1, k+1]: window = [root, node 0, ..., node k-1]
         n, k = self.parents.shape
         attend = torch.zeros(n, k + 1, k + 1, dtype=torch.bool, device=self.parents.device)

@@ -9,12 +9,15 @@ output depends on its own seed and not on which other requests share its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    __pydantic_config__: ClassVar[dict] = {"extra": "forbid"}  # unknown keys in a job config are errors
+
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0  # 1 disables
@@ -58,15 +61,23 @@ def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 class RowRandom:
-    """One seeded generator per request; every step each row draws the same count of uniforms."""
+    """One seeded generator per row; every step each row draws the same count of uniforms."""
 
     def __init__(self, seeds: list[int], device: torch.device):
         self.device = device
-        self.generators = []
-        for seed in seeds:
-            g = torch.Generator(device=device)
-            g.manual_seed(seed)
-            self.generators.append(g)
+        self.generators = [self._generator(seed) for seed in seeds]
+
+    def _generator(self, seed: int) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        return generator
+
+    def seed_row(self, row: int, seed: int) -> None:
+        """A new request takes the row: it starts its own sequence."""
+        self.generators[row] = self._generator(seed)
+
+    def resize(self, rows: int) -> None:
+        self.generators = (self.generators + [self._generator(0) for _ in range(rows)])[:rows]
 
     def uniforms(self, n: int, count: int) -> torch.Tensor:  # [n, count]
         return torch.stack([torch.rand(count, generator=g, device=self.device) for g in self.generators[:n]])

@@ -16,6 +16,7 @@ are simply fed again, in the single forward that starts the next tree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,6 +27,8 @@ from specvlm.specdec.sampling import probs_from_logits
 
 @dataclass(frozen=True)
 class TreeSettings:
+    __pydantic_config__: ClassVar[dict] = {"extra": "forbid"}  # unknown keys in a job config are errors
+
     # Defaults tuned on the demo family (README, Benchmarks, Trees): its drafts are confident, so narrow and
     # deep beats wide.
     topk: int = 2  # children per expanded node
@@ -34,27 +37,31 @@ class TreeSettings:
     min_score: float = 0.0  # nodes whose path probability is below this are not expanded (greedy: not kept)
 
     def __post_init__(self):
-        if self.topk < 1 or self.beam < 1 or self.max_nodes < 1:
-            raise ValueError("tree topk, beam and max_nodes must be >= 1")
+        for name in ("topk", "beam", "max_nodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.min_score < 1.0:
-            raise ValueError(f"tree min_score must be in [0, 1), got {self.min_score}")
+            raise ValueError(f"min_score must be in [0, 1), got {self.min_score}")
 
 
 class TreeDraft(ModelDraft):
+    """A model draft proposing a dynamic tree of depth up to `gamma` (see the module docstring)."""
+
     def __init__(self, *args, tree: TreeSettings, **kwargs):
         super().__init__(*args, **kwargs)
         self.tree = tree
 
-    def max_nodes(self, gamma: int) -> int:
-        return self.tree.max_nodes
-
-    def scratch(self, gamma: int) -> int:
-        # Every node ever created has a window slot (greedy creates more than it keeps), after a pending
-        # feed of up to gamma + 1 tokens.
+    def max_nodes(self, depth: int) -> int:
         t = self.tree
-        return t.topk + (gamma - 1) * t.beam * t.topk + gamma + 1
+        return min(t.max_nodes, t.topk + (depth - 1) * t.beam * t.topk) if depth > 0 else 0
 
-    def propose(self, n, gamma, params, rng):
+    def scratch(self) -> int:
+        # Every node ever created has a window slot (greedy creates more than it keeps), after a pending
+        # feed of up to max_depth + 1 tokens.
+        t = self.tree
+        return t.topk + (self.max_depth - 1) * t.beam * t.topk + self.max_depth + 1
+
+    def propose(self, n, depth, params, rng):
         t = self.tree
         greedy = params.greedy
         root = self._feed_pending(n)
@@ -67,14 +74,16 @@ class TreeDraft(ModelDraft):
         node_dists = [dist[:, None].expand(-1, t.topk, -1)] if not greedy else []
         level, calls = slice(0, t.topk), 1
 
-        for _ in range(2, gamma + 1):  # one level per draft call, down to depth gamma
+        for _ in range(2, depth + 1):  # one level per draft call, down to `depth`
             size = level.stop - level.start
             width = min(t.beam, size)
             if not greedy and scores.shape[1] + width * t.topk > t.max_nodes:
                 break  # sampling never prunes what it drew, so it only draws what fits
             chosen = level.start + scores[:, level].topk(width, dim=1).indices  # [n, width]
             chosen_scores = scores.gather(1, chosen)
-            if not bool((chosen_scores > t.min_score).any()):
+            # Greedy stops growing once no row has a node worth expanding. Sampling grows every level, so that a
+            # row draws the same uniforms whatever the other rows' trees look like.
+            if greedy and not bool((chosen_scores > t.min_score).any()):
                 break
             seen = ancestry.gather(1, chosen[..., None].expand(-1, -1, ancestry.shape[2]))  # [n, width, nodes]
             logits = self.runner.forward(
@@ -106,7 +115,7 @@ class TreeDraft(ModelDraft):
             if not greedy:
                 node_dists.append(dist.repeat_interleave(t.topk, dim=1))
 
-        keep = scores > 0
+        keep = (scores > 0) & self.active[:n, None]
         if greedy:
             keep &= scores >= t.min_score
             # The best max_nodes; a stable sort ranks a parent before its children (a child's score is lower or

@@ -33,7 +33,7 @@ class Verdict:
 def verify_greedy(logits: torch.Tensor, proposal: Proposal) -> Verdict:
     best = logits.argmax(-1)  # [n, k+1]
     k = proposal.tokens.shape[1]
-    if proposal.is_chain:
+    if proposal.is_chain or k == 0:  # an empty tree (every node pruned) verifies as an empty chain
         # The path is a prefix: the leading run of drafts that equal the target's argmax.
         match = (proposal.tokens == best[:, :k]) & proposal.valid
         accepted = match.long().cumprod(1).sum(1)
@@ -61,6 +61,23 @@ def verify_greedy(logits: torch.Tensor, proposal: Proposal) -> Verdict:
 def _normalise(p: torch.Tensor) -> torch.Tensor:
     total = p.sum(-1, keepdim=True)
     return torch.where(total > 0, p / total.clamp(min=torch.finfo(p.dtype).tiny), p)
+
+
+# The three rules of rejection sampling over siblings, named so that each is stated (and tested) once.
+def accepts(u: torch.Tensor, p_x: torch.Tensor, q_x: torch.Tensor) -> torch.Tensor:
+    """Accept draft token x with probability min(1, q(x) / p(x)), u uniform in [0, 1)."""
+    return u * p_x < q_x
+
+
+def residual(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """After a rejection the target distribution becomes norm(max(0, q - p))."""
+    return _normalise((q - p).clamp(min=0))
+
+
+def without(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The draft distribution of the next sibling: p with the rejected x removed, renormalised (siblings are drawn
+    without replacement)."""
+    return _normalise(p.scatter(1, x[:, None], 0.0))
 
 
 def verify_sampling(
@@ -97,10 +114,10 @@ def verify_sampling(
             x = proposal.tokens[rows, child]
             u = uniforms[rows, tries]
             tries += trying
-            accept = trying & (u * p[rows, x] < q[rows, x])
+            accept = trying & accepts(u, p[rows, x], q[rows, x])
             reject = trying & ~accept
-            q = torch.where(reject[:, None], _normalise((q - p).clamp(min=0)), q)
-            p = torch.where(reject[:, None], _normalise(p.scatter(1, x[:, None], 0.0)), p)
+            q = torch.where(reject[:, None], residual(q, p), q)
+            p = torch.where(reject[:, None], without(p, x), p)
             path[rows[accept], accepted[accept]] = child[accept]
             node = torch.where(accept, child, node)
             moved |= accept

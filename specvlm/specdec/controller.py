@@ -1,0 +1,222 @@
+"""Speculation that adapts to load: every step, the draft depth that maximises expected tokens per second.
+
+A step of depth d (d = 0 is plain decoding) over n rows costs
+
+    T(d) = verify(n, 1 + nodes(d)) + calls(d) * draft(n) + rest(n, d > 0)
+
+seconds: one target pass over each row's last token and its nodes(d) draft tokens, calls(d) draft passes, and
+the step's bookkeeping. It commits, in expectation, the sum over rows of
+
+    E(d) = 1 + a + a^2 + ... + a^min(d, left - 1)
+
+tokens, where `left` is what the row may still generate and a is its level acceptance: the chance that the
+accepted path reaches one level deeper once it reached the level above (a chain's acceptance rate; for a tree,
+of its best path). a is estimated per row from its own steps, shrunk towards the running value of all rows
+(a row that just joined has seen nothing). The controller picks argmax_d E(d) / T(d). Under light load a
+verification pass costs about what a one-token pass does and drafting deeper pays; as rows are added the target
+turns compute-bound (every verified token is arithmetic), verify(n, q) grows with q, and the best depth falls,
+to 0 when speculation no longer pays. That is how speculation steps aside by itself.
+
+The costs are measured here, on the machine that decodes. The first time the batch has about n rows, and every
+REFRESH_S seconds after, scratch passes (forwards that commit nothing) time the target over 1 and over the most
+tokens a step verifies, and one draft pass; verification costs in between are interpolated (they grow about
+linearly with the tokens per row). Every real step then refines what it used: its phases are timed and folded
+into moving averages. Tables are indexed by a bucket of the row count, so they follow the load and the machine.
+
+Greedy output does not depend on the depths chosen (every committed token is the target's argmax). Sampled
+output does: rejection sampling's random choices depend on what was drafted. So under sampling the depth is
+fixed at the draft's full depth, which keeps a sampled request's output a function of its seed alone, whatever
+its batch and whenever it joined.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+REFRESH_S = 60.0  # seconds between re-measurements of a bucket: a cost measured badly once cannot stick, and
+# the scratch passes stay a small share of the time (four passes a minute)
+PRIOR_WEIGHT = 4.0  # steps' worth of evidence the running acceptance of all rows counts for in a row's estimate
+SMOOTHING = 0.2  # weight of a new measurement in the moving averages
+HYSTERESIS = 1.03  # drafting for rows that join must promise this much over plain decoding
+
+
+def rows_bucket(n: int) -> int:
+    """Row counts whose costs are kept together: a half-octave apart (1, 2, 3, 4, 6, 8, 11, 16, ...)."""
+    return round(2 * math.log2(max(n, 1)))
+
+
+class Stopwatch:
+    """Wall time of the phases of a step; on a GPU it waits for the device, or it would time only the launches."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class DepthController:
+    def __init__(
+        self,
+        max_depth: int,
+        nodes: Callable[[int], int],
+        calls: Callable[[int], int],
+        rows: int,
+        device: torch.device,
+        adaptive: bool,
+    ):
+        self.max_depth = max_depth
+        self.nodes = nodes  # depth -> draft tokens verified per row
+        self.calls = calls  # depth -> draft forward passes
+        self.adaptive = adaptive
+        self.device = device
+        self.verify_s: dict[int, dict[int, float]] = {}  # rows bucket -> tokens per row -> seconds per pass
+        self.draft_s: dict[int, float] = {}  # rows bucket -> seconds per draft pass
+        self.rest_s: dict[tuple[int, bool], float] = {}  # (rows bucket, drafting) -> bookkeeping seconds
+        self.measured_at: dict[int, float] = {}  # rows bucket -> when its costs were last measured
+        self.level_acceptance: float | None = None  # running value over all rows
+        self.accepted = torch.zeros(rows, device=device)  # per row: levels accepted ...
+        self.tried = torch.zeros(rows, device=device)  # ... out of levels tried
+        self.depths: dict[int, int] = {}  # how often each depth was chosen
+        self.wants_drafting = True
+
+    # Rows follow the engine's row moves.
+    def resize(self, rows: int) -> None:
+        for name in ("accepted", "tried"):
+            old = getattr(self, name)
+            new = torch.zeros(rows, device=self.device)
+            new[: min(rows, len(old))] = old[:rows]
+            setattr(self, name, new)
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        self.accepted[rows] = 0
+        self.tried[rows] = 0
+
+    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.accepted[dst] = self.accepted[src]
+        self.tried[dst] = self.tried[src]
+
+    def expected_tokens(self, n: int, drafted: torch.Tensor, left: torch.Tensor) -> tuple[list[float], list[float]]:
+        """Expected tokens committed by a step of each depth 0..max_depth, summed over rows [0, n): as the rows
+        are (only `drafted` rows can accept drafts), and were the draft to hold every row."""
+        prior = 0.5 if self.level_acceptance is None else self.level_acceptance
+        a = (self.accepted[:n] + PRIOR_WEIGHT * prior) / (self.tried[:n] + PRIOR_WEIGHT)  # [n]
+        depth = torch.arange(self.max_depth + 1, device=a.device)
+        cumulative = (a[:, None] ** depth).cumsum(1)  # [n, D+1]: 1 + a + ... + a^d
+        reach = torch.minimum(depth[None, :], (left - 1).clamp(min=0)[:, None])  # a row cannot pass its limit
+        per_row = cumulative.gather(1, reach)
+        actual = torch.where(drafted[:, None], per_row, 1.0).sum(0)
+        return torch.stack([actual, per_row.sum(0)]).tolist()
+
+    def measure(self, n: int, probe_verify: Callable[[int], float], probe_draft: Callable[[], float]) -> None:
+        """Time scratch passes at this row count: the target over 1 and over the most tokens a step verifies,
+        and one draft pass."""
+        bucket = rows_bucket(n)
+        table = self.verify_s[bucket] = {}
+        for q in sorted({1, 1 + self.nodes(self.max_depth)}):
+            table[q] = probe_verify(q)
+        if self.calls(self.max_depth) > 0:
+            self.draft_s[bucket] = probe_draft()
+        self.measured_at[bucket] = time.perf_counter()
+
+    def verify_seconds(self, bucket: int, q: int) -> float:
+        """A pass over q tokens per row: measured, or interpolated between the nearest measured counts."""
+        table = self.verify_s[bucket]
+        if q in table:
+            return table[q]
+        below = max((k for k in table if k < q), default=None)
+        above = min((k for k in table if k > q), default=None)
+        if below is None or above is None:
+            return table[above if below is None else below]
+        return table[below] + (table[above] - table[below]) * (q - below) / (above - below)
+
+    def step_seconds(self, n: int, depth: int) -> float:
+        """Predicted seconds of a step of this depth over n rows."""
+        bucket = rows_bucket(n)
+        seconds = self.verify_seconds(bucket, 1 + self.nodes(depth))
+        if depth > 0:
+            seconds += self.calls(depth) * self.draft_s.get(bucket, 0.0)
+        return seconds + self.rest_s.get((bucket, depth > 0), self.rest_s.get((bucket, depth == 0), 0.0))
+
+    def choose(
+        self,
+        n: int,
+        drafted: torch.Tensor,
+        left: torch.Tensor,
+        greedy: bool,
+        probe_verify: Callable[[int], float],
+        probe_draft: Callable[[], float],
+    ) -> int:
+        """The depth of the next step for rows [0, n); drafted [n]: rows the draft holds; left [n]: tokens
+        each row may still generate. Also updates `wants_drafting`: whether rows that join should be drafted for."""
+        any_drafted = bool(drafted.any())
+        # Sampling drafts at full depth every step, even for rows the draft does not hold: see the docstring.
+        depth = self.max_depth if any_drafted or not greedy else 0
+        if self.adaptive and greedy:
+            bucket = rows_bucket(n)
+            if time.perf_counter() - self.measured_at.get(bucket, -REFRESH_S) >= REFRESH_S:
+                self.measure(n, probe_verify, probe_draft)
+            seconds = [self.step_seconds(n, d) for d in range(self.max_depth + 1)]
+            actual, everyone = self.expected_tokens(n, drafted, left)
+            rates = [tokens / s for tokens, s in zip(actual, seconds)]
+            depth = max(range(len(rates)), key=rates.__getitem__) if any_drafted else 0
+            best_for_all = max(t / s for t, s in zip(everyone, seconds))
+            plain = everyone[0] / seconds[0]
+            self.wants_drafting = best_for_all > plain * (1.0 if self.wants_drafting else HYSTERESIS)
+        self.depths[depth] = self.depths.get(depth, 0) + 1
+        return depth
+
+    def observe(
+        self,
+        n: int,
+        depth: int,
+        proposed: torch.Tensor,
+        accepted: torch.Tensor,
+        seconds: tuple[float, float, float],
+        draft_calls: int,
+    ):
+        """After a step over rows [0, n): proposed [n] the depth each row was offered (its proposal's depth),
+        accepted [n] the depth it accepted; seconds = (draft, verify, rest) of the step."""
+        # Levels tried: every accepted one, plus the one that failed unless the whole proposal was accepted.
+        tried = torch.minimum(accepted + 1, proposed).float()
+        self.accepted[:n] += accepted.float()
+        self.tried[:n] += tried
+        total_tried = float(tried.sum())
+        if total_tried > 0:
+            step_rate = float(accepted.sum()) / total_tried
+            self.level_acceptance = (
+                step_rate
+                if self.level_acceptance is None
+                else ((1 - SMOOTHING) * self.level_acceptance + SMOOTHING * step_rate)
+            )
+        bucket = rows_bucket(n)
+        draft_s, verify_s, rest_s = seconds
+        if bucket in self.verify_s:
+            _average(self.verify_s[bucket], 1 + self.nodes(depth), verify_s)
+        if draft_calls > 0 and bucket in self.draft_s:
+            _average(self.draft_s, bucket, draft_s / draft_calls)
+        _average(self.rest_s, (bucket, depth > 0), rest_s)
+
+    def describe(self) -> dict:
+        """The measured cost model and the choices made, for the job's manifest."""
+        return {
+            "adaptive": self.adaptive,
+            "max_depth": self.max_depth,
+            "level_acceptance": self.level_acceptance,
+            "depth_chosen_steps": dict(sorted(self.depths.items())),
+            "verify_seconds": {
+                f"rows~{2 ** (b / 2):.0f}": {f"tokens={q}": s for q, s in sorted(t.items())}
+                for b, t in sorted(self.verify_s.items())
+            },
+            "draft_seconds_per_call": {f"rows~{2 ** (b / 2):.0f}": s for b, s in sorted(self.draft_s.items())},
+        }
+
+
+def _average(table: dict, key, value: float) -> None:
+    table[key] = value if key not in table else (1 - SMOOTHING) * table[key] + SMOOTHING * value
