@@ -34,4 +34,4 @@ bench: install
 	$(PY) -m jobs.benchmark
 
 load-test: install
-	$(PY) -m pytest -q -s -m load tests/test_load.py
+	$(PY) -m jobs.load_test

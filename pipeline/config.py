@@ -32,6 +32,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _known_protocol(uri: str | None) -> str | None:
+    """A URI whose protocol fsspec cannot open fails here, naming its field, not as a traceback mid-run."""
+    if uri and "://" in uri:
+        import fsspec
+
+        protocol = uri.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ValueError:
+            raise ValueError(
+                f"unknown protocol {protocol!r}; use a local path, s3://, gs://, ... (any fsspec protocol)"
+            ) from None
+        except ImportError as exc:
+            raise ValueError(f"protocol {protocol!r} needs a package that is not installed: {exc}") from None
+    return uri
+
+
 def _no_secrets(options: dict) -> dict:
     for name in options:
         if any(word in name.lower() for word in SECRET_WORDS):
@@ -56,7 +73,11 @@ class InputConfig(Section):
     # Task fields taken from a record's metadata under another name, e.g. {question: mc_question}.
     fields: dict[Literal["caption", "question", "choices", "answer", "references"], str] = Field(default_factory=dict)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # How long a shard's reads keep retrying object-storage faults (with backoff) before the shard is given up as
+    # failed: the job finishes the others, then exits non-zero naming it, and a rerun retries it.
+    retry_for_s: float = Field(60.0, ge=0)
     _check_secrets = field_validator("storage_options")(_no_secrets)
+    _check_uri = field_validator("uri")(_known_protocol)
 
     @model_validator(mode="after")
     def _layout_options_need_a_layout(self):
@@ -70,7 +91,9 @@ class OutputConfig(Section):
     uri: str
     storage_options: dict[str, Any] = Field(default_factory=dict)
     max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)  # the job fails above this fraction of error rows
+    retry_for_s: float = Field(60.0, ge=0)  # how long a shard's file write keeps retrying before the shard fails
     _check_secrets = field_validator("storage_options")(_no_secrets)
+    _check_uri = field_validator("uri")(_known_protocol)
 
 
 class TaskConfig(Section):
@@ -95,6 +118,9 @@ class DecodeSettings(SamplingParams):
 
 class ComputeConfig(Section):
     actors: int = Field(1, ge=1)  # decode actors (each holds target + draft)
+    # Input shards read at once, per decode actor. Rows reach the actors in about the order they are read, so
+    # these shards, plus the batches queued at each actor, are all a crash can lose (README, Fault behaviour).
+    shards_per_actor: int = Field(2, ge=1)
     num_gpus: float | Literal["auto"] = "auto"  # per actor; auto: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_actor: float = Field(1.0, gt=0)
     # Intra-op threads of each decode actor (default: its cpus_per_actor, as Ray sets it). More than that can
@@ -168,7 +194,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc)
+        raise ConfigError(f"--set {key.strip()}: {raw!r} is not a valid YAML value ({problem}); quote it") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
@@ -178,6 +208,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
             tree = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):

@@ -1,13 +1,14 @@
 """Running a job: check everything, start (or join) Ray, stream shards through the stages, write, summarise.
 
-    preflight (no Ray yet) -> list shards -> skip finished ones -> read+preprocess tasks -> decode actors
-    -> per-shard Parquet files -> manifest and summary
+    preflight (no Ray yet) -> list shards -> skip finished ones -> read tasks (one per shard: read, prepare)
+    -> decode actors -> per-shard Parquet files -> manifest and summary; failed shards named at the end
 
 The same code runs on a laptop (embedded local Ray, CPU) and on a cluster (RAY_ADDRESS / `ray job submit`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -18,10 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.processor import decode_records, model_fingerprints
-from pipeline.sink import OutputDir, ShardCollector
-from pipeline.stages import OperatingPoints, read_shards, shard_to_item
+from pipeline.sink import PARTIAL, OutputDir, ShardCollector
+from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient
 from specvlm.data.sources import SourceError, list_shards
+
+FAILED_SHARDS_LISTED = 10  # in the error message; the manifest lists them all
 
 
 class JobFailed(RuntimeError):
@@ -33,6 +35,7 @@ class Summary:
     shards_total: int
     shards_skipped: int  # already written by an earlier run
     shards_written: int
+    shards_failed: int  # could not be read (or written) to their end; no output file
     rows: int  # in the whole output
     errors: int
     new_tokens: int
@@ -59,7 +62,11 @@ class Summary:
     def table(self) -> str:
         rate = lambda x: f"{x / self.run_seconds:.2f}" if self.run_seconds else "-"
         lines = [
-            ("shards", f"{self.shards_total} ({self.shards_written} written now, {self.shards_skipped} already done)"),
+            (
+                "shards",
+                f"{self.shards_total} ({self.shards_written} written now, {self.shards_skipped} already done, "
+                f"{self.shards_failed} failed)",
+            ),
             ("rows", f"{self.rows}"),
             ("errors", f"{self.errors} ({self.error_fraction:.1%})"),
             ("new tokens", f"{self.new_tokens}"),
@@ -73,30 +80,81 @@ class Summary:
 
 
 def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
-    """Everything that can be checked before Ray starts: models, input listing, output writability. Returns the
-    output directory, the shards and the hash that output written by this job carries."""
-    weights = model_fingerprints(config)
-    try:
-        shards = list_shards(
-            config.input.uri,
-            config.input.format,
-            storage_options=config.input.storage_options,
-            files_per_shard=config.input.files_per_shard,
-            **config.input.model_dump(include={"images", "annotations", "split"}),
-        )
-    except (SourceError, OSError) as exc:
-        raise ConfigError(f"input.uri: {exc}") from None
-    shards = shards[: config.input.max_shards]
-    output = OutputDir(config.output.uri, config.output.storage_options)
-    try:
+    """Everything that can be checked before Ray starts: input listing, output writability, models. Returns the
+    output directory, the shards and the hash that output written by this job carries.
+
+    Object storage is asked with short timeouts here (specvlm.data.retry.filesystem): a store that refuses, is
+    unreachable or never answers ends the job within seconds, with the config field named. The stores come
+    before the models, whose checks import transformers (seconds on their own)."""
+    i, o = config.input, config.output
+    shards = _storage_check(
+        "input",
+        i.uri,
+        i.storage_options,
+        lambda: list_shards(
+            i.uri,
+            i.format,
+            storage_options=i.storage_options,
+            files_per_shard=i.files_per_shard,
+            preflight=True,
+            **i.model_dump(include={"images", "annotations", "split"}),
+        ),
+    )[: i.max_shards]
+
+    def writable_output() -> OutputDir:
+        output = OutputDir(o.uri, o.storage_options, RetryPolicy(budget_s=o.retry_for_s))
         output.check_writable()
-    except OSError as exc:
-        raise ConfigError(f"output.uri: cannot write to {config.output.uri}: {exc}") from None
-    return output, shards, config.output_hash(weights)
+        return output
+
+    output = _storage_check("output", o.uri, o.storage_options, writable_output)
+    return output, shards, config.output_hash(check_models(config))
+
+
+def _storage_check(section: str, uri: str, options: dict, check):
+    try:
+        return check()
+    except SourceError as exc:
+        raise ConfigError(f"{section}.uri: {exc}") from None
+    except Exception as exc:
+        fields = f"{section}.uri" + (f", {section}.storage_options.endpoint_url" if "endpoint_url" in options else "")
+        if is_transient(exc):
+            problem = f"the store holding {uri} did not answer in time or refused the connection ({describe(exc)})"
+            advice = "check the endpoint, the network, and that the store is up"
+        else:
+            problem = f"cannot use {uri}: {describe(exc)}"
+            advice = "check the path, the permissions and the storage options"
+        raise ConfigError(f"{section}.uri: {problem}; {advice} ({fields})") from None
+
+
+def check_models(config: JobConfig) -> dict[str, str]:
+    """The target (and a model draft) exist; returns fingerprints of their weights."""
+    from specvlm.models.checkpoints import ModelLoadError, check_model_location, weights_fingerprint
+
+    locations = {"model.target": config.model.target}
+    if config.draft.kind in ("text", "vlm"):  # the config has made sure such a draft has a path
+        locations["draft.path"] = config.draft.path
+    options = config.model.storage_options
+    weights = {}
+    for name, location in locations.items():
+        try:
+            if "://" in location:  # first ask the store, briefly, whether it answers at all
+                fs, path = filesystem(location, options, preflight=True)
+                with contextlib.suppress(FileNotFoundError):  # it answered; check_model_location says what is missing
+                    fs.info(path)
+            check_model_location(location, options)
+            weights["target" if name == "model.target" else "draft"] = weights_fingerprint(location, options)
+        except (ModelLoadError, ConfigError) as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+        except Exception as exc:
+            problem = f"cannot read {location} ({describe(exc)}); check it and model.storage_options"
+            raise ConfigError(f"{name}: {problem}") from None
+    return weights
 
 
 def init_ray(config: JobConfig) -> None:
     import ray
+
+    from pipeline import local_ray
 
     if ray.is_initialized():
         return
@@ -104,53 +162,76 @@ def init_ray(config: JobConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        # address="local": an embedded Ray of our own, never a cluster that happens to run on this machine.
-        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        local_ray.start(config.ray.num_cpus)
 
 
 def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
-    ds = ray.data.from_items([shard_to_item(s) for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(
-        read_shards, fn_kwargs={"storage_options": config.input.storage_options}, batch_format="pyarrow", batch_size=1
-    )
-    return decode_records(ds, config, config_hash, reports)
+    from pipeline.reader import BLOCK_ROWS, ShardDatasource
+    from pipeline.stages import decode_stage
+
+    c = config.compute
+    # One read task per shard (pipeline/reader.py says why a datasource); at most shards_per_actor of them per
+    # decode actor at once, which bounds the shards in flight, and so what a crash can lose.
+    reading = min(len(shards), c.actors * c.shards_per_actor)
+    ds = ray.data.read_datasource(ShardDatasource(shards, config), concurrency=reading, override_num_blocks=len(shards))
+    # Blocks of BLOCK_ROWS rows, whatever the size of a row or a shard: each decode actor holds a fixed number of
+    # blocks, so the rows in flight, and what a crash can lose, are bounded in rows (reader.py).
+    ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)
+    return decode_stage(ds, config, config_hash, reports)
 
 
 def run_job(config: JobConfig, *, log=print) -> Summary:
-    """Run the job to completion. Raises ConfigError before any work, JobFailed past the error limit."""
+    """Run the job to completion. Raises ConfigError before any work; JobFailed at the end when shards failed or
+    the error rows pass the limit, after every other shard is written."""
     output, shards, config_hash = preflight(config)
     done = output.finished(config_hash)
     pending = [s for s in shards if s.shard_id not in done]
     log(f"{len(shards)} shards, {len(done & {s.shard_id for s in shards})} already written, {len(pending)} to do")
 
     started = time.perf_counter()
-    collector = ShardCollector(output, config_hash)
+    collector = ShardCollector(output, config_hash, output.partial_shards() if pending else set())
     operating_points = {}
     if pending:
         import ray
+
+        from pipeline.stages import OperatingPoints
 
         init_ray(config)
         reports = ray.remote(OperatingPoints).options(num_cpus=0).remote()
         dataset = build_dataset(config, pending, config_hash, reports)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             collector.add(batch)
+        collector.close()
         operating_points = ray.get(reports.get.remote())
-        if collector.incomplete:
-            raise JobFailed(f"shards {collector.incomplete} did not receive all their rows; rerun to finish them")
     elapsed = time.perf_counter() - started
 
     summary = _summarise(output, shards, len(done), collector, elapsed)
     output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points))
     output.clean_staging()
     log(summary.table())
+    if collector.failed:
+        raise JobFailed(_failed_shards_message(collector.failed, output))
     if summary.error_fraction > config.output.max_error_fraction:
         raise JobFailed(
             f"{summary.errors} of {summary.rows} rows failed ({summary.error_fraction:.1%}), over "
             f"output.max_error_fraction={config.output.max_error_fraction:.1%}; see the error column"
         )
     return summary
+
+
+def _failed_shards_message(failed: dict[str, str], output: OutputDir) -> str:
+    listed = sorted(failed)[:FAILED_SHARDS_LISTED]
+    lines = [f"{len(failed)} shard(s) could not be finished and have no output file:"]
+    lines += [f"  {shard}: {failed[shard]}" for shard in listed]
+    if len(failed) > len(listed):
+        lines.append(f"  ... and {len(failed) - len(listed)} more (all are listed in {output.uri}/_manifest.json)")
+    lines.append(
+        f"Rows they did yield are kept apart in {output.uri}/{PARTIAL}/ (not part of the output). Fix the cause, then "
+        "run the same command again: finished shards are skipped and only these are retried."
+    )
+    return "\n".join(lines)
 
 
 def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollector, elapsed: float) -> Summary:
@@ -169,6 +250,7 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
         shards_total=len(shards),
         shards_skipped=skipped,
         shards_written=len(collector.written),
+        shards_failed=len(collector.failed),
         rows=table.num_rows,
         errors=len(errors),
         run_rows=run_rows,
@@ -196,6 +278,8 @@ def _manifest(
         "task": config.task.kind,
         "input": config.input.uri,
         "shards_written_this_run": collector.written,
+        "failed_shards": collector.failed,  # shard id -> why; a rerun retries exactly these
+        "most_shards_held_at_once": collector.peak_open,  # what a driver crash at the worst moment would have lost
         # Per decode actor: the running batch it settled on and the speculation controller's measured costs.
         "operating_points": operating_points,
         "summary": {

@@ -8,8 +8,9 @@ Rows in: an image column (bytes, a path or URI, a PIL image, a numpy array, or a
 {"bytes", "path"} image) plus prompt fields (question, choices, answer, caption; more by `fields`).
 Rows out: the columns of the job's output schema (pipeline/schema.py). A bad row becomes a row with `error` set.
 
-`decode_records` is the part every job shares: preprocessing on CPU tasks, then the decode actor pool, over any
-Dataset of records. The jobs feed it from shards and keep their resumable, one-file-per-shard output.
+The rows are prepared the way a job's read tasks prepare a shard's records (stages.Preparer), then decoded by
+the same decode actor pool (stages.decode_stage). The jobs feed that pool from shards instead, and keep their
+resumable, one-file-per-shard output.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field, field_validator
 
-from pipeline.config import ComputeConfig, ConfigError, DecodeSettings, JobConfig, Section, TaskConfig, _no_secrets
+from pipeline.config import ComputeConfig, DecodeSettings, JobConfig, Section, TaskConfig, _no_secrets
+from pipeline.job import check_models
 from pipeline.schema import OUTPUT_SCHEMA
-from pipeline.stages import DECODE_BATCH_ROWS, DECODE_TASKS_PER_ACTOR, RECORD_SCHEMA, DecodeActor, preprocess
+from pipeline.stages import PREPARED_SCHEMA, Preparer, decode_stage, load_processor
 from specvlm.data.retry import with_retries
 from specvlm.engine import DraftSettings, TargetSettings
-from specvlm.models.checkpoints import ModelLoadError, check_model_location, weights_fingerprint
 
 TEXT_FIELDS = ("caption", "question", "choices", "answer")
 # Columns a row may bring that name it in the output rather than feed the prompt.
@@ -76,14 +77,8 @@ class Processor:
     def __call__(self, ds):
         if self.preprocess is not None:
             ds = ds.map(self.preprocess)
-        i = self.config.input
-        ds = ds.map_batches(
-            dataset_records,
-            fn_kwargs={"image_column": i.image_column, "storage_options": i.storage_options},
-            batch_format="pyarrow",
-            batch_size=16,
-        )
-        ds = decode_records(ds, self.config, self.config_hash).select_columns(OUTPUT_SCHEMA.names)
+        ds = ds.map_batches(prepare_rows, fn_kwargs={"config": self.config}, batch_format="pyarrow", batch_size=16)
+        ds = decode_stage(ds, self.config, self.config_hash).select_columns(OUTPUT_SCHEMA.names)
         return ds if self.postprocess is None else ds.map(self.postprocess)
 
 
@@ -98,76 +93,28 @@ def build_processor(
     Ray work, as a job's preflight does; rows carry the same config hash a job writing them would. preprocess /
     postprocess map one row to one row, before and after the stages."""
     job = config.job_config() if isinstance(config, ProcessorConfig) else config
-    return Processor(job, job.output_hash(model_fingerprints(job)), preprocess, postprocess)
+    return Processor(job, job.output_hash(check_models(job)), preprocess, postprocess)
 
 
-def model_fingerprints(config: JobConfig) -> dict[str, str]:
-    """Check that the target (and a model draft) exist and fingerprint their weights, cheaply (no download).
-    Raises ConfigError naming the field."""
-    try:
-        check_model_location(config.model.target, config.model.storage_options)
-        weights = {"target": weights_fingerprint(config.model.target, config.model.storage_options)}
-        if config.draft.kind in ("text", "vlm"):
-            if not config.draft.path:
-                raise ConfigError(f"draft.path: a {config.draft.kind!r} draft needs a model path")
-            check_model_location(config.draft.path, config.model.storage_options)
-            weights["draft"] = weights_fingerprint(config.draft.path, config.model.storage_options)
-    except (ModelLoadError, OSError) as exc:
-        raise ConfigError(f"model.target / draft.path: {exc}") from None
-    return weights
+def prepare_rows(batch: pa.Table, config: JobConfig) -> pa.Table:
+    """map_batches: a user's rows -> prepared rows for the decode actors (a bad row becomes an error row)."""
+    i = config.input
+    prepare = Preparer(config, load_processor(config.model))
+    rows = [prepare(row_record(row, i.image_column, i.storage_options)) for row in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
 
 
-def decode_records(ds, config: JobConfig, config_hash: str, reports=None):
-    """Preprocessing (CPU tasks) and speculative decoding (the decode actor pool) of a Dataset of records
-    (stages.RECORD_SCHEMA rows) -> decoded rows (stages.DECODED_SCHEMA). reports: an OperatingPoints actor that
-    collects the decode actors' operating points, or None."""
-    import ray
-
-    c = config.compute
-    # batch_size=None: one block at a time, as the stage before made it. A row count here would become the
-    # bundle size of the task Ray Data fuses with the reader, and that task would read that many shards in a
-    # row (all of a small job's) on one node, instead of one shard per task across the cluster.
-    ds = ds.map_batches(preprocess, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=None)
-    # An async actor with several batches in flight: the engine decodes rows of many batches together.
-    return ds.map_batches(
-        DecodeActor,
-        fn_constructor_kwargs={"config": config, "config_hash": config_hash, "reports": reports},
-        batch_format="pyarrow",
-        batch_size=DECODE_BATCH_ROWS,
-        compute=ray.data.ActorPoolStrategy(
-            size=c.actors,
-            max_concurrent_calls_per_actor=DECODE_TASKS_PER_ACTOR,
-            max_tasks_in_flight_per_actor=2 * DECODE_TASKS_PER_ACTOR,
-        ),
-        num_gpus=_gpus_per_actor(config),
-        num_cpus=c.cpus_per_actor,
-    )
-
-
-def _gpus_per_actor(config: JobConfig) -> float:
-    import ray
-
-    if config.compute.num_gpus != "auto":
-        return float(config.compute.num_gpus)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
-def dataset_records(batch: pa.Table, image_column: str, storage_options: dict) -> pa.Table:
-    """map_batches: a user's rows -> records, the shape shard readers give (one bad row, one error record)."""
-    return pa.Table.from_pylist(
-        [_record(row, image_column, storage_options) for row in batch.to_pylist()], schema=RECORD_SCHEMA
-    )
-
-
-def _record(row: dict, image_column: str, storage_options: dict) -> dict:
+def row_record(row: dict, image_column: str, storage_options: dict) -> dict:
+    """A user's row -> a record, the shape shard readers give (an unreadable image: an error record)."""
     text = {name: row.get(name) for name in TEXT_FIELDS}
-    extra = {k: v for k, v in row.items() if k not in (image_column, *TEXT_FIELDS, *IDENTITY_FIELDS)}
+    extra = {k: v for k, v in row.items() if k not in (image_column, *TEXT_FIELDS, "references", *IDENTITY_FIELDS)}
     record = {
         "image": None,
         "caption": _text(text["caption"]),
         "question": _text(text["question"]),
         "choices": None if text["choices"] is None else [str(c) for c in text["choices"]],
         "answer": _text(text["answer"]),
+        "references": None if row.get("references") is None else [str(r) for r in row["references"]],
         # Extra columns travel as the record's metadata, where `fields` finds renamed task fields.
         "meta": json.dumps(extra, ensure_ascii=False, default=str) if extra else None,
         "error": None,

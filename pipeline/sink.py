@@ -1,28 +1,35 @@
 """Writing results: one Parquet file per input shard, complete or absent, plus a run manifest.
 
 The driver collects decoded rows per shard and writes a shard's file once the shard's end marker and all of its
-rows have arrived. The file is written under a temporary name and moved into place, so a reader (or a rerun)
-never sees a partial file: on a local disk the move is an atomic rename, on object stores the object appears
-in one piece. The file name is the input shard's id, so a rerun finds finished shards by name and skips them,
-which is what makes a crashed job resumable with every row written exactly once.
+rows have arrived, in whatever order they come. The file is written under a temporary name and moved into place,
+so a reader (or a rerun) never sees a partial file: on a local disk the move is an atomic rename, on object
+stores the object appears in one piece. The file name is the input shard's id, so a rerun finds finished shards
+by name and skips them, which is what makes a crashed job resumable with every row written exactly once.
+
+A shard that could not be read to its end gets no such file: the rows it did yield go to `_partial/<id>.parquet`,
+which no rerun takes for done output and no reader of `<output>/*.parquet` (or of the folder as a Parquet data
+set: pyarrow skips names starting with "_") picks up, and the manifest lists the shard with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import uuid
 
-import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.faults import inject_fault
 from pipeline.schema import OUTPUT_SCHEMA
-from specvlm.data.retry import with_retries
+from specvlm.data.retry import DEFAULT_RETRY, RetryPolicy, describe, filesystem, with_retries
 
 HASH_METADATA_KEY = b"specvlm.config_hash"
+FAILURE_METADATA_KEY = b"specvlm.failure"
 MANIFEST = "_manifest.json"
+PARTIAL = "_partial"
 
 
 class ResumeConflict(RuntimeError):
@@ -30,16 +37,21 @@ class ResumeConflict(RuntimeError):
 
 
 class OutputDir:
-    def __init__(self, uri: str, storage_options: dict):
+    def __init__(self, uri: str, storage_options: dict, retry: RetryPolicy = DEFAULT_RETRY):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options)
+        self.storage_options = storage_options
+        self.retry = retry
+        self.fs, self.root = filesystem(self.uri, storage_options)
 
     def shard_path(self, shard_id: str) -> str:
         return posixpath.join(self.root, f"{shard_id}.parquet")
 
+    def partial_path(self, shard_id: str) -> str:
+        return posixpath.join(self.root, PARTIAL, f"{shard_id}.parquet")
+
     def finished(self, config_hash: str) -> set[str]:
         """Shard ids already written. Refuses to resume over output made with different settings."""
-        return with_retries(lambda: self._finished(config_hash))
+        return with_retries(lambda: self._finished(config_hash), self.retry)
 
     def _finished(self, config_hash: str) -> set[str]:
         self.fs.invalidate_cache()
@@ -59,21 +71,28 @@ class OutputDir:
         return done
 
     def check_writable(self) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
-        probe = posixpath.join(self.root, f"_write_probe-{uuid.uuid4().hex}")
-        with self.fs.open(probe, "wb") as f:
+        """Write and remove a probe object, waiting for the store only seconds (preflight)."""
+        fs, root = filesystem(self.uri, self.storage_options, preflight=True)
+        # One request first: a store that is down or silent fails here, before calls that retry among themselves
+        # (s3fs's makedirs asks about the bucket several ways, each waiting its own timeout).
+        with contextlib.suppress(FileNotFoundError):
+            fs.info(root)
+        fs.makedirs(root, exist_ok=True)
+        probe = posixpath.join(root, f"_write_probe-{uuid.uuid4().hex}")
+        with fs.open(probe, "wb") as f:
             f.write(b"ok")
-        self.fs.rm(probe)
+        fs.rm(probe)
 
     def write_atomic(self, path: str, write) -> None:
         """write(file_object) into a temporary object, then move it to `path`; retried as a whole."""
-        with_retries(lambda: self._write_atomic(path, write))
+        with_retries(lambda: self._write_atomic(path, write), self.retry)
 
     def _write_atomic(self, path: str, write) -> None:
         staging = posixpath.join(self.root, "_staging", f"{uuid.uuid4().hex}-{posixpath.basename(path)}")
         self.fs.makedirs(posixpath.dirname(staging), exist_ok=True)
         with self.fs.open(staging, "wb") as f:
             write(f)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.fs.mv(staging, path)
 
     def clean_staging(self) -> None:
@@ -82,12 +101,25 @@ class OutputDir:
         if self.fs.exists(staging):
             self.fs.rm(staging, recursive=True)
 
-    def write_shard(self, shard_id: str, table: pa.Table, config_hash: str) -> None:
+    def write_shard(self, shard_id: str, table: pa.Table, config_hash: str, failure: str | None = None) -> None:
+        """The shard's file; for a shard that failed (`failure` says why), its rows so far under _partial/."""
         # The hash also goes where pandas keeps DataFrame.attrs, so pd.read_parquet shows it (df.attrs).
         pandas_attrs = json.dumps({HASH_METADATA_KEY.decode(): config_hash}).encode()
         metadata = {HASH_METADATA_KEY: config_hash.encode(), b"PANDAS_ATTRS": pandas_attrs}
+        if failure is not None:
+            metadata[FAILURE_METADATA_KEY] = failure.encode()
         table = table.replace_schema_metadata(metadata)
-        self.write_atomic(self.shard_path(shard_id), lambda f: pq.write_table(table, f))
+        path = self.shard_path(shard_id) if failure is None else self.partial_path(shard_id)
+        self.write_atomic(path, lambda f: pq.write_table(table, f))
+
+    def partial_shards(self) -> set[str]:
+        """Ids of shards with rows kept from a failed read (a rerun that completes one removes its partial file)."""
+        self.fs.invalidate_cache()
+        paths = with_retries(lambda: self.fs.glob(self.partial_path("*")), self.retry)
+        return {posixpath.basename(p)[: -len(".parquet")] for p in paths}
+
+    def remove_partial(self, shard_id: str) -> None:
+        with_retries(lambda: self.fs.rm(self.partial_path(shard_id)), self.retry)
 
     def read_all(self, columns: list[str]) -> pa.Table:
         self.fs.invalidate_cache()
@@ -103,35 +135,79 @@ class OutputDir:
 
 
 class ShardCollector:
-    """Gathers rows per shard as they stream in (in any order) and writes each shard when it is complete."""
+    """Gathers decoded rows per shard as they stream in, in any order, and finishes each shard once it is complete:
+    its end marker has arrived, and so has every row the marker counts (each row_index once).
 
-    def __init__(self, output: OutputDir, config_hash: str):
+    A complete shard is written as done output; one whose marker carries a failure goes to _partial/ and into
+    `failed`. A shard whose file cannot be written (the store's outage outlasting output.retry_for_s) fails too,
+    so the job carries on with the others."""
+
+    def __init__(self, output: OutputDir, config_hash: str, stale_partials: set[str] = frozenset()):
         self.output = output
         self.config_hash = config_hash
-        self.rows: dict[str, list[dict]] = {}
-        self.expected: dict[str, int] = {}
+        self.parts: dict[str, list[pa.Table]] = {}  # shard id -> its rows received so far
+        self.indexes: dict[str, set[int]] = {}  # shard id -> the row_index values among them
+        self.markers: dict[str, dict] = {}  # shard id -> its end marker: {"row_index": rows, "error": failure}
+        self.stale_partials = set(stale_partials)  # partial files left by earlier runs
         self.written: dict[str, int] = {}  # shard id -> rows
+        self.failed: dict[str, str] = {}  # shard id -> why
         self.tokens = 0  # generated tokens in the shards written
+        self.peak_open = 0  # most shards held at once: what a driver crash at the worst moment would lose
 
     def add(self, batch: pa.Table) -> None:
-        for row in batch.to_pylist():
-            shard = row["shard_id"]
-            if row["is_end"]:
-                self.expected[shard] = row["row_index"]
-            else:
-                self.rows.setdefault(shard, []).append(row)
-            if shard in self.expected and len(self.rows.get(shard, ())) == self.expected[shard]:
-                self._write(shard)
+        for shard in pc.unique(batch["shard_id"]).to_pylist():
+            rows = batch.filter(pc.equal(batch["shard_id"], shard))
+            for marker in rows.filter(rows["is_end"]).select(["row_index", "error"]).to_pylist():
+                self.markers[shard] = marker
+            self._add_rows(shard, rows.filter(pc.invert(rows["is_end"])))
+            self.peak_open = max(self.peak_open, len(self.open))
+            marker = self.markers.get(shard)
+            if marker is not None and len(self.indexes.get(shard, ())) == marker["row_index"]:
+                self._finish(shard)
 
-    def _write(self, shard: str) -> None:
-        rows = sorted(self.rows.pop(shard, []), key=lambda r: r["row_index"])
-        del self.expected[shard]
-        table = pa.Table.from_pylist(rows, schema=pa.schema([*OUTPUT_SCHEMA, pa.field("row_index", pa.int64())]))
-        self.output.write_shard(shard, table.select(OUTPUT_SCHEMA.names), self.config_hash)
-        self.written[shard] = len(rows)
-        self.tokens += sum(r["new_tokens"] or 0 for r in rows)
+    def _add_rows(self, shard: str, rows: pa.Table) -> None:
+        if rows.num_rows == 0:
+            return
+        seen = self.indexes.setdefault(shard, set())
+        fresh = [i not in seen for i in rows["row_index"].to_pylist()]
+        if not all(fresh):  # a retried task may deliver rows again: each row is kept once
+            rows = rows.filter(pa.array(fresh))
+        seen.update(rows["row_index"].to_pylist())
+        self.parts.setdefault(shard, []).append(rows)
+
+    def _finish(self, shard: str) -> None:
+        failure = self.markers.pop(shard)["error"]
+        parts = self.parts.pop(shard, [])
+        self.indexes.pop(shard, None)
+        schema = pa.schema([*OUTPUT_SCHEMA, pa.field("row_index", pa.int64())])
+        table = (
+            pa.concat_tables([p.select(schema.names).cast(schema) for p in parts]) if parts else schema.empty_table()
+        )
+        table = table.sort_by("row_index").select(OUTPUT_SCHEMA.names)
+        try:
+            self.output.write_shard(shard, table, self.config_hash, failure)
+            if failure is None and shard in self.stale_partials:
+                self.output.remove_partial(shard)
+        except Exception as exc:  # the store's outage outlasted the retries: this shard fails, the job goes on
+            problem = f"cannot write its output to {self.output.uri} ({describe(exc)})"
+            failure = problem if failure is None else f"{failure}; its rows read so far were not kept: {problem}"
+        if failure is not None:
+            self.failed[shard] = failure
+            return
+        self.written[shard] = table.num_rows
+        self.tokens += int(pc.sum(table["new_tokens"]).as_py() or 0)
         inject_fault("shard_written")
 
     @property
-    def incomplete(self) -> list[str]:
-        return sorted(set(self.rows) | set(self.expected))
+    def open(self) -> set[str]:
+        """Shards with rows or a marker received but not yet finished."""
+        return set(self.parts) | set(self.markers)
+
+    def close(self) -> None:
+        """The stream has ended: a shard still open lost rows on the way, and fails."""
+        for shard in sorted(self.open):
+            marker = self.markers.pop(shard, None)
+            got = len(self.indexes.pop(shard, ()))
+            self.parts.pop(shard, None)
+            expected = "an unknown number (no end marker arrived)" if marker is None else marker["row_index"]
+            self.failed[shard] = f"only {got} of {expected} rows came back from decoding"

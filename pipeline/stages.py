@@ -1,13 +1,14 @@
 """The pipeline's stages, each a plain function or a callable class that Ray Data maps over rows or batches.
 
-    read_shards    (map_batches, CPU task)  one shard -> its records, numbered, streamed in blocks, then an end marker
-    preprocess     (map_batches, CPU task)  decode + validate the image, build the prompt, run the processor
-    DecodeActor    (map_batches, actor)     target + draft loaded once; continuous batched speculative decoding
+    read_and_prepare   (pipeline.reader, one read task per shard)  records -> prepared rows via Preparer,
+                       numbered, streamed in blocks, then an end marker
+    DecodeActor        (map_batches, actor)  target + draft loaded once; continuous batched speculative decoding
 
 Every row carries `row_index` (its position in the shard) and `is_end`: the reader appends one end-marker row
-per shard whose row_index is the shard's row count. Rows may reach the writer in any order; a shard is
-complete when its marker and that many rows have arrived. Stages never raise for bad data: a row that cannot
-be processed gets `error` set and flows on, so one bad image never fails its batch.
+per shard whose row_index is the shard's row count, and whose error, if set, says why the shard could not be
+read to its end. Rows may reach the writer in any order; a shard is complete when its marker and that many rows
+have arrived. Stages never raise for bad data: a row that cannot be processed gets `error` set and flows on, so
+one bad image never fails its batch.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import time
-from collections.abc import Iterator
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -28,27 +26,9 @@ from pipeline.faults import inject_fault
 from pipeline.schema import OUTPUT_SCHEMA
 from specvlm.data.images import ImageError, decode_image
 from specvlm.data.prompts import LETTERS, PromptError, extract_choice, instruction, render
-from specvlm.data.retry import backoff, is_transient
-from specvlm.data.sources import Shard, read_shard
+from specvlm.engine import TargetSettings
 
 ROW_FIELDS = [pa.field("row_index", pa.int64(), nullable=False), pa.field("is_end", pa.bool_(), nullable=False)]
-
-RECORD_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string()),
-        pa.field("shard_id", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("image", pa.binary()),
-        pa.field("caption", pa.string()),
-        pa.field("question", pa.string()),
-        pa.field("choices", pa.list_(pa.string())),
-        pa.field("answer", pa.string()),
-        pa.field("references", pa.list_(pa.string())),
-        pa.field("meta", pa.string()),
-        pa.field("error", pa.string()),
-        *ROW_FIELDS,
-    ]
-)
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -74,60 +54,15 @@ DECODED_SCHEMA = pa.schema([*OUTPUT_SCHEMA, *ROW_FIELDS])
 PASSED_THROUGH = ("key", "shard_id", "source", "task", "prompt", "reference", "references", "meta", "error")
 
 
-READ_BATCH_ROWS = 32  # records per block out of the reader: a shard is streamed, never held whole
-
-
-def read_shards(items: pa.Table, storage_options: dict, attempts: int = 5) -> Iterator[pa.Table]:
-    """map_batches (one shard per call): the shard's records, numbered, in blocks, then its end marker.
-
-    A shard whose stream breaks for a moment (a dropped connection, throttling) is reopened and resumed
-    after the records already sent, with backoff; only a lasting failure becomes an error row.
-    """
-    for item in items.to_pylist():
-        shard = Shard(**{**item, "files": tuple(item["files"])})
-        sent, block = 0, []
-        for attempt in range(attempts):
-            try:
-                last_try = attempt == attempts - 1
-                for record in read_shard(
-                    shard, storage_options=storage_options, skip=sent, raise_transient=not last_try
-                ):
-                    block.append({**record, "row_index": sent, "is_end": False})
-                    sent += 1
-                    if len(block) == READ_BATCH_ROWS:
-                        yield pa.Table.from_pylist(block, schema=RECORD_SCHEMA)
-                        block = []
-                break
-            except Exception as exc:  # only transient errors reach here (see raise_transient)
-                if not is_transient(exc):
-                    raise
-                time.sleep(backoff(attempt))
-        block.append(_end_marker(shard, sent))
-        yield pa.Table.from_pylist(block, schema=RECORD_SCHEMA)
-
-
-def _end_marker(shard: Shard, rows: int) -> dict:
-    return {
-        "key": "",
-        "shard_id": shard.shard_id,
-        "source": shard.uri,
-        "image": None,
-        "caption": None,
-        "question": None,
-        "choices": None,
-        "answer": None,
-        "references": None,
-        "meta": None,
-        "error": None,
-        "row_index": rows,
-        "is_end": True,
-    }
-
-
 def sample_seed(seed: int, shard_id: str, key: str) -> int:
     """A per-sample sampling seed that does not depend on batching, ordering or reruns."""
     digest = hashlib.sha256(f"{seed}:{shard_id}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def load_processor(model: TargetSettings):
+    """The target's processor, loaded once per worker process (read tasks reuse their workers)."""
+    return _load_processor(model.target, model.trust_remote_code, json.dumps(model.storage_options, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=2)
@@ -141,15 +76,9 @@ def _load_processor(target: str, trust_remote_code: bool, storage_options_json: 
     return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def preprocess(batch: pa.Table, config: JobConfig) -> pa.Table:
-    """map_batches (CPU tasks, fused with the read): prepared rows for the decode actors."""
-    m = config.model
-    processor = _load_processor(m.target, m.trust_remote_code, json.dumps(m.storage_options, sort_keys=True))
-    prepare = Preparer(config, processor)
-    return pa.Table.from_pylist([prepare(row) for row in batch.to_pylist()], schema=PREPARED_SCHEMA)
-
-
 class Preparer:
+    """A record (with its row_index and is_end) -> a prepared row for the decode actors, or an error row."""
+
     def __init__(self, config: JobConfig, processor):
         self.config = config
         self.processor = processor
@@ -306,6 +235,35 @@ class DecodeActor:
         return out
 
 
+def decode_stage(ds, config: JobConfig, config_hash: str, reports=None):
+    """Prepared rows -> decoded rows, through the pool of decode actors. An async actor holds several batches at
+    once: the engine decodes rows of many batches together. reports: an OperatingPoints actor, or None."""
+    import ray
+
+    c = config.compute
+    return ds.map_batches(
+        DecodeActor,
+        fn_constructor_kwargs={"config": config, "config_hash": config_hash, "reports": reports},
+        batch_format="pyarrow",
+        batch_size=DECODE_BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(
+            size=c.actors,
+            max_concurrent_calls_per_actor=DECODE_TASKS_PER_ACTOR,
+            max_tasks_in_flight_per_actor=2 * DECODE_TASKS_PER_ACTOR,
+        ),
+        num_gpus=_gpus_per_actor(config),
+        num_cpus=c.cpus_per_actor,
+    )
+
+
+def _gpus_per_actor(config: JobConfig) -> float:
+    import ray
+
+    if config.compute.num_gpus != "auto":
+        return float(config.compute.num_gpus)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 REPORT_EVERY = 8  # batches between an actor's reports of its operating point
 
 
@@ -333,7 +291,3 @@ def row_to_request(row: dict):
         pixels = torch.from_numpy(array.copy())
     sizes = None if row["image_sizes"] is None else torch.tensor(row["image_sizes"]).reshape(-1, 2)
     return Request(row["input_ids"], pixels, image_sizes=sizes, seed=row["seed"])
-
-
-def shard_to_item(shard: Shard) -> dict:
-    return {**asdict(shard), "files": list(shard.files)}

@@ -4,12 +4,11 @@ processor, with output identical to the target's own greedy decoding."""
 import io
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
 from pipeline.config import ComputeConfig, ConfigError, DecodeSettings, TaskConfig
-from pipeline.processor import ProcessorConfig, build_processor, dataset_records
+from pipeline.processor import ProcessorConfig, build_processor, row_record
 from pipeline.schema import OUTPUT_SCHEMA
 from specvlm.demo.world import make_scene
 from specvlm.engine import DraftSettings, TargetSettings
@@ -77,11 +76,9 @@ def test_processor_decodes_an_in_memory_dataset_of_every_image_kind(family, mode
 
 
 def test_rows_without_a_key_are_named_by_their_content():
-    table = pa.Table.from_pylist(
-        [{"image": b"first image", "question": "a?"}, {"image": b"second image", "question": "a?"}]
-    )
-    keys = [r["key"] for r in dataset_records(table, "image", {}).to_pylist()]
-    again = [r["key"] for r in dataset_records(table.take([1, 0]), "image", {}).to_pylist()]
+    rows = [{"image": b"first image", "question": "a?"}, {"image": b"second image", "question": "a?"}]
+    keys = [row_record(row, "image", {})["key"] for row in rows]
+    again = [row_record(row, "image", {})["key"] for row in rows[::-1]]
     assert len(set(keys)) == 2 and again == keys[::-1], "the same row gets the same key (and sampling seed)"
 
 

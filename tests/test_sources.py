@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import random
 import re
 import tarfile
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ import pytest
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from specvlm.data.sources import Shard, SourceError, list_shards, read_shard
+from specvlm.data.retry import RetryPolicy
+from specvlm.data.sources import Shard, ShardError, SourceError, list_shards, read_shard
 
 
 @dataclass
@@ -42,6 +44,14 @@ class Store:
 
     def read(self, shard: Shard, **kwargs) -> list[dict]:
         return list(read_shard(shard, storage_options=self.storage_options, **kwargs))
+
+    def read_until_failure(self, shard: Shard, **kwargs) -> tuple[list[dict], ShardError]:
+        """The records a shard yields before it fails, and the failure (the test fails if it does not)."""
+        records = []
+        with pytest.raises(ShardError) as failure:
+            for record in read_shard(shard, storage_options=self.storage_options, **kwargs):
+                records.append(record)
+        return records, failure.value
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -85,7 +95,7 @@ def _record(shard: Shard, key: str, **fields) -> dict:
 # ---------------------------------------------------------------- image folders
 
 
-def test_image_folder_records_with_sidecars(store):
+def test_image_folder_records_with_sidecars_and_an_error_for_every_file_that_is_not_an_image(store):
     vqa = json.dumps({"question": "What colour?", "choices": ["red", "green"], "answer": "green", "id": 7})
     for rel, data in [
         ("imgs/a/cat.png", RED),
@@ -101,17 +111,25 @@ def test_image_folder_records_with_sidecars(store):
         store.put(rel, data)
 
     (shard,) = store.list("imgs")
+    listed = ["README.md", "a/cat.png", "a/cat.txt", "dog.JPG", "dog.json", "fish.png", "notes.txt"]
     assert shard == Shard(
         uri=store.uri("imgs"),
         format="images",
         shard_id="images-00000",
-        files=tuple(store.uri(f"imgs/{f}") for f in ["a/cat.png", "a/cat.txt", "dog.JPG", "dog.json", "fish.png"]),
+        files=tuple(store.uri(f"imgs/{f}") for f in listed),
     )
-    assert store.read(shard) == [
+    records = store.read(shard)
+    errors = {r["key"]: r["error"] for r in records if r["error"]}
+    assert [{**r, "error": None} for r in records] == [
+        _record(shard, "README"),
         _record(shard, "a/cat", image=RED, caption="a red square"),
         _record(shard, "dog", image=BLUE, question="What colour?", choices=["red", "green"], answer="green", meta=vqa),
         _record(shard, "fish", image=GREEN),
+        _record(shard, "notes"),
     ]
+    # Hidden files and sidecars give no record of their own; a file that is not an image gives an error record.
+    assert sorted(errors) == ["README", "notes"]
+    assert "no image for key 'README' (README.md)" in errors["README"] and "notes.txt" in errors["notes"]
 
 
 def test_image_folder_chunks_in_sorted_order_with_stable_ids(tmp_path):
@@ -202,14 +220,13 @@ def _truncated_tar(cut: str) -> bytes:
 # A cut inside sample 002's data drops 002. A cut at its header looks like a clean end to tarfile;
 # the missing end-of-archive marker shows it is not, and 001 is dropped too since it may lack members.
 @pytest.mark.parametrize("cut, good", [("data", ["000", "001"]), ("header", ["000"])])
-def test_truncated_tar_yields_good_records_then_error(store, cut, good):
+def test_truncated_tar_yields_good_records_then_fails_saying_how_far_it_got(store, cut, good):
     store.put("wds/000.tar", _truncated_tar(cut))
     (shard,) = store.list("wds")
-    records = store.read(shard)
-    assert [r["key"] for r in records] == good + ["000:__truncated__"]
-    assert all(r["image"] and r["error"] is None for r in records[:-1])
-    assert records[-1]["image"] is None
-    assert shard.uri in records[-1]["error"] and f"after {len(good)} records" in records[-1]["error"]
+    records, failure = store.read_until_failure(shard)
+    assert [r["key"] for r in records] == good  # no record stands in for the samples lost
+    assert all(r["image"] and r["error"] is None for r in records)
+    assert failure.read == len(good) and shard.uri in str(failure) and f"after {len(good)} records" in str(failure)
 
 
 # ---------------------------------------------------------------- parquet
@@ -267,12 +284,12 @@ def test_parquet_hugging_face_struct_image_column(store):
     ]
 
 
-def test_parquet_without_the_image_column_is_one_shard_error(tmp_path):
+def test_parquet_without_the_image_column_is_a_shard_failure(tmp_path):
     store = Store(str(tmp_path), {})
     store.put("pq/a.parquet", _parquet(pa.table({"picture": [RED]})))
     (shard,) = store.list("pq")
-    (record,) = store.read(shard)
-    assert record["key"] == "a:__shard__" and "no column 'image'" in record["error"]
+    records, failure = store.read_until_failure(shard)
+    assert records == [] and failure.read == 0 and "no column 'image'" in str(failure)
 
 
 def test_duplicate_keys_become_error_records(tmp_path):
@@ -313,7 +330,7 @@ def test_ids_stay_unique_when_sanitised_names_collide(tmp_path):
     assert ids[0].startswith("a_b-") and ids[1].startswith("a_b-") and ids[2] == "c_d"
 
 
-def test_missing_and_invalid_shards_yield_one_error_record_each(store):
+def test_missing_and_invalid_shards_fail_without_records(store):
     store.put("mix/000.tar", _tar([("a.jpg", RED)]))
     store.put("mix/001.tar", _tar([("b.jpg", GREEN), ("b.txt", b"green")]))
     store.put("mix/002.tar", b"this is not a tar file" * 100)
@@ -321,13 +338,12 @@ def test_missing_and_invalid_shards_yield_one_error_record_each(store):
     shards = store.list("mix")
     store.rm("mix/000.tar")  # deleted between listing and reading
     shards += store.list("other")
-    results = [store.read(s) for s in shards]
-    assert results[1] == [_record(shards[1], "b", image=GREEN, caption="green")]
-    for records, shard in zip(results, shards):
-        if shard.shard_id != "001":
-            assert [r["key"] for r in records] == [f"{shard.shard_id}:__shard__"]
-            assert records[0]["image"] is None and shard.uri in records[0]["error"]
-    assert "FileNotFoundError" in results[0][0]["error"]
+    assert store.read(shards[1]) == [_record(shards[1], "b", image=GREEN, caption="green")]
+    failures = {}
+    for shard in shards[:1] + shards[2:]:
+        records, failures[shard.shard_id] = store.read_until_failure(shard, retry=RetryPolicy(budget_s=0))
+        assert records == [] and shard.uri in str(failures[shard.shard_id])
+    assert "FileNotFoundError" in str(failures["000"])
 
 
 @pytest.mark.parametrize("rel", ["nothing/*.tar", "missing-folder", "missing.tar", "docs"])
@@ -335,3 +351,57 @@ def test_uri_matching_nothing_raises_source_error_naming_it(store, rel):
     store.put("docs/README.md", b"# no data here")
     with pytest.raises(SourceError, match=re.escape(store.uri(rel))):
         store.list(rel)
+
+
+# ---------------------------------------------------------------- object-storage faults (moto behind FaultProxy)
+
+
+def _noise_png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (32, 32), random.Random(seed).randbytes(32 * 32 * 3)).save(buffer, "PNG")
+    return buffer.getvalue()  # about 3 KiB: noise does not compress
+
+
+def _layouts(store: Store) -> list[Shard]:
+    """One shard of each layout, about 20 KiB each, on `store`."""
+    images = [_noise_png(seed) for seed in range(6)]
+    store.put(
+        "wds/000.tar",
+        _tar([(f"{i:03d}.{ext}", d) for i, img in enumerate(images) for ext, d in [("png", img), ("txt", b"c")]]),
+    )
+    store.put("pq/part.parquet", _parquet(pa.table({"key": [f"k{i}" for i in range(6)], "image": images})))
+    for i, img in enumerate(images):
+        store.put(f"imgs/{i}.png", img)
+    return [*store.list("wds"), *store.list("pq"), *store.list("imgs")]
+
+
+def test_shard_streams_through_random_faults_yield_every_record_once(s3_bucket, fault_proxy):
+    bucket, options = s3_bucket
+    shards = _layouts(Store(f"s3://{bucket}/data", options))
+    clean = [Store(f"s3://{bucket}/data", options).read(s) for s in shards]
+    # Small blocks: a tar is fetched in many range requests, so faults strike in the middle of the stream.
+    faulty = Store(f"s3://{bucket}/data", {**options, "endpoint_url": fault_proxy.url, "default_block_size": 2048})
+    fault_proxy.fault_rate = 0.25
+    fault_proxy.delay_s = 0.05
+    assert [faulty.read(s) for s in shards] == clean
+    assert fault_proxy.injected["reset"] and fault_proxy.injected["cut"], fault_proxy.injected
+
+
+def test_short_outage_of_one_object_is_absorbed(s3_bucket, fault_proxy):
+    bucket, options = s3_bucket
+    store = Store(f"s3://{bucket}/data", options)
+    (shard,) = _layouts(store)[:1]
+    fault_proxy.outage(f"{bucket}/data/wds/000.tar", requests=15)
+    through_proxy = Store(store.root, {**options, "endpoint_url": fault_proxy.url})
+    assert through_proxy.read(shard) == store.read(shard)
+    assert fault_proxy.injected["outage"] == 15
+
+
+def test_outage_outlasting_the_retry_budget_fails_the_shard(s3_bucket, fault_proxy):
+    bucket, options = s3_bucket
+    store = Store(f"s3://{bucket}/data", options)
+    (shard,) = _layouts(store)[:1]
+    fault_proxy.outage(f"{bucket}/data/wds/000.tar")
+    through_proxy = Store(store.root, {**options, "endpoint_url": fault_proxy.url})
+    records, failure = through_proxy.read_until_failure(shard, retry=RetryPolicy(budget_s=1))
+    assert records == [] and "Service Unavailable" in str(failure) and fault_proxy.injected["outage"] >= 3

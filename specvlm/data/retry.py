@@ -1,37 +1,179 @@
-"""Retrying object-storage calls that fail for a moment (throttling, a dropped connection, a 5xx).
+"""Object-storage faults, told apart in one place, and the timeouts and retries built on that.
 
-botocore and s3fs already retry single requests; this covers what they cannot: a stream that breaks half way
-through a shard, or a request that keeps failing for longer than their few quick attempts.
+Three layers could retry a failed read or write; each does only what it alone can:
+  - botocore, per HTTP request, in its *standard* retry mode: connection errors, timeouts, 5xx replies and
+    throttling, a few attempts with exponential backoff and jitter;
+  - `with_retries` and the shard readers here, per operation (a listing, a whole-file write, a shard stream): a
+    fault that outlasts botocore's attempts, or a response body cut half way (botocore has handed the response
+    over by then, so only the reader can ask again), with backoff and jitter until a time budget is spent;
+  - s3fs's own retry loop is switched off: stacked on the other two it multiplies every wait, which is how one
+    endpoint that never answers kept a job silent for minutes.
+Connect and read timeouts bound every request, so no call waits without limit.
 """
 
 from __future__ import annotations
 
+import errno
+import http.client
+import itertools
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TypeVar
+
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
 
 T = TypeVar("T")
 
 # Errors that say the object is wrong, not the connection: retrying cannot help.
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# OS-level codes of a connection or a server that may recover (s3fs maps 503 SlowDown to EBUSY, 500 to EREMOTEIO).
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN, errno.EBUSY}
+    | {getattr(errno, "EREMOTEIO", 121)}
+)
+
+# botocore settings per request. The job's reads can afford patience (a slow first byte is not a dead store);
+# preflight only asks whether the store answers at all, and must say so within seconds.
+S3_REQUEST_SETTINGS = {
+    "connect_timeout": 5,
+    "read_timeout": 15,
+    "retries": {"mode": "standard", "total_max_attempts": 3},
+}
+S3_PREFLIGHT_SETTINGS = {
+    "connect_timeout": 3,
+    "read_timeout": 4,
+    "retries": {"mode": "standard", "total_max_attempts": 2},
+}
+
+
+def _botocore_checker():
+    # botocore's own knowledge of which replies and exceptions are transient (standard retry mode): 500/502/503/504,
+    # RequestTimeout, the throttling codes (SlowDown, Throttling, ...), connection errors and timeouts.
+    try:
+        from botocore.retries.standard import OrRetryChecker, ThrottledRetryableChecker, TransientRetryableChecker
+    except ImportError:  # botocore comes with s3fs; without it no botocore errors can occur
+        return None
+    return OrRetryChecker([TransientRetryableChecker(), ThrottledRetryableChecker()])
+
+
+def _aiohttp_transient() -> tuple[type[BaseException], ...]:
+    # aiobotocore reads bodies through aiohttp: a dropped connection or a body cut short surfaces as these.
+    try:
+        import aiohttp
+    except ImportError:
+        return ()
+    return (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+
+
+_BOTOCORE = _botocore_checker()
+_TRANSIENT_TYPES = (ConnectionError, TimeoutError, http.client.IncompleteRead, *_aiohttp_transient())
+
+
+def _botocore_says_transient(exc: BaseException) -> bool:
+    if _BOTOCORE is None or type(exc).__module__.split(".")[0] != "botocore":
+        return False
+    from botocore.exceptions import ClientError, IncompleteReadError
+    from botocore.retries.standard import RetryContext
+
+    if isinstance(exc, IncompleteReadError):  # a body shorter than its Content-Length: the connection broke
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        context = RetryContext(
+            attempt_number=1, parsed_response=exc.response, http_response=SimpleNamespace(status_code=status)
+        )
+    else:
+        context = RetryContext(attempt_number=1, caught_exception=exc)
+    return _BOTOCORE.is_retryable(context)
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, PERMANENT)
+    """Whether `exc` may pass if the same call is made again: a connection dropped, refused or cut, a timeout,
+    throttling, a 5xx reply. Libraries wrap errors (s3fs turns botocore's ClientError into an OSError whose cause
+    it is), so the chain of causes is searched; a missing object or a refused permission is never transient."""
+    if isinstance(exc, PERMANENT):
+        return False
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _botocore_says_transient(exc) or isinstance(exc, _TRANSIENT_TYPES):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        exc = exc.__cause__
+    return False
 
 
-def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
-    """Exponential backoff with full jitter, so retrying workers do not hit the store in lockstep."""
-    return random.uniform(0, min(cap, base * 2**attempt))
+def describe(exc: BaseException) -> str:
+    """One line for a log, a manifest or an error message: the type and message, and the cause if it says more."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None and str(cause) not in text:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    return text
 
 
-def with_retries(call: Callable[[], T], attempts: int = 5) -> T:
-    for attempt in range(attempts):
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff with full jitter (so retrying workers do not hit the store in lockstep) until budget_s is spent."""
+
+    budget_s: float = 60.0
+    base_s: float = 0.25
+    cap_s: float = 10.0
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.budget_s
+
+    def wait(self, attempt: int, deadline: float) -> bool:
+        """Sleep before retry number `attempt` (0-based) and return True, or return False: the budget is spent."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(remaining, random.uniform(0, min(self.cap_s, self.base_s * 2**attempt))))
+        return True
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def with_retries(call: Callable[[], T], policy: RetryPolicy = DEFAULT_RETRY) -> T:
+    """call(), again after each transient failure until the policy's budget is spent; other errors raise at once."""
+    deadline = policy.deadline()
+    for attempt in itertools.count():
         try:
             return call()
         except Exception as exc:
-            if attempt == attempts - 1 or not is_transient(exc):
+            if not is_transient(exc) or not policy.wait(attempt, deadline):
                 raise
-            time.sleep(backoff(attempt))
     raise AssertionError("unreachable")
+
+
+def filesystem(
+    uri: str, storage_options: dict | None = None, *, preflight: bool = False
+) -> tuple[AbstractFileSystem, str]:
+    """(filesystem, path) for `uri`, with bounded waits. S3 gets botocore's standard retry mode and connect/read
+    timeouts (a user's own `config_kwargs` win) and s3fs's extra retry loop off; other stores keep their own."""
+    options = dict(storage_options or {})
+    s3 = uri.split("://", 1)[0] in ("s3", "s3a")
+    if s3:
+        settings = S3_PREFLIGHT_SETTINGS if preflight else S3_REQUEST_SETTINGS
+        options["config_kwargs"] = {**settings, **options.get("config_kwargs", {})}
+    fs, path = url_to_fs(uri, **options)
+    if s3:
+        fs.retries = 1  # s3fs's per-call loop: one try, botocore and with_retries do the retrying
+        _without_expect_continue(fs)
+    return fs, path
+
+
+def _without_expect_continue(fs) -> None:
+    # botocore asks before every S3 upload whether to send the body (`Expect: 100-continue`), and aiohttp waits for
+    # that go-ahead with no timeout at all: a store that stops answering hung writes forever. Files here are small
+    # enough to send without asking.
+    from botocore.handlers import add_expect_header
+
+    fs.connect()  # creates the client (no request is made), or keeps the one it has
+    fs.s3.meta.events.unregister("before-call.s3", add_expect_header)

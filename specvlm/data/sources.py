@@ -2,13 +2,16 @@
 benchmark layouts of `benchmarks.py` (COCO, VQAv2, ScienceQA, JSONL, Hugging Face datasets).
 
 `list_shards` turns a URI (directory, file or glob) into a sorted list of `Shard`s; `read_shard`
-streams one `Record` per sample. Data problems never raise out of `read_shard`: they become
-records with `error` set, so one bad file or shard never stops a job.
+streams one `Record` per sample. A bad sample (an undecodable member, a file that is not an
+image, bad metadata) becomes a record with `error` set. A shard that cannot be read to its end
+raises `ShardError` after the records it did read: its lost samples are unknown, so no record
+stands in for them, and the caller can tell a complete shard from a cut one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import posixpath
 import re
@@ -17,16 +20,14 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal, TypedDict
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
-from fsspec.core import strip_protocol, url_to_fs
+from fsspec.core import strip_protocol
 from fsspec.implementations.local import LocalFileSystem
 
-from specvlm.data.retry import is_transient, with_retries
+from specvlm.data.retry import DEFAULT_RETRY, RetryPolicy, describe, filesystem, is_transient
 
 ShardFormat = Literal["images", "webdataset", "parquet", "coco", "vqav2", "scienceqa", "jsonl", "hf"]
 
@@ -39,6 +40,16 @@ _FETCH_THREADS = 16  # concurrent GETs for image folders: object stores have hig
 
 class SourceError(ValueError):
     """A URI or shard that cannot be listed or understood as the requested format."""
+
+
+class ShardError(Exception):
+    """A shard that cannot be read to its end: missing, unreadable, not the format it claims, cut short, or behind
+    an outage that outlasted the retries. `read` records were yielded before it; the samples after are unknown."""
+
+    def __init__(self, shard: Shard, read: int, cause: BaseException):
+        self.shard, self.read = shard, read
+        after = f" after {read} records" if read else ""
+        super().__init__(f"cannot read {shard.format} shard {shard.uri}{after} ({describe(cause)})")
 
 
 @dataclass(frozen=True)
@@ -75,9 +86,11 @@ def list_shards(
     *,
     storage_options: dict | None = None,
     files_per_shard: int = 1000,
+    preflight: bool = False,
     **layout: str | None,
 ) -> list[Shard]:
     """List the shards under `uri` (a directory, a single file or a glob), sorted and deterministic.
+    preflight: wait for object storage only seconds (see retry.filesystem); an error then means "unreachable".
     layout: images, annotations, split, for the benchmark layouts (benchmarks.py)."""
     from specvlm.data import benchmarks  # it builds on this module's Shard and Record
 
@@ -90,7 +103,7 @@ def list_shards(
         return benchmarks.list_benchmark_shards(
             uri, format, storage_options=storage_options or {}, files_per_shard=files_per_shard, **layout
         )
-    fs, path = url_to_fs(uri, **(storage_options or {}))
+    fs, path = filesystem(uri, storage_options, preflight=preflight)
     # fsspec keeps one filesystem instance per process with its directory listings cached;
     # a listing must see the store as it is now.
     fs.invalidate_cache()
@@ -156,13 +169,13 @@ def _unique_ids(ids: list[str], rel_paths: list[str]) -> list[str]:
 
 
 def _image_folder_shards(fs: AbstractFileSystem, root: str, paths: list[str], files_per_shard: int) -> list[Shard]:
-    # A sample is an image plus optional <stem>.txt / <stem>.json sidecars. Samples, not files,
-    # are chunked, so a sidecar always lands in the same shard as its image.
+    # A sample is every file sharing a stem: an image plus optional <stem>.txt / <stem>.json sidecars. A stem
+    # without an image (README.md, a stray caption) is a sample too and becomes an error record when read, as
+    # it does in a tar. Samples, not files, are chunked, so a sidecar always lands in the same shard as its image.
     samples: dict[str, list[str]] = defaultdict(list)
     for p in paths:
-        if _extension(p) in IMAGE_EXTENSIONS | _SIDECAR_EXTENSIONS:
-            samples[_stem_key(root, p)].append(p)
-    keys = sorted(k for k, group in samples.items() if any(_extension(p) in IMAGE_EXTENSIONS for p in group))
+        samples[_stem_key(root, p)].append(p)
+    keys = sorted(samples)
     root_uri = _to_uri(fs, root)
     return [
         Shard(
@@ -200,49 +213,56 @@ def read_shard(
     *,
     storage_options: dict | None = None,
     image_column: str = "image",
-    skip: int = 0,
-    raise_transient: bool = False,
+    retry: RetryPolicy = DEFAULT_RETRY,
 ) -> Iterator[Record]:
     """Yield one record per sample of `shard`. Keys are unique within the shard.
 
-    A shard that cannot be read at all gives one record keyed `<shard_id>:__shard__`; one that
-    fails part-way gives the records read so far, then one keyed `<shard_id>:__truncated__`.
-    With raise_transient, a failure that may pass (a dropped connection, throttling) is raised
-    instead, so the caller can retry; `skip` then resumes after the records it already has.
+    A failure that may pass (a dropped connection, throttling, a response cut short) reopens the
+    shard and resumes after the records already yielded, with backoff, until `retry`'s budget is
+    spent. A shard that still cannot be read to its end raises ShardError after the records it did
+    yield: truncated, unreadable, missing, or behind a lasting outage.
     """
+    fs, path = filesystem(shard.uri, storage_options)
+    deadline, sent = retry.deadline(), 0
+    for attempt in itertools.count():
+        try:
+            for record in _records(shard, fs, path, image_column, storage_options or {}, start=sent):
+                yield record
+                sent += 1
+            return
+        except Exception as exc:
+            if not (is_transient(exc) and retry.wait(attempt, deadline)):
+                raise ShardError(shard, sent, exc) from exc
+
+
+def _records(
+    shard: Shard, fs: AbstractFileSystem, path: str, image_column: str, storage_options: dict, start: int
+) -> Iterator[Record]:
+    """The shard's records from number `start` on, keys made unique."""
     from specvlm.data import benchmarks  # it builds on this module's Shard and Record
 
-    fs, path = url_to_fs(shard.uri, **(storage_options or {}))
     if shard.format == "images":
-        records = _read_image_folder(shard, fs, path)
-    elif shard.format == "webdataset":
+        return _read_image_folder(shard, fs, path, start)  # keys are unique stems; fetches only from `start`
+    if shard.format == "webdataset":
         records = _read_webdataset(shard, fs, path)
     elif shard.format in benchmarks.BENCHMARK_FORMATS:
-        records = benchmarks.read_benchmark_shard(shard, storage_options or {})
+        records = benchmarks.read_benchmark_shard(shard, storage_options)
     else:
         records = _read_parquet(shard, fs, path, image_column)
-    count, seen = 0, Counter()
-    try:
-        for record in records:
-            key = record["key"]
-            seen[key] += 1
-            if seen[key] > 1:
-                error = f"key {key!r} occurs more than once in {shard.uri}; make keys unique"
-                record = _record(shard, f"{key}:__duplicate{seen[key] - 1}__", error=error)
-            if count >= skip:
-                yield record
-            count += 1
-    except (OSError, EOFError, tarfile.TarError, pa.ArrowException, SourceError) as e:
-        if raise_transient and is_transient(e):
-            raise
-        where = "__truncated__" if count else "__shard__"
-        after = f" after {count} records" if count else ""
-        yield _record(
-            shard,
-            f"{shard.shard_id}:{where}",
-            error=f"cannot read {shard.format} shard {shard.uri}{after} ({type(e).__name__}: {e}); "
-            "check that it exists, is readable and is complete",
-        )
+    # A tar or Parquet stream cannot be entered in the middle: it is read again from its start, the records
+    # already yielded skipped (after key deduplication, so the numbering is the same on every pass).
+    return itertools.islice(_unique_keys(shard, records), start, None)
+
+
+def _unique_keys(shard: Shard, records: Iterator[Record]) -> Iterator[Record]:
+    seen = Counter()
+    for record in records:
+        key = record["key"]
+        seen[key] += 1
+        if seen[key] > 1:
+            error = f"key {key!r} occurs more than once in {shard.uri}; make keys unique"
+            record = _record(shard, f"{key}:__duplicate{seen[key] - 1}__", error=error)
+        yield record
 
 
 def _record(shard: Shard, key: str, **fields) -> Record:
@@ -291,24 +311,36 @@ def _sample_record(shard: Shard, key: str, members: dict[str, bytes]) -> Record:
     return record
 
 
-def _read_image_folder(shard: Shard, fs: AbstractFileSystem, root: str) -> Iterator[Record]:
+def _read_image_folder(shard: Shard, fs: AbstractFileSystem, root: str, start: int) -> Iterator[Record]:
     samples: dict[str, dict[str, str]] = defaultdict(dict)
     for uri in shard.files:
         path = strip_protocol(uri)
         samples[_stem_key(root, path)][_extension(path)] = path
 
     def fetch(key: str) -> Record:
+        files = samples[key]
+        if not IMAGE_EXTENSIONS & files.keys():
+            names = ", ".join(sorted(posixpath.basename(p) for p in files.values()))
+            return _record(
+                shard,
+                key,
+                error=f"no image for key {key!r} ({names}): an image folder holds {'/'.join(sorted(IMAGE_EXTENSIONS))} "
+                "files, each with optional .txt/.json sidecars of the same name; remove or rename the file",
+            )
         try:
-            members = {ext: with_retries(partial(fs.cat_file, path)) for ext, path in samples[key].items()}
-        except OSError as e:
-            return _record(shard, key, error=f"cannot read {sorted(samples[key].values())} ({type(e).__name__}: {e})")
+            # Extensions other than images and sidecars are skipped unread, as in a tar.
+            members = {ext: fs.cat_file(p) for ext, p in files.items() if ext in IMAGE_EXTENSIONS | _SIDECAR_EXTENSIONS}
+        except Exception as e:
+            if is_transient(e):
+                raise  # the whole stream is retried from this sample on
+            return _record(shard, key, error=f"cannot read {sorted(files.values())} ({type(e).__name__}: {e})")
         return _sample_record(shard, key, members)
 
     # map() yields in order; fetching a bounded batch at a time caps how many images sit in memory.
-    keys = list(samples)
+    keys = list(samples)[start:]
     with ThreadPoolExecutor(_FETCH_THREADS) as pool:
-        for start in range(0, len(keys), _FETCH_THREADS):
-            yield from pool.map(fetch, keys[start : start + _FETCH_THREADS])
+        for first in range(0, len(keys), _FETCH_THREADS):
+            yield from pool.map(fetch, keys[first : first + _FETCH_THREADS])
 
 
 def _read_webdataset(shard: Shard, fs: AbstractFileSystem, path: str) -> Iterator[Record]:

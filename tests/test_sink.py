@@ -1,0 +1,135 @@
+"""The shard collector: rows and end markers in every arrival order; a shard's file appears once, complete."""
+
+import itertools
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.sink import FAILURE_METADATA_KEY, OutputDir, ShardCollector
+from pipeline.stages import DECODED_SCHEMA
+
+HASH = "0123456789abcdef"
+
+
+def _row(shard: str, index: int, *, end: bool = False, error: str | None = None, tokens: int = 3) -> dict:
+    row = dict.fromkeys(DECODED_SCHEMA.names)
+    row.update(
+        key="" if end else f"k{index}",
+        shard_id=shard,
+        source=f"/in/{shard}.tar",
+        task="caption",
+        stop_reason="error" if end else "max_tokens",
+        model="target",
+        draft="none",
+        config_hash=HASH,
+        error=error,
+        new_tokens=None if end else tokens + index,
+        row_index=index,
+        is_end=end,
+    )
+    return row
+
+
+def _shard(shard: str, rows: int, failure: str | None = None) -> list[dict]:
+    """The shard's rows, then its end marker (which counts them)."""
+    return [_row(shard, i) for i in range(rows)] + [_row(shard, rows, end=True, error=failure)]
+
+
+def _batch(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def _written(tmp_path, shard: str) -> list[dict] | None:
+    path = tmp_path / f"{shard}.parquet"
+    return pq.read_table(path).to_pylist() if path.exists() else None
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(4))))
+def test_a_shard_is_written_once_its_last_row_or_marker_arrives_in_any_order(tmp_path, order):
+    items = _shard("s", 3)  # three rows and the marker: 24 arrival orders
+    collector = ShardCollector(OutputDir(str(tmp_path), {}), HASH)
+    for step, i in enumerate(order):
+        assert _written(tmp_path, "s") is None, f"written after {step} of 4 pieces"
+        collector.add(_batch([items[i]]))
+    rows = _written(tmp_path, "s")
+    assert [r["key"] for r in rows] == ["k0", "k1", "k2"]  # every row once, in shard order, no marker
+    assert [r["new_tokens"] for r in rows] == [3, 4, 5] and collector.written == {"s": 3}
+    assert collector.tokens == 12 and not collector.open and not collector.failed
+
+
+def test_interleaved_shards_in_random_batches_each_land_complete_when_their_last_piece_arrives(tmp_path):
+    pieces = _shard("a", 5) + _shard("b", 4) + _shard("c", 0) + _shard("d", 7)
+    rng = random.Random(7)
+    for _ in range(20):
+        out = tmp_path / str(rng.random())
+        rng.shuffle(pieces)
+        collector = ShardCollector(OutputDir(str(out), {}), HASH)
+        delivered = []
+        while len(delivered) < len(pieces):
+            batch = pieces[len(delivered) : len(delivered) + rng.randint(1, 4)]
+            collector.add(_batch(batch))
+            delivered += batch
+            for shard, rows in {"a": 5, "b": 4, "c": 0, "d": 7}.items():
+                complete = sum(p["shard_id"] == shard for p in delivered) == rows + 1
+                written = _written(out, shard)
+                assert (written is not None) == complete, (shard, len(delivered))
+                assert written is None or [r["key"] for r in written] == [f"k{i}" for i in range(rows)]
+        assert collector.written == {"a": 5, "b": 4, "c": 0, "d": 7}
+
+
+def test_a_row_delivered_twice_counts_once(tmp_path):
+    a0, a1, marker = _shard("a", 2)
+    collector = ShardCollector(OutputDir(str(tmp_path), {}), HASH)
+    collector.add(_batch([a0, marker]))
+    collector.add(_batch([a0]))  # a retried task's output, again: still one row short
+    assert _written(tmp_path, "a") is None
+    collector.add(_batch([a1]))
+    assert [r["key"] for r in _written(tmp_path, "a")] == ["k0", "k1"]
+
+
+def test_a_shard_that_failed_keeps_its_rows_apart_and_is_not_done(tmp_path):
+    output = OutputDir(str(tmp_path), {})
+    collector = ShardCollector(output, HASH)
+    collector.add(_batch(_shard("bad", 2, failure="cannot read webdataset shard /in/bad.tar after 2 records")))
+    assert _written(tmp_path, "bad") is None and output.finished(HASH) == set()
+    assert collector.failed == {"bad": "cannot read webdataset shard /in/bad.tar after 2 records"}
+    partial = pq.read_table(tmp_path / "_partial" / "bad.parquet")
+    assert partial["key"].to_pylist() == ["k0", "k1"]
+    assert partial.schema.metadata[FAILURE_METADATA_KEY].startswith(b"cannot read")
+    assert output.partial_shards() == {"bad"}
+
+    # The rerun that completes it removes the partial file.
+    rerun = ShardCollector(output, HASH, output.partial_shards())
+    rerun.add(_batch(_shard("bad", 3)))
+    assert [r["key"] for r in _written(tmp_path, "bad")] == ["k0", "k1", "k2"] and output.partial_shards() == set()
+
+
+def test_a_shard_whose_file_cannot_be_written_fails_and_the_others_go_on(tmp_path, monkeypatch):
+    output = OutputDir(str(tmp_path), {})
+    write = output.write_shard
+
+    def refuse_b(shard, *args):
+        if shard == "b":
+            raise PermissionError("read-only bucket")
+        write(shard, *args)
+
+    monkeypatch.setattr(output, "write_shard", refuse_b)
+    collector = ShardCollector(output, HASH)
+    collector.add(_batch(_shard("a", 1) + _shard("b", 1) + _shard("c", 1)))
+    assert collector.written == {"a": 1, "c": 1}
+    assert "PermissionError: read-only bucket" in collector.failed["b"]
+
+
+def test_shards_still_open_when_the_stream_ends_fail_with_what_arrived(tmp_path):
+    collector = ShardCollector(OutputDir(str(tmp_path), {}), HASH)
+    a0, _, a_marker = _shard("a", 2)
+    collector.add(_batch([a0, a_marker, _row("b", 0)]))
+    assert collector.open == {"a", "b"}
+    collector.close()
+    assert collector.failed == {
+        "a": "only 1 of 2 rows came back from decoding",
+        "b": "only 1 of an unknown number (no end marker arrived) rows came back from decoding",
+    }
+    assert _written(tmp_path, "a") is None and _written(tmp_path, "b") is None
