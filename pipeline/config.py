@@ -159,7 +159,7 @@ class JobConfig(Section):
 
     def output_hash(self, weights: dict[str, str]) -> str:
         """A hash of everything that shapes the generated text (not paths, compute or storage settings). weights:
-        fingerprints of the checkpoints (models.loading.weights_fingerprint), so that a model retrained under the
+        fingerprints of the checkpoints (models.checkpoints.weights_fingerprint), so that a model retrained under the
         same path never resumes into output made by the old one."""
         sections = self.model_dump(mode="json")
         shaping = {

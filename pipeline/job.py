@@ -107,7 +107,7 @@ def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
         return output
 
     output = _storage_check("output", o.uri, o.storage_options, writable_output)
-    return output, shards, config.output_hash(_check_models(config))
+    return output, shards, config.output_hash(check_models(config))
 
 
 def _storage_check(section: str, uri: str, options: dict, check):
@@ -126,9 +126,9 @@ def _storage_check(section: str, uri: str, options: dict, check):
         raise ConfigError(f"{section}.uri: {problem}; {advice} ({fields})") from None
 
 
-def _check_models(config: JobConfig) -> dict[str, str]:
+def check_models(config: JobConfig) -> dict[str, str]:
     """The target (and a model draft) exist; returns fingerprints of their weights."""
-    from specvlm.models.loading import ModelLoadError, check_model_location, weights_fingerprint
+    from specvlm.models.checkpoints import ModelLoadError, check_model_location, weights_fingerprint
 
     locations = {"model.target": config.model.target}
     if config.draft.kind in ("text", "vlm"):  # the config has made sure such a draft has a path
@@ -165,19 +165,11 @@ def init_ray(config: JobConfig) -> None:
         local_ray.start(config.ray.num_cpus)
 
 
-def _gpus_per_actor(config: JobConfig) -> float:
-    import ray
-
-    if config.compute.num_gpus != "auto":
-        return float(config.compute.num_gpus)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
 def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
     from pipeline.reader import BLOCK_ROWS, ShardDatasource
-    from pipeline.stages import DECODE_BATCH_ROWS, DECODE_TASKS_PER_ACTOR, DecodeActor
+    from pipeline.stages import decode_stage
 
     c = config.compute
     # One read task per shard (pipeline/reader.py says why a datasource); at most shards_per_actor of them per
@@ -187,21 +179,7 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=Non
     # Blocks of BLOCK_ROWS rows, whatever the size of a row or a shard: each decode actor holds a fixed number of
     # blocks, so the rows in flight, and what a crash can lose, are bounded in rows (reader.py).
     ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)
-    # The decode stage: an async actor with several batches in flight; the engine decodes rows of many batches
-    # together.
-    return ds.map_batches(
-        DecodeActor,
-        fn_constructor_kwargs={"config": config, "config_hash": config_hash, "reports": reports},
-        batch_format="pyarrow",
-        batch_size=DECODE_BATCH_ROWS,
-        compute=ray.data.ActorPoolStrategy(
-            size=c.actors,
-            max_concurrent_calls_per_actor=DECODE_TASKS_PER_ACTOR,
-            max_tasks_in_flight_per_actor=2 * DECODE_TASKS_PER_ACTOR,
-        ),
-        num_gpus=_gpus_per_actor(config),
-        num_cpus=c.cpus_per_actor,
-    )
+    return decode_stage(ds, config, config_hash, reports)
 
 
 def run_job(config: JobConfig, *, log=print) -> Summary:

@@ -103,7 +103,9 @@ class OutputDir:
 
     def write_shard(self, shard_id: str, table: pa.Table, config_hash: str, failure: str | None = None) -> None:
         """The shard's file; for a shard that failed (`failure` says why), its rows so far under _partial/."""
-        metadata = {HASH_METADATA_KEY: config_hash.encode()}
+        # The hash also goes where pandas keeps DataFrame.attrs, so pd.read_parquet shows it (df.attrs).
+        pandas_attrs = json.dumps({HASH_METADATA_KEY.decode(): config_hash}).encode()
+        metadata = {HASH_METADATA_KEY: config_hash.encode(), b"PANDAS_ATTRS": pandas_attrs}
         if failure is not None:
             metadata[FAILURE_METADATA_KEY] = failure.encode()
         table = table.replace_schema_metadata(metadata)

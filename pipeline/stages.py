@@ -69,9 +69,10 @@ def load_processor(model: TargetSettings):
 def _load_processor(target: str, trust_remote_code: bool, storage_options_json: str):
     from transformers import AutoProcessor
 
-    from specvlm.models.loading import resolve_model_dir
+    from specvlm.models.checkpoints import resolve_model_dir
 
-    path = resolve_model_dir(target, storage_options=json.loads(storage_options_json))
+    # Preprocessing needs the processor's files, not the weights: a CPU node never downloads the checkpoint.
+    path = resolve_model_dir(target, storage_options=json.loads(storage_options_json), weights=False)
     return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
@@ -232,6 +233,35 @@ class DecodeActor:
             metrics = result.metrics.as_row()
             out.update({k: v for k, v in metrics.items() if k in DECODED_SCHEMA.names})
         return out
+
+
+def decode_stage(ds, config: JobConfig, config_hash: str, reports=None):
+    """Prepared rows -> decoded rows, through the pool of decode actors. An async actor holds several batches at
+    once: the engine decodes rows of many batches together. reports: an OperatingPoints actor, or None."""
+    import ray
+
+    c = config.compute
+    return ds.map_batches(
+        DecodeActor,
+        fn_constructor_kwargs={"config": config, "config_hash": config_hash, "reports": reports},
+        batch_format="pyarrow",
+        batch_size=DECODE_BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(
+            size=c.actors,
+            max_concurrent_calls_per_actor=DECODE_TASKS_PER_ACTOR,
+            max_tasks_in_flight_per_actor=2 * DECODE_TASKS_PER_ACTOR,
+        ),
+        num_gpus=_gpus_per_actor(config),
+        num_cpus=c.cpus_per_actor,
+    )
+
+
+def _gpus_per_actor(config: JobConfig) -> float:
+    import ray
+
+    if config.compute.num_gpus != "auto":
+        return float(config.compute.num_gpus)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 REPORT_EVERY = 8  # batches between an actor's reports of its operating point

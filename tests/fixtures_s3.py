@@ -38,14 +38,20 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def s3_request_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's moto server log: one line per request ("GET /bucket/key HTTP/1.1" 200 -)."""
+    return tmp_path_factory.mktemp("moto") / "moto_server.log"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_request_log: Path) -> Iterator[str]:
     """URL of a moto S3 server running for the whole session, with fake credentials in the environment."""
     moto_server = Path(sys.executable).parent / "moto_server"
     if not moto_server.exists():
         raise RuntimeError(f"{moto_server} not found; install the dev extras (moto[server])")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    log = s3_request_log
     with pytest.MonkeyPatch.context() as env, log.open("w") as log_file:
         for name, value in _CREDENTIALS.items():
             env.setenv(name, value)

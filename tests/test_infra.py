@@ -4,6 +4,10 @@ Every job command written in a manifest, the Dockerfile or infra/README.md must 
 an existing config file, and its `--set` overrides must pass the job's own config validation; the image, the Ray
 version and the user id must agree across the Dockerfile, pyproject.toml and every manifest; the GPU workers must
 be able to hold the job's decode actors; the scheduled run must be the same job as rayjob.yaml and never overlap.
+Every manifest document passes strict schemas (tests/manifest_schemas.py): a misspelled or misplaced field fails.
+And the behaviour that no schema sees: objects defined once (so `kubectl create` reruns), a /dev/shm that holds
+Ray's object store, disk requested for the model cache, deadlines that cover every retry, arguments that mean the
+same after two shells, an image that builds without BuildKit, no SSH open to the world.
 Nothing here starts Ray, a container or a cluster: it reads files and validates configs (fast, no network).
 """
 
@@ -23,6 +27,14 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from pipeline.config import ConfigError, load_config
+from tests.manifest_schemas import (
+    KUBERAY_SCHEMA,
+    cluster_launcher_problems,
+    kuberay_schema,
+    problems,
+    schema_problems,
+    server_side_problems,
+)
 
 try:
     import tomllib
@@ -36,7 +48,7 @@ DOCKERFILE = INFRA / "Dockerfile"
 DOCKERIGNORE = INFRA / "Dockerfile.dockerignore"
 README = INFRA / "README.md"
 CLUSTER_LAUNCHER = INFRA / "cluster.yaml"
-MANIFESTS = {name: KUBE / f"{name}.yaml" for name in ("raycluster", "rayjob", "cronjob")}
+MANIFESTS = {name: KUBE / f"{name}.yaml" for name in ("serviceaccount", "raycluster", "rayjob", "cronjob")}
 
 API_VERSIONS = {
     "ServiceAccount": "v1",
@@ -48,16 +60,24 @@ API_VERSIONS = {
     "RoleBinding": "rbac.authorization.k8s.io/v1",
 }
 EXPECTED_KINDS = {
-    "raycluster": ["ServiceAccount", "RayCluster"],
-    "rayjob": ["ServiceAccount", "RayJob"],
-    "cronjob": ["ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"],
+    "serviceaccount": ["ServiceAccount"],
+    "raycluster": ["RayCluster"],
+    "rayjob": ["RayJob"],
+    "cronjob": ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"],
 }
-# The one image that is not ours: the scheduled run's submitter only needs a shell and kubectl.
-SCHEDULER_IMAGE = re.compile(r"^alpine/k8s:\d+\.\d+\.\d+$")
+# The one image that is not ours: the scheduled run's submitter only needs a shell and kubectl. Pinned by digest.
+SCHEDULER_IMAGE = re.compile(r"^alpine/k8s:\d+\.\d+\.\d+@sha256:[0-9a-f]{64}$")
 OUR_IMAGE = re.compile(r"[A-Za-z0-9.\-]+(?::\d+)?/(?:[\w.\-]+/)*specvlm:[\w.\-]+")
 KUBERAY_MAX_RAYJOB_NAME = 47  # KubeRay refuses longer RayJob names (they prefix generated resource names)
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|SESSION|CREDENTIAL|API_KEY", re.I)
 SHELL_BREAKS = {";", "&&", "||", "|", "&", "(", ")", ";;"}
+# Ray sizes its object store to this fraction of the memory it sees; /dev/shm must hold it or Ray uses /tmp.
+OBJECT_STORE_FRACTION = 0.3
+QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+QUANTITY_UNITS = {
+    **{None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12},
+    **{"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40},
+}
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -109,6 +129,23 @@ def all_pod_specs() -> list[tuple[str, dict]]:
             found += [(f"{name}.yaml {d['kind']}: {w}", p) for w, p in pod_specs(d)]
     found += [(f"cronjob.yaml embedded RayJob: {w}", p) for w, p in pod_specs(embedded_rayjob())]
     return found
+
+
+def manifest_documents() -> list[tuple[str, dict]]:
+    """Every document of every manifest, the RayJob inside cronjob.yaml's ConfigMap included."""
+    found = [
+        (f"{name}.yaml {d['kind']} {d['metadata'].get('name')}", d)
+        for name, path in MANIFESTS.items()
+        for d in docs(path)
+    ]
+    return found + [("cronjob.yaml embedded RayJob", embedded_rayjob())]
+
+
+def quantity(value) -> float:
+    """A Kubernetes quantity ("16Gi", "500m", 4) as a number (bytes, cores)."""
+    match = QUANTITY.match(str(value))
+    assert match, f"not a Kubernetes quantity: {value!r}"
+    return float(match[1]) * QUANTITY_UNITS[match[2]]
 
 
 def string_values(node):
@@ -394,13 +431,14 @@ def test_one_image_everywhere_tagged_with_the_project_version():
     image = next(iter(refs))
     version = pyproject()["project"]["version"]
     assert image.rsplit(":", 1)[1] == version, f"tag the image with the project version {version}: {image}"
-    for path in [README, *MANIFESTS.values(), CLUSTER_LAUNCHER]:
+    with_pods = [path for path in MANIFESTS.values() if any(next(pod_specs(d), None) for d in docs(path))]
+    for path in [README, *with_pods, CLUSTER_LAUNCHER]:
         assert image in path.read_text(), f"{path.relative_to(ROOT)} does not use the image {image}"
     assert docs(CLUSTER_LAUNCHER)[0]["docker"]["image"] == image
     for where, pod in all_pod_specs():
         for container in pod["containers"]:
             assert container["image"] == image or SCHEDULER_IMAGE.match(container["image"]), (
-                f"{where}: unexpected image {container['image']!r} (pin any other image to a version)"
+                f"{where}: unexpected image {container['image']!r} (pin any other image by digest)"
             )
 
 
@@ -490,18 +528,29 @@ def test_no_credentials_inline():
         assert not re.search(r"kind:\s*Secret\b", text), f"{path.name}: do not ship Secrets in manifests"
 
 
-def test_service_accounts_are_defined_where_used():
-    accounts = {}
+def test_every_object_is_defined_once_and_every_service_account_used_exists():
+    """An object defined in two files breaks `kubectl create -f` of the second once the first exists."""
+    defined: dict[tuple[str, str], str] = {}
     for name, path in MANIFESTS.items():
-        defined = {d["metadata"]["name"]: d for d in docs(path) if d["kind"] == "ServiceAccount"}
-        for n, d in defined.items():
-            assert accounts.setdefault(n, d) == d, f"ServiceAccount {n} differs between manifests"
-        pods = [p for d in docs(path) for _, p in pod_specs(d)]
-        if name == "cronjob":
-            pods += [p for _, p in pod_specs(embedded_rayjob())]
-        for pod in pods:
-            used = pod.get("serviceAccountName")
-            assert used is None or used in defined, f"{name}.yaml uses ServiceAccount {used} without defining it"
+        for d in docs(path):
+            key = (d["kind"], d["metadata"]["name"])
+            assert key not in defined, f"{key[0]} {key[1]} is defined in {defined[key]} and {name}.yaml: define it once"
+            defined[key] = f"{name}.yaml"
+    for where, pod in all_pod_specs():
+        used = pod.get("serviceAccountName")
+        assert used is None or ("ServiceAccount", used) in defined, f"{where} uses ServiceAccount {used}, never defined"
+
+
+def test_readme_creates_only_what_a_rerun_deletes_first():
+    """`kubectl create -f FILE` fails on any object of FILE that exists: only the RayJob is created (and deleted
+    before a rerun); everything else is applied."""
+    for block in readme_code_blocks():
+        for line in shell_lines(block):
+            tokens = shlex.split(line.split("#")[0])
+            if tokens[:1] == ["kubectl"] and "create" in tokens and "-f" in tokens:
+                path = ROOT / tokens[tokens.index("-f") + 1]
+                kinds = {d["kind"] for d in docs(path)}
+                assert kinds == {"RayJob"}, f"infra/README.md: `kubectl create -f {path.name}` also creates {kinds}"
 
 
 # ---- job commands: real modules, real configs, valid overrides
@@ -591,8 +640,11 @@ def test_cronjob_runs_the_same_rayjob_without_overlap():
     directory = mounts[volume["name"]]
     assert f"{directory}/rayjob.yaml" in script, "submit.sh must create the RayJob from the mounted ConfigMap"
     assert f"{directory}/submit.sh" in container["command"] + container.get("args", []), "run the mounted submit.sh"
-    assert job_spec["activeDeadlineSeconds"] > original["spec"]["activeDeadlineSeconds"], (
-        "the submitter must outwait the RayJob's own deadline"
+    attempts = original["spec"].get("backoffLimit", 0) + 1
+    longest_run = attempts * original["spec"]["activeDeadlineSeconds"]  # KubeRay's deadline holds per attempt
+    assert job_spec["activeDeadlineSeconds"] >= longest_run + 3600, (
+        f"the submitter gives up after {job_spec['activeDeadlineSeconds']} s, but the RayJob may run {attempts} "
+        f"attempts of {original['spec']['activeDeadlineSeconds']} s (and start a cluster for each)"
     )
 
     role = doc(MANIFESTS["cronjob"], "Role")
@@ -639,3 +691,203 @@ def test_readme_names_only_files_that_exist():
     for block in readme_code_blocks():
         for ref in re.findall(r"(?<![\w./-])((?:infra|configs|jobs)/[\w./-]*\w)", block):
             assert (ROOT / ref).exists(), f"infra/README.md refers to {ref}, which does not exist"
+
+
+# ---- strict schemas: a misspelled, misplaced or mistyped field fails here, not at `kubectl apply`
+
+
+@pytest.mark.parametrize("where,document", manifest_documents(), ids=lambda x: x if isinstance(x, str) else "")
+def test_manifest_document_passes_its_strict_schema(where, document):
+    assert problems(document) == [], f"{where}:\n" + "\n".join(problems(document))
+
+
+def test_cluster_launcher_passes_rays_own_schema():
+    assert cluster_launcher_problems(docs(CLUSTER_LAUNCHER)[0]) == []
+    config = {**docs(CLUSTER_LAUNCHER)[0], "head_setup_commandz": []}
+    assert any("head_setup_commandz" in p for p in cluster_launcher_problems(config))
+
+
+def test_kuberay_schema_records_the_release_it_follows():
+    assert kuberay_schema()["x-kuberay-version"] in KUBERAY_SCHEMA.name
+    assert kuberay_schema()["x-kuberay-version"] in README.read_text(), "infra/README.md: name the KubeRay release"
+
+
+def _rayjob():
+    return json.loads(json.dumps(doc(MANIFESTS["rayjob"], "RayJob")))  # a deep copy to break
+
+
+def _worker(job: dict) -> dict:
+    return job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+
+
+def _renamed(mapping: dict, old: str, new: str) -> None:
+    mapping[new] = mapping.pop(old)
+
+
+def _typo_in_submitter_config(job):
+    _renamed(job["spec"]["submitterConfig"], "backoffLimit", "backoffLimt")
+
+
+def _resource_for_resources(job):
+    _renamed(_worker(job)["containers"][0], "resources", "resource")
+
+
+def _string_for_boolean(job):
+    job["spec"]["shutdownAfterJobFinishes"] = "true"
+
+
+def _lowercase_env_from(job):
+    _renamed(job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0], "envFrom", "envfrom")
+
+
+def _auth_secret_name(job):  # added to authOptions after KubeRay 1.5.1
+    job["spec"]["rayClusterSpec"]["authOptions"]["secretName"] = "specvlm-ray-token"
+
+
+def _auth_k8s_token(job):  # added to authOptions after KubeRay 1.5.1
+    job["spec"]["rayClusterSpec"]["authOptions"]["enableK8sTokenAuth"] = True
+
+
+def _restart_always_in_the_submitter(job):
+    job["spec"]["submitterPodTemplate"]["spec"]["restartPolicy"] = "Always"
+
+
+def _ttl_without_shutdown(job):
+    job["spec"]["shutdownAfterJobFinishes"] = False
+
+
+@pytest.mark.parametrize(
+    "fault,expected",
+    [
+        (_typo_in_submitter_config, "'backoffLimt' was unexpected"),
+        (_resource_for_resources, "'resource' was unexpected"),
+        (_string_for_boolean, "'true' is not of type 'boolean'"),
+        (_lowercase_env_from, "'envfrom' was unexpected"),
+        (_auth_secret_name, "'secretName' was unexpected"),
+        (_auth_k8s_token, "'enableK8sTokenAuth' was unexpected"),
+        (_restart_always_in_the_submitter, "restartPolicy: a Job's pods need one of"),
+        (_ttl_without_shutdown, "ttlSecondsAfterFinished: needs shutdownAfterJobFinishes"),
+    ],
+    ids=lambda x: x.__name__.strip("_") if callable(x) else "",
+)
+def test_a_broken_rayjob_is_refused(fault, expected):
+    job = _rayjob()
+    assert problems(job) == []
+    fault(job)
+    found = problems(job)
+    assert any(expected in p for p in found), f"{fault.__name__} slipped past the checks: {found}"
+
+
+def test_broken_kubernetes_objects_are_refused():
+    cron = json.loads(json.dumps(doc(MANIFESTS["cronjob"], "CronJob")))
+    _renamed(cron["spec"], "concurrencyPolicy", "concurrencypolicy")
+    assert any("'concurrencypolicy' was unexpected" in p for p in schema_problems(cron))
+    cron = json.loads(json.dumps(doc(MANIFESTS["cronjob"], "CronJob")))
+    cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"] = "Always"
+    assert any("restartPolicy" in p for p in server_side_problems(cron))
+
+
+# ---- behaviour no schema sees
+
+
+def ray_pod_groups() -> list[tuple[str, dict]]:
+    """(where, pod spec) of every Ray head and worker group."""
+    found = []
+    for where, spec in ray_cluster_specs():
+        groups = [("head", spec["headGroupSpec"]), *[(g["groupName"], g) for g in spec["workerGroupSpecs"]]]
+        found += [(f"{where} {name}", group["template"]["spec"]) for name, group in groups]
+    return found
+
+
+def test_shared_memory_holds_rays_object_store():
+    """Ray puts its object store (30% of the memory) in /dev/shm only if it fits there, else on disk in /tmp.
+    KubeRay mounts a /dev/shm as large as the container's memory, unless the pod brings its own."""
+    for where, pod in ray_pod_groups():
+        ray_container = pod["containers"][0]
+        memory = quantity(ray_container["resources"]["limits"]["memory"])
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for mount in ray_container.get("volumeMounts", []):
+            if mount["mountPath"] == "/dev/shm":
+                size = volumes[mount["name"]].get("emptyDir", {}).get("sizeLimit")
+                assert size and quantity(size) >= OBJECT_STORE_FRACTION * memory, (
+                    f"{where}: /dev/shm of {size} cannot hold Ray's object store ({OBJECT_STORE_FRACTION:.0%} of "
+                    f"{ray_container['resources']['limits']['memory']}); size it up or leave it to KubeRay"
+                )
+
+
+def test_disk_for_emptydirs_is_requested():
+    """A pod that can fill an emptyDir on disk must ask for that much ephemeral storage, or the scheduler may put
+    it on a node without the room, which then evicts it."""
+    for where, pod in all_pod_specs():
+        on_disk = [v["emptyDir"] for v in pod.get("volumes", []) if "emptyDir" in v]
+        needed = sum(quantity(e["sizeLimit"]) for e in on_disk if e.get("medium") != "Memory" and "sizeLimit" in e)
+        assert all("sizeLimit" in e for e in on_disk), f"{where}: give every emptyDir a sizeLimit"
+        requested = sum(
+            quantity(c.get("resources", {}).get("requests", {}).get("ephemeral-storage", 0)) for c in pod["containers"]
+        )
+        assert requested >= needed, f"{where}: emptyDirs of {needed / 2**30:g} GiB, ephemeral-storage requested less"
+
+
+def test_job_arguments_mean_the_same_after_two_shells():
+    """`ray job submit -- ARGS` runs ARGS in a shell on the head after the submitting shell parsed them; Ray 2.60
+    re-quotes them, older clients joined them as they were. Arguments with nothing a shell interprets (no glob,
+    no quote, no $) are the same either way."""
+    submitted = [(where, job["spec"]["entrypoint"]) for where, job in rayjobs()]
+    for block in readme_code_blocks():
+        for line in shell_lines(block):
+            if "ray job submit" in line:
+                submitted.append(("infra/README.md", line.split(" -- ", 1)[1]))
+    assert len(submitted) >= 4
+    for where, command in submitted:
+        for token in shlex.split(command):
+            assert shlex.quote(token) == token, (
+                f"{where}: {token!r} changes meaning between the two shells: name a folder and input.format "
+                "instead of a glob"
+            )
+
+
+def test_dockerfile_builds_without_buildkit():
+    """WORKDIR creates a missing folder as root under the classic builder and kaniko: the project folder is made
+    and handed to the image's user before USER switches to it."""
+    steps = dockerfile()
+    workdir = [rest.strip() for instruction, rest in steps if instruction == "WORKDIR"][-1]
+    users = [(i, rest.strip()) for i, (instruction, rest) in enumerate(steps) if instruction == "USER"]
+    last_user = users[-1][0]
+    made = [
+        i
+        for i, (instruction, rest) in enumerate(steps)
+        if instruction == "RUN" and f"mkdir -p {workdir}" in rest and f"chown {users[-1][1]} {workdir}" in rest
+    ]
+    assert made and made[0] < last_user, f"create {workdir} (mkdir + chown to {users[-1][1]}) before `USER`"
+    running_as = [user for i, user in users if i < made[0]]
+    assert running_as and running_as[-1] in ("root", "0"), "the mkdir/chown step must run as root"
+
+
+def test_image_copies_and_installs_every_package():
+    """The editable install maps only the top-level packages it finds: each needs its stub before the install
+    and its COPY after it."""
+    packages = [p.rstrip("*") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]]
+    runs = " ".join(rest for instruction, rest in dockerfile() if instruction == "RUN")
+    copies = [rest.split()[-1].rstrip("/") for instruction, rest in dockerfile() if instruction == "COPY"]
+    for package in packages:
+        assert f"{package}/__init__.py" in runs, f"infra/Dockerfile: stub {package}/ before the editable install"
+        assert package in copies, f"infra/Dockerfile: COPY {package}/ into the image"
+
+
+def test_image_pins_the_makefiles_torch():
+    makefile = re.search(r"^TORCH \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert makefile, "the Makefile pins no torch"
+    assert dockerfile_args().get("TORCH_VERSION") == makefile[1], (
+        "infra/Dockerfile: TORCH_VERSION is not the Makefile's"
+    )
+
+
+def test_cluster_launcher_opens_no_ssh_to_the_world_and_installs_nothing():
+    config = docs(CLUSTER_LAUNCHER)[0]
+    for name, node_type in config["available_node_types"].items():
+        # Without SecurityGroupIds the launcher creates a group with SSH open to 0.0.0.0/0.
+        assert node_type["node_config"].get("SecurityGroupIds"), f"cluster.yaml {name}: name its security group"
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert not config.get(key), f"cluster.yaml {key}: the image carries everything (see infra/Dockerfile)"
+    build_check = [rest for instruction, rest in dockerfile() if instruction == "RUN" and "import boto3" in rest]
+    assert build_check, "infra/Dockerfile: the autoscaler on the launcher's head needs boto3 in the image"

@@ -1,7 +1,6 @@
 """Loading targets and drafts the way the pipeline does: from directories and URIs, safetensors only,
 with the draft's vocabulary checked against the target's."""
 
-import fsspec
 import pytest
 import torch
 
@@ -79,15 +78,3 @@ def test_draft_of_the_wrong_kind_is_refused_before_loading(saved):
         build_draft(DraftSettings("text", str(saved / "vlm_noisy")), target)
     with pytest.raises(ModelLoadError, match=r"set draft\.kind=text"):
         build_draft(DraftSettings("vlm", str(saved / "text_copy")), target)
-
-
-def test_uri_checkpoint_is_copied_once_and_loaded(saved, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECVLM_CACHE", str(tmp_path / "cache"))
-    fs = fsspec.filesystem("memory")
-    fs.put(str(saved / "target"), "/ckpt/target", recursive=True)
-    target = load_target("memory://ckpt/target", device="cpu", dtype="float32")
-    assert target.model.config.model_type == "llava"
-    copies = list((tmp_path / "cache" / "models").iterdir())
-    assert len(copies) == 1 and (copies[0] / ".complete").exists()
-    fs.rm("/ckpt/target", recursive=True)  # a second load must come from the node-local copy
-    assert load_target("memory://ckpt/target", device="cpu").model.config.model_type == "llava"

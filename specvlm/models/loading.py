@@ -1,115 +1,22 @@
 """Loading targets and drafts from a local directory, the Hugging Face cache, or an fsspec URI.
 
 Weights load from safetensors only, and no repository code runs unless the config allows it explicitly.
-A URI (s3://, gs://, ...) is copied once per node into a local cache directory and loaded from there.
+A URI (s3://, gs://, ...) is copied once per node into a local cache directory and loaded from there
+(models/checkpoints.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from specvlm.models.checkpoints import ModelLoadError, resolve_model_dir
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    pass
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SPECVLM_CACHE", Path.home() / ".cache" / "specvlm")) / "models"
-
-
-def resolve_model_dir(location: str, *, storage_options: dict | None = None, cache_dir: Path | None = None) -> Path:
-    """A local directory holding the checkpoint named by `location`."""
-    if "://" in location and not location.startswith("file://"):
-        return _copy_from_uri(location, storage_options or {}, cache_dir or default_cache_dir())
-    path = Path(location.removeprefix("file://")).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelLoadError(f"model path {location!r} is a file; point to the checkpoint's directory")
-    # Not a path: maybe a Hugging Face model id already in the local cache. Never download at run time.
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(location, local_files_only=True))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"model {location!r} is not a local directory, not a URI (s3://, gs://, ...), and not in the "
-            f"Hugging Face cache; download it there first or point to a local copy ({type(exc).__name__})"
-        ) from None
-
-
-FINGERPRINT_SAMPLE = 64 * 1024
-
-
-def weights_fingerprint(location: str, storage_options: dict | None = None) -> str:
-    """A short digest that changes when a checkpoint is retrained or replaced under the same name, read cheaply
-    (no full download): config.json and every safetensors file's name, size, first and last 64 KiB. The first
-    bytes hold the tensor index, the last the final tensor's values, which any retraining changes."""
-    import fsspec
-
-    if "://" in location and not location.startswith("file://"):
-        fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))
-    else:
-        fs, root = fsspec.filesystem("file"), str(resolve_model_dir(location))
-    root = root.rstrip("/")
-    digest = hashlib.sha256()
-    for path in [f"{root}/config.json", *sorted(fs.glob(f"{root}/*.safetensors"))]:
-        size = fs.size(path)
-        digest.update(f"{path.rsplit('/', 1)[-1]}:{size};".encode())
-        digest.update(fs.cat_file(path, start=0, end=min(size, FINGERPRINT_SAMPLE)))
-        digest.update(fs.cat_file(path, start=max(0, size - FINGERPRINT_SAMPLE), end=size))
-    return digest.hexdigest()[:16]
-
-
-def check_model_location(location: str, storage_options: dict | None = None) -> None:
-    """Cheaply confirm a checkpoint exists (config.json readable) without copying or loading it."""
-    if "://" in location and not location.startswith("file://"):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))
-        if not fs.exists(root.rstrip("/") + "/config.json"):
-            raise ModelLoadError(f"{location!r} has no config.json (or is not readable with these credentials)")
-        return
-    path = resolve_model_dir(location)
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{location!r} is a directory without config.json: not a Hugging Face checkpoint")
-
-
-def _copy_from_uri(uri: str, storage_options: dict, cache_dir: Path) -> Path:
-    import fsspec
-
-    local = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (local / ".complete").exists():
-        return local
-    fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-    if not fs.isdir(root):
-        raise ModelLoadError(f"model URI {uri!r} is not a directory (or is not readable with these credentials)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Copy into a private temporary directory and rename it into place, so concurrent actors on one node never
-    # see a half-copied checkpoint; the loser of the race just discards its copy.
-    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".partial-"))
-    try:
-        fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
-        (staging / ".complete").touch()
-        try:
-            staging.rename(local)
-        except OSError:
-            if not (local / ".complete").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return local
 
 
 def _require_safetensors(path: Path) -> None:
