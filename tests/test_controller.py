@@ -16,51 +16,66 @@ def controller(adaptive=True) -> DepthController:
     )
 
 
-def learn_acceptance(c: DepthController, rate: float, steps: int = 50) -> None:
-    """Steps at full depth in which every row accepts `rate` of the levels it tries (on average)."""
-    accepted = torch.full((ROWS,), round(rate * DEPTH))
+def decide(c: DepthController, verify, rate: float, draft_seconds=1e-3, steps: int = 40) -> int:
+    """Steps over ROWS rows, each timed by the given costs (a pass over q tokens per row takes verify(q); a draft
+    pass draft_seconds), in which every row accepts `rate` of the levels it is offered; the depth chosen last."""
+    drafted, left = torch.ones(ROWS, dtype=torch.bool), torch.full((ROWS,), 100)
     for _ in range(steps):
-        c.observe(ROWS, DEPTH, torch.full((ROWS,), DEPTH), accepted, (0.0, 0.0, 0.0), draft_calls=0)
-
-
-def choose(c: DepthController, verify, draft_seconds=1e-3, rows=ROWS) -> int:
-    drafted = torch.ones(rows, dtype=torch.bool)
-    left = torch.full((rows,), 100)
-    return c.choose(rows, drafted, left, True, verify, lambda: draft_seconds)
+        depth = c.choose(ROWS, drafted, left, True, verify, lambda: draft_seconds)
+        seconds = (depth * draft_seconds, verify(1 + depth), 0.0)
+        offered, accepted = torch.full((ROWS,), depth), torch.full((ROWS,), round(rate * depth))
+        c.observe(ROWS, depth, offered, accepted, seconds, draft_calls=depth)
+    return depth
 
 
 def test_weight_bound_verification_and_a_good_draft_draft_deep():
     c = controller()
-    learn_acceptance(c, 0.8)
     # A pass over q tokens costs what a pass over one does (a large model reading its weights): draft deep.
-    assert choose(c, lambda q: 20e-3) == DEPTH
+    assert decide(c, lambda q: 20e-3, rate=0.8) == DEPTH
     assert c.wants_drafting
 
 
 def test_compute_bound_verification_makes_speculation_step_aside():
     c = controller()
-    learn_acceptance(c, 0.8)
     # Every verified token costs as much as the first (a small model bound by arithmetic): plain decoding wins.
-    assert choose(c, lambda q: 20e-3 * q) == 0
+    assert decide(c, lambda q: 20e-3 * q, rate=0.8) == 0
     assert not c.wants_drafting
 
 
 def test_in_between_it_drafts_less_deep():
     c = controller()
-    learn_acceptance(c, 0.6)
-    depth = choose(c, lambda q: 20e-3 * (1 + 0.15 * (q - 1)), draft_seconds=2e-3)
+    depth = decide(c, lambda q: 20e-3 * (1 + 0.15 * (q - 1)), rate=0.6, draft_seconds=2e-3)
     assert 0 < depth < DEPTH
 
 
 def test_a_draft_that_is_rarely_right_is_not_used():
     c = controller()
-    learn_acceptance(c, 0.0)
-    assert choose(c, lambda q: 20e-3) == 0
+    assert decide(c, lambda q: 20e-3, rate=0.0) == 0
+
+
+def test_costs_are_learned_from_real_steps_and_scratch_passes_only_without_drafted_rows():
+    def no_scratch(q):
+        raise AssertionError("a scratch pass while the draft holds rows")
+
+    c = controller()
+    drafted, left = torch.ones(ROWS, dtype=torch.bool), torch.full((ROWS,), 100)
+    # A new row count: a plain step, then a depth-1 step, each timed as it commits tokens.
+    assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == 0
+    c.observe(ROWS, 0, torch.zeros(ROWS), torch.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
+    assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == 1
+    c.observe(ROWS, 1, torch.ones(ROWS), torch.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
+    assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) > 1  # learned: cheap, accepted
+    # Rows at another count that the draft does not hold: no depth-1 step is possible, scratch passes time it.
+    timed = []
+    c.choose(8, torch.zeros(8, dtype=torch.bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
+    c.observe(8, 0, torch.zeros(8), torch.zeros(8), (0.0, 5e-3, 0.0), draft_calls=0)
+    c.choose(8, torch.zeros(8, dtype=torch.bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
+    assert timed == [2]
 
 
 def test_rows_close_to_their_limit_do_not_count_deep_drafts():
     c = controller()
-    learn_acceptance(c, 1.0)
+    decide(c, lambda q: 20e-3, rate=1.0)
     drafted = torch.ones(ROWS, dtype=torch.bool)
     tokens, _ = c.expected_tokens(ROWS, drafted, torch.full((ROWS,), 2))  # 2 tokens left: at most 2 per step
     assert tokens[DEPTH] == pytest.approx(2 * ROWS, rel=0.05)
@@ -68,8 +83,7 @@ def test_rows_close_to_their_limit_do_not_count_deep_drafts():
 
 def test_without_adaptation_the_depth_is_fixed():
     c = controller(adaptive=False)
-    learn_acceptance(c, 0.0)
-    assert choose(c, lambda q: 20e-3 * q) == DEPTH
+    assert decide(c, lambda q: 20e-3 * q, rate=0.0) == DEPTH
 
 
 def test_the_batch_cap_doubles_while_tokens_per_second_rise_then_settles_at_the_best():

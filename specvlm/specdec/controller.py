@@ -17,11 +17,15 @@ verification pass costs about what a one-token pass does and drafting deeper pay
 turns compute-bound (every verified token is arithmetic), verify(n, q) grows with q, and the best depth falls,
 to 0 when speculation no longer pays. That is how speculation steps aside by itself.
 
-The costs are measured here, on the machine that decodes. The first time the batch has about n rows, and every
-REFRESH_S seconds after, scratch passes (forwards that commit nothing) time the target over 1 and over the most
-tokens a step verifies, and one draft pass; verification costs in between are interpolated (they grow about
-linearly with the tokens per row). Every real step then refines what it used: its phases are timed and folded
-into moving averages. Tables are indexed by a bucket of the row count, so they follow the load and the machine.
+The costs are measured here, on the machine that decodes, by the steps themselves. The first time the batch
+has about n rows, and every REFRESH_S seconds after, the controller learns that row count's costs from real
+steps, which commit tokens like any other: a plain step times the target over 1 token per row, then a step of
+depth 1 times it over 1 + nodes(1) and times one draft pass. Only when the draft holds no row (so no depth-1
+step is possible) do scratch passes (forwards that commit nothing) stand in for that second step. Verification
+costs grow about linearly with the tokens per row, so other counts are interpolated between measured ones, or
+extrapolated along the last two. Every step then refines what it used: its phases are timed and folded into
+moving averages, which adds the deeper counts as the controller drafts deeper. Tables are indexed by a bucket
+of the row count, so they follow the load and the machine.
 
 Greedy output does not depend on the depths chosen (every committed token is the target's argmax). Sampled
 output does: rejection sampling's random choices depend on what was drafted. So under sampling the depth is
@@ -45,8 +49,10 @@ HYSTERESIS = 1.03  # drafting for rows that join must promise this much over pla
 
 
 def rows_bucket(n: int) -> int:
-    """Row counts whose costs are kept together: a half-octave apart (1, 2, 3, 4, 6, 8, 11, 16, ...)."""
-    return round(2 * math.log2(max(n, 1)))
+    """Row counts whose costs are kept together: an octave apart (1, 2, 4, 8, ...). The choice rests on ratios
+    of costs at one row count (a deeper pass over a one-token pass, a draft pass over a target pass), which
+    change slowly with the rows; finer buckets would only multiply the scratch passes of a batch that drains."""
+    return round(math.log2(max(n, 1)))
 
 
 class Stopwatch:
@@ -79,7 +85,8 @@ class DepthController:
         self.verify_s: dict[int, dict[int, float]] = {}  # rows bucket -> tokens per row -> seconds per pass
         self.draft_s: dict[int, float] = {}  # rows bucket -> seconds per draft pass
         self.rest_s: dict[tuple[int, bool], float] = {}  # (rows bucket, drafting) -> bookkeeping seconds
-        self.measured_at: dict[int, float] = {}  # rows bucket -> when its costs were last measured
+        self.measured_at: dict[int, float] = {}  # rows bucket -> when its costs were last (re)learned
+        self.learning: dict[int, set] = {}  # rows bucket -> what its steps have yet to time: token counts, "draft"
         self.level_acceptance: float | None = None  # running value over all rows
         self.accepted = torch.zeros(rows, device=device)  # per row: levels accepted ...
         self.tried = torch.zeros(rows, device=device)  # ... out of levels tried
@@ -114,26 +121,40 @@ class DepthController:
         actual = torch.where(drafted[:, None], per_row, 1.0).sum(0)
         return torch.stack([actual, per_row.sum(0)]).tolist()
 
-    def measure(self, n: int, probe_verify: Callable[[int], float], probe_draft: Callable[[], float]) -> None:
-        """Time scratch passes at this row count: the target over 1 and over the most tokens a step verifies,
-        and one draft pass."""
+    def _learn(self, bucket: int) -> set:
+        """What is left to time at this bucket before its costs are trusted; starts a (re)learning when due."""
+        if time.perf_counter() - self.measured_at.get(bucket, -REFRESH_S) >= REFRESH_S:
+            self.learning[bucket] = {1, 1 + self.nodes(1)} | ({"draft"} if self.calls(1) > 0 else set())
+            self.measured_at[bucket] = time.perf_counter()
+        return self.learning.get(bucket, set())
+
+    def _scratch(self, n: int, probe_verify: Callable[[int], float], probe_draft: Callable[[], float]) -> None:
+        """Time what a depth-1 step would, with passes that commit nothing."""
         bucket = rows_bucket(n)
-        table = self.verify_s[bucket] = {}
-        for q in sorted({1, 1 + self.nodes(self.max_depth)}):
-            table[q] = probe_verify(q)
-        if self.calls(self.max_depth) > 0:
+        needed = self.learning[bucket]
+        q = 1 + self.nodes(1)
+        self.verify_s.setdefault(bucket, {})[q] = probe_verify(q)
+        if "draft" in needed:
             self.draft_s[bucket] = probe_draft()
-        self.measured_at[bucket] = time.perf_counter()
+        needed -= {q, "draft"}
 
     def verify_seconds(self, bucket: int, q: int) -> float:
-        """A pass over q tokens per row: measured, or interpolated between the nearest measured counts."""
+        """A pass over q tokens per row: measured, interpolated between the nearest measured counts, or
+        extrapolated along the two largest (a pass never costs less than a smaller one)."""
         table = self.verify_s[bucket]
         if q in table:
             return table[q]
         below = max((k for k in table if k < q), default=None)
         above = min((k for k in table if k > q), default=None)
-        if below is None or above is None:
-            return table[above if below is None else below]
+        if above is None:
+            counts = sorted(table)
+            if len(counts) < 2:
+                return table[counts[-1]]
+            lo, hi = counts[-2], counts[-1]
+            slope = max(table[hi] - table[lo], 0.0) / (hi - lo)
+            return table[hi] + slope * (q - hi)
+        if below is None:
+            return table[above]
         return table[below] + (table[above] - table[below]) * (q - below) / (above - below)
 
     def step_seconds(self, n: int, depth: int) -> float:
@@ -160,8 +181,13 @@ class DepthController:
         depth = self.max_depth if any_drafted or not greedy else 0
         if self.adaptive and greedy:
             bucket = rows_bucket(n)
-            if time.perf_counter() - self.measured_at.get(bucket, -REFRESH_S) >= REFRESH_S:
-                self.measure(n, probe_verify, probe_draft)
+            needed = self._learn(bucket)
+            if 1 in needed:
+                return self._chosen(0)  # a plain step times the target over one token per row
+            if needed and any_drafted:
+                return self._chosen(1)  # a depth-1 step times a draft pass and a pass over its tokens
+            if needed:
+                self._scratch(n, probe_verify, probe_draft)
             seconds = [self.step_seconds(n, d) for d in range(self.max_depth + 1)]
             actual, everyone = self.expected_tokens(n, drafted, left)
             rates = [tokens / s for tokens, s in zip(actual, seconds)]
@@ -169,6 +195,9 @@ class DepthController:
             best_for_all = max(t / s for t, s in zip(everyone, seconds))
             plain = everyone[0] / seconds[0]
             self.wants_drafting = best_for_all > plain * (1.0 if self.wants_drafting else HYSTERESIS)
+        return self._chosen(depth)
+
+    def _chosen(self, depth: int) -> int:
         self.depths[depth] = self.depths.get(depth, 0) + 1
         return depth
 
@@ -197,10 +226,17 @@ class DepthController:
             )
         bucket = rows_bucket(n)
         draft_s, verify_s, rest_s = seconds
-        if bucket in self.verify_s:
-            _average(self.verify_s[bucket], 1 + self.nodes(depth), verify_s)
-        if draft_calls > 0 and bucket in self.draft_s:
-            _average(self.draft_s, bucket, draft_s / draft_calls)
+        needed = self.learning.get(bucket, set())
+        q = 1 + self.nodes(depth)
+        # What the bucket is (re)learning is taken as measured; the rest is folded into the moving averages.
+        table = self.verify_s.setdefault(bucket, {})
+        table[q] = verify_s if q in needed or q not in table else _smoothed(table[q], verify_s)
+        if draft_calls > 0:
+            per_call = draft_s / draft_calls
+            fresh = "draft" in needed or bucket not in self.draft_s
+            self.draft_s[bucket] = per_call if fresh else _smoothed(self.draft_s[bucket], per_call)
+            needed.discard("draft")
+        needed.discard(q)
         _average(self.rest_s, (bucket, depth > 0), rest_s)
 
     def describe(self) -> dict:
@@ -211,12 +247,16 @@ class DepthController:
             "level_acceptance": self.level_acceptance,
             "depth_chosen_steps": dict(sorted(self.depths.items())),
             "verify_seconds": {
-                f"rows~{2 ** (b / 2):.0f}": {f"tokens={q}": s for q, s in sorted(t.items())}
+                f"rows~{2**b}": {f"tokens={q}": s for q, s in sorted(t.items())}
                 for b, t in sorted(self.verify_s.items())
             },
-            "draft_seconds_per_call": {f"rows~{2 ** (b / 2):.0f}": s for b, s in sorted(self.draft_s.items())},
+            "draft_seconds_per_call": {f"rows~{2**b}": s for b, s in sorted(self.draft_s.items())},
         }
 
 
+def _smoothed(old: float, new: float) -> float:
+    return (1 - SMOOTHING) * old + SMOOTHING * new
+
+
 def _average(table: dict, key, value: float) -> None:
-    table[key] = value if key not in table else (1 - SMOOTHING) * table[key] + SMOOTHING * value
+    table[key] = value if key not in table else _smoothed(table[key], value)

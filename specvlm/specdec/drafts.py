@@ -94,10 +94,10 @@ def strip_image_tokens(ids: list[int], image_token_id: int | None) -> list[int]:
 def append_tokens(buffer: torch.Tensor, length: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
     """buffer[row, length[row] + j] = tokens[row, j] for j < counts[row]; then length += counts."""
     n, m = tokens.shape
-    cols = length[:n, None] + torch.arange(m, device=buffer.device)
-    keep = torch.arange(m, device=buffer.device)[None, :] < counts[:, None]
-    # Padding columns are written too, into scratch beyond the row's new length.
-    buffer[:n].scatter_(1, cols, torch.where(keep, tokens, buffer[:n].gather(1, cols)))
+    rows, j = (torch.arange(m, device=buffer.device)[None, :] < counts[:, None]).nonzero(as_tuple=True)
+    # Only the counted entries are written: a row that commits nothing (a hole, a released row whose length is
+    # left from its last request) writes nowhere, however close to the buffer's end that length is.
+    buffer[rows, length[rows] + j] = tokens[rows, j]
     length[:n] += counts
 
 
@@ -191,6 +191,7 @@ class ModelDraft(Draft):
 
     def release(self, rows):
         self.active[rows] = False
+        self.length[rows] = 0
 
     def _feed_pending(self, n: int) -> torch.Tensor:
         """Feed the committed tokens the draft's cache lacks; return the draft's logits after them [n, V]."""
