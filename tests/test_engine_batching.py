@@ -198,3 +198,22 @@ def test_engine_reuses_rows_without_growing_the_cache(family, mixed):
     capacity, rows = engine.state.capacity, engine.state.rows
     engine.generate(requests[2:6])
     assert (engine.state.capacity, engine.state.rows) == (capacity, rows)
+
+
+@pytest.mark.parametrize("draft", ["vlm_noisy", "prompt_lookup"])
+def test_rows_moved_by_compaction_leave_nothing_behind_in_the_draft(family, mixed, draft):
+    """Rows that finish early leave holes; compaction moves rows from the tail into them. A request that later
+    takes a vacated tail row while the draft is not admitting rows must not inherit the old row's draft state
+    (it would grow past the draft's buffer), and every output stays the target's own."""
+    requests, expected = mixed
+    engine = decoder(family, draft, rows=4)
+    results, ids = {}, [engine.submit(r) for r in requests[:4]]
+    while len(results) < 2:  # some rows finished: holes, then compaction
+        results.update(engine.step())
+    engine.controller.wants_drafting = False  # joining rows are decoded without the draft
+    ids += [engine.submit(r) for r in requests[4:]]
+    while not set(ids) <= results.keys():
+        results.update(engine.step())
+        state = engine.state
+        assert not state.drafted[state.n :].any(), "a row beyond the batch is still marked as drafted"
+    assert [results[i].tokens for i in ids] == expected

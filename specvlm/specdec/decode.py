@@ -494,6 +494,7 @@ class SpeculativeDecoder:
         if self.draft is not None:
             self.draft.move_rows(dst, src)
             self.controller.move_rows(dst_t, src_t)
+        self._release(state, src)  # the moved rows' old places hold nothing now, for the draft neither
         if state.rng is not None:
             state.rng.move_rows(dst, src)
         for d, s in pairs:
