@@ -1,15 +1,27 @@
-"""Command line of the pipeline jobs: a YAML config plus `--set key=value` overrides."""
+"""Command line of the pipeline jobs: a YAML config plus `--set key=value` overrides.
+
+Exit codes: 0 done; 2 the config, the inputs or the models are wrong (found before any work, the field named);
+1 the job ran and failed. An unexpected error, in the driver or in a Ray worker, reaches the user as one line
+naming its innermost cause; its full traceback goes to a log file that the line names.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import re
 import sys
+import traceback
+from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.job import JobFailed, run_job
 from pipeline.sink import ResumeConflict
 
 DEFAULT_CONFIGS = {"caption": "configs/demo.yaml", "vqa": "configs/demo-vqa.yaml", "mc": "configs/demo-mc.yaml"}
+LOG_DIR = Path("out/logs")  # for jobs whose output is not a local folder
+LOGS = "_logs"  # inside a local output folder (readers of the output skip names starting with "_")
+RAISED_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*?: ")  # "OSError: ..."
 
 
 def main(task: str, argv: list[str] | None = None) -> int:
@@ -26,6 +38,7 @@ def main(task: str, argv: list[str] | None = None) -> int:
         help="override a config value, e.g. --set decode.max_new_tokens=32 (repeatable)",
     )
     args = parser.parse_args(argv)
+    config = None
     try:
         config = load_config(args.config, [f"task.kind={task}", *args.set])
         run_job(config)
@@ -35,4 +48,51 @@ def main(task: str, argv: list[str] | None = None) -> int:
     except JobFailed as exc:
         print(f"job failed: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        print(unexpected_failure(exc, log_dir(config, task)), file=sys.stderr)
+        return 1
     return 0
+
+
+def log_dir(config: JobConfig | None, name: str) -> Path:
+    """Where a failed job's traceback goes: `_logs/` in its output folder when that is a local folder, else out/logs."""
+    uri = config.output.uri if config else ""
+    if uri and ("://" not in uri or uri.startswith("file://")):
+        return Path(uri.removeprefix("file://")) / LOGS
+    return LOG_DIR / name
+
+
+def unexpected_failure(exc: BaseException, folder: Path) -> str:
+    """Write the traceback to a log file in `folder`; return the one line the user sees."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = folder / f"failure-{stamp}.log"
+    line = f"job failed: {describe_cause(exc)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(exc)))
+    except OSError as log_error:
+        return f"{line} (its traceback could not be written to {path}: {log_error.strerror})"
+    return f"{line} (traceback in {path})"
+
+
+def describe_cause(exc: BaseException) -> str:
+    """The innermost cause of `exc` as one line, `Type: message`.
+
+    Ray wraps an error raised in a worker: a failed task's RayTaskError keeps the original as `cause`; an actor
+    whose constructor failed surfaces as ActorDiedError, which keeps only the text of the worker's traceback,
+    whose last line is the original error; Ray Data raises either `from` a marker exception without a message."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)
+        if not isinstance(inner, BaseException):
+            inner = exc.__cause__
+        if inner is None or type(inner).__module__ == "ray.data.exceptions":
+            break
+        exc = inner
+    lines = str(exc).strip().splitlines()
+    if type(exc).__module__.startswith("ray."):
+        raised = [line for line in lines if RAISED_LINE.match(line)]  # the worker traceback's last line
+        if raised:
+            return raised[-1]
+    return f"{type(exc).__name__}" + (f": {lines[0]}" if lines else "")

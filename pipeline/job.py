@@ -127,27 +127,36 @@ def _storage_check(section: str, uri: str, options: dict, check):
 
 
 def check_models(config: JobConfig) -> dict[str, str]:
-    """The target (and a model draft) exist; returns fingerprints of their weights."""
-    from specvlm.models.checkpoints import ModelLoadError, check_model_location, weights_fingerprint
+    """The target (and a model draft) exist, and the draft is of its declared kind and fits the target, from their
+    config.json files alone (no weights load); returns fingerprints of their weights."""
+    from specvlm.models.checkpoints import ModelLoadError, read_model_config, weights_fingerprint
+    from specvlm.models.loading import check_draft_fits
 
     locations = {"model.target": config.model.target}
     if config.draft.kind in ("text", "vlm"):  # the config has made sure such a draft has a path
         locations["draft.path"] = config.draft.path
     options = config.model.storage_options
-    weights = {}
+    model_configs, weights = {}, {}
     for name, location in locations.items():
         try:
             if "://" in location:  # first ask the store, briefly, whether it answers at all
                 fs, path = filesystem(location, options, preflight=True)
-                with contextlib.suppress(FileNotFoundError):  # it answered; check_model_location says what is missing
+                with contextlib.suppress(FileNotFoundError):  # it answered; read_model_config says what is missing
                     fs.info(path)
-            check_model_location(location, options)
+            model_configs[name] = read_model_config(location, options)
             weights["target" if name == "model.target" else "draft"] = weights_fingerprint(location, options)
         except (ModelLoadError, ConfigError) as exc:
             raise ConfigError(f"{name}: {exc}") from None
         except Exception as exc:
             problem = f"cannot read {location} ({describe(exc)}); check it and model.storage_options"
             raise ConfigError(f"{name}: {problem}") from None
+    if "draft.path" in locations:
+        try:
+            check_draft_fits(
+                config.draft.kind, model_configs["draft.path"], model_configs["model.target"], config.draft.path
+            )
+        except ModelLoadError as exc:
+            raise ConfigError(f"draft.kind / draft.path: {exc}") from None
     return weights
 
 

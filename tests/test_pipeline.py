@@ -27,6 +27,7 @@ from specvlm.data.prompts import format_choices
 from specvlm.data.sources import list_shards, read_shard
 from specvlm.demo.shards import write_parquet_shards, write_webdataset_shards
 from specvlm.demo.world import make_scene
+from specvlm.models.build import build_text_lm, build_tokenizer
 from specvlm.models.loading import decode_parameters
 from specvlm.specdec.requests import Request
 from tests.badfiles import write_bad_image_corpus
@@ -372,6 +373,43 @@ def test_config_errors_name_the_field_before_ray_starts(models, tmp_path, monkey
     with pytest.raises(ConfigError) as error:
         run_job(config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", override), log=lambda *_: None)
     assert field in str(error.value) and "hunter2" not in str(error.value)
+
+
+def _draft_checkpoint(family, models, root: Path, which: str) -> Path:
+    """A draft checkpoint for the preflight checks: only its config.json and file listing are read."""
+    path = root / which
+    if which == "text":
+        family.drafts["text_copy"].save_pretrained(path)
+    elif which == "other_vocabulary":
+        other = build_tokenizer(["completely different words for another tokenizer"] * 3, vocab_size=300)
+        build_text_lm(other).save_pretrained(path)
+    else:  # a VLM draft whose vision tower cuts the image into other patches than the target's
+        path.mkdir()
+        config = json.loads((models / "draft" / "config.json").read_text())
+        config["vision_config"]["patch_size"] *= 2
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,which,message",
+    [
+        ("text", None, "is a vision-language model (llava), not a text-only LM; set draft.kind=vlm"),
+        ("vlm", "text", "is a text-only model (llama), not a vision-language model; set draft.kind=text"),
+        ("text", "other_vocabulary", "tokens, the target 261: it was built on another tokenizer"),
+        ("vlm", "other_image", "does not read images like the target (vision_config.patch_size differ)"),
+    ],
+)
+def test_preflight_refuses_a_draft_of_another_kind_or_vocabulary_before_ray_starts(
+    family, models, tmp_path, monkeypatch, kind, which, message
+):
+    monkeypatch.setattr(job_module, "init_ray", lambda config: pytest.fail("Ray started despite a bad draft"))
+    write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=1, per_shard=1)
+    draft = models / "draft" if which is None else _draft_checkpoint(family, models, tmp_path, which)
+    config = config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", f"draft.kind={kind}", f"draft.path={draft}")
+    with pytest.raises(ConfigError) as error:
+        run_job(config, log=lambda *_: None)
+    assert str(error.value).startswith("draft.kind / draft.path: ") and message in str(error.value)
 
 
 @pytest.mark.parametrize(

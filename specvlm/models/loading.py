@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from specvlm.models.checkpoints import ModelLoadError, resolve_model_dir
 
@@ -160,19 +160,49 @@ def load_draft_model(
         raise ModelLoadError(f"cannot load {kind!r} draft {location!r}: {exc}") from None
     model = model.to(target.model.device).eval()
     if kind == "vlm":
-        _check_same_image_tokens(target.model, model, location)
+        _check_same_image_tokens(target.model.config.to_dict(), model.config.to_dict(), location)
     return model
 
 
-def _check_same_image_tokens(target: torch.nn.Module, draft: torch.nn.Module, location: str) -> None:
-    """A VLM draft reads the target's prompt and pixels as they are, so both must expand an image alike."""
-    t, d = target.config, draft.config
-    facts = ("image_token_id", "vision_feature_select_strategy")
-    vision = ("image_size", "patch_size")
-    differ = [f for f in facts if getattr(t, f, None) != getattr(d, f, None)]
-    differ += [
-        f"vision_config.{f}" for f in vision if getattr(t.vision_config, f, None) != getattr(d.vision_config, f, None)
-    ]
+# Vocabulary sizes of one tokenizer differ only by the padding of the embedding tables (LLaVA-1.5: 32064 against
+# its Vicuna drafts' 32000; Qwen2 7B against 0.5B: 128 rows), well under this share of the vocabulary. Another
+# tokenizer family differs by more (Llama 32000 against Mistral 32768).
+VOCAB_PADDING_SHARE = 0.01
+
+
+def check_draft_fits(kind: str, draft_config: dict, target_config: dict, location: str) -> None:
+    """What the checkpoints' config.json files alone say about a draft for this target, before any weights load:
+    its kind, a vocabulary of the target's size (up to padding), and for a VLM draft the target's image
+    expansion. The token-by-token vocabulary check needs the tokenizers and runs when the draft loads."""
+    check_draft_kind(kind, draft_config, location)
+    draft_config, target_config = _with_defaults(draft_config), _with_defaults(target_config)
+    draft_vocab = draft_config.get("text_config", draft_config).get("vocab_size")
+    target_vocab = target_config.get("text_config", target_config).get("vocab_size")
+    if draft_vocab and target_vocab and abs(draft_vocab - target_vocab) > VOCAB_PADDING_SHARE * target_vocab:
+        raise ModelLoadError(
+            f"draft {location!r} has a vocabulary of {draft_vocab} tokens, the target {target_vocab}: it was built "
+            "on another tokenizer; a draft must use the target's tokenizer"
+        )
+    if kind == "vlm":
+        _check_same_image_tokens(target_config, draft_config, location)
+
+
+def _with_defaults(config: dict) -> dict:
+    """A config.json with the defaults it leaves out filled in (transformers saves only what differs from them)."""
+    try:
+        return AutoConfig.for_model(**config).to_dict()
+    except (ValueError, TypeError, KeyError):  # a model type this transformers does not know: compare what is there
+        return config
+
+
+def _check_same_image_tokens(target: dict, draft: dict, location: str) -> None:
+    """A VLM draft reads the target's prompt and pixels as they are, so both must expand an image alike.
+    target, draft: the models' configs as dicts."""
+    image_token = lambda config: config.get("image_token_id", config.get("image_token_index"))
+    differ = ["image_token_id"] if image_token(target) != image_token(draft) else []
+    differ += [f for f in ("vision_feature_select_strategy",) if target.get(f) != draft.get(f)]
+    t_vision, d_vision = target.get("vision_config", {}), draft.get("vision_config", {})
+    differ += [f"vision_config.{f}" for f in ("image_size", "patch_size") if t_vision.get(f) != d_vision.get(f)]
     if differ:
         raise ModelLoadError(
             f"VLM draft {location!r} does not read images like the target ({', '.join(differ)} differ); "
