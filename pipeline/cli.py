@@ -37,11 +37,16 @@ def main(task: str, argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set decode.max_new_tokens=32 (repeatable)",
     )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="decode again the shards whose output files hold error rows (after fixing their cause)",
+    )
     args = parser.parse_args(argv)
     config = None
     try:
         config = load_config(args.config, [f"task.kind={task}", *args.set])
-        run_job(config)
+        run_job(config, retry_errors=args.retry_errors)
     except (ConfigError, ResumeConflict) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

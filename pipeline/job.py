@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
+import json
 import os
 import platform
 import time
@@ -21,7 +23,7 @@ import pyarrow.compute as pc
 from pipeline.config import ConfigError, JobConfig
 from pipeline.sink import PARTIAL, OutputDir, ShardCollector
 from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient
-from specvlm.data.sources import SourceError, list_shards
+from specvlm.data.sources import ShardError, SourceError, list_shards, read_shard
 
 FAILED_SHARDS_LISTED = 10  # in the error message; the manifest lists them all
 
@@ -160,6 +162,43 @@ def check_models(config: JobConfig) -> dict[str, str]:
     return weights
 
 
+# Records of the first pending shard read before Ray starts, to find a task field missing from all of them.
+SAMPLE_RECORDS = 16
+
+
+def check_task_fields(config: JobConfig, shard) -> None:
+    """The task's prompt fields (vqa: a question; mc: a question and choices) are in at least one of the shard's
+    first records: a job whose every row would be an error row fails now, not after decoding everything."""
+    from pipeline.stages import mapped_fields
+    from specvlm.data.prompts import PromptError, instruction
+
+    if config.task.kind == "caption":
+        return
+    records, problems = [], []
+    try:
+        for record in itertools.islice(
+            read_shard(shard, storage_options=config.input.storage_options, image_column=config.input.image_column),
+            SAMPLE_RECORDS,
+        ):
+            records.append(record)
+            try:
+                instruction(config.task.kind, mapped_fields(record, config.input.fields))
+                return
+            except PromptError as exc:
+                problems.append(str(exc))
+    except ShardError:
+        pass  # the job itself names a shard it cannot read, after finishing the others
+    if not records:
+        return
+    meta = json.loads(records[0]["meta"]) if records[0]["meta"] else {}
+    hint = f"its metadata holds {', '.join(sorted(meta))}" if isinstance(meta, dict) and meta else "no metadata"
+    raise ConfigError(
+        f"task.kind={config.task.kind}: none of the first {len(records)} records of shard {shard.shard_id} "
+        f"({shard.uri}) has what the task needs ({problems[0]}); {hint}. Check task.kind, or name the record's "
+        "field with input.fields (e.g. --set input.fields.question=FIELD)"
+    )
+
+
 def init_ray(config: JobConfig) -> None:
     import ray
 
@@ -191,13 +230,18 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=Non
     return decode_stage(ds, config, config_hash, reports)
 
 
-def run_job(config: JobConfig, *, log=print) -> Summary:
+def run_job(config: JobConfig, *, log=print, retry_errors: bool = False) -> Summary:
     """Run the job to completion. Raises ConfigError before any work; JobFailed at the end when shards failed or
-    the error rows pass the limit, after every other shard is written."""
+    the error rows pass the limit, after every other shard is written. retry_errors: shards whose files hold error
+    rows are decoded again (and their files replaced), as if they had not been written."""
     output, shards, config_hash = preflight(config)
-    done = output.finished(config_hash)
-    pending = [s for s in shards if s.shard_id not in done]
-    log(f"{len(shards)} shards, {len(done & {s.shard_id for s in shards})} already written, {len(pending)} to do")
+    done = output.finished(config_hash) & {s.shard_id for s in shards}
+    redo = output.shards_with_errors(done) if retry_errors else set()
+    pending = [s for s in shards if s.shard_id not in done - redo]
+    if pending:
+        check_task_fields(config, pending[0])
+    again = f" ({len(redo)} with error rows, redone)" if retry_errors else ""
+    log(f"{len(shards)} shards, {len(done)} already written{again}, {len(pending)} to do")
 
     started = time.perf_counter()
     collector = ShardCollector(output, config_hash, output.partial_shards() if pending else set())
@@ -216,7 +260,7 @@ def run_job(config: JobConfig, *, log=print) -> Summary:
         operating_points = ray.get(reports.get.remote())
     elapsed = time.perf_counter() - started
 
-    summary = _summarise(output, shards, len(done), collector, elapsed)
+    summary = _summarise(output, shards, len(done - redo), collector, elapsed)
     output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points))
     output.clean_staging()
     log(summary.table())
@@ -225,7 +269,9 @@ def run_job(config: JobConfig, *, log=print) -> Summary:
     if summary.error_fraction > config.output.max_error_fraction:
         raise JobFailed(
             f"{summary.errors} of {summary.rows} rows failed ({summary.error_fraction:.1%}), over "
-            f"output.max_error_fraction={config.output.max_error_fraction:.1%}; see the error column"
+            f"output.max_error_fraction={config.output.max_error_fraction:.1%}; see the error column of "
+            f"{output.uri} (error_breakdown in its _manifest.json). Fix the cause, then run the same command with "
+            "--retry-errors: the shards holding error rows are decoded again"
         )
     return summary
 

@@ -129,6 +129,12 @@ class OutputDir:
                 parts.append(pq.read_table(f, columns=columns))
         return pa.concat_tables(parts) if parts else OUTPUT_SCHEMA.empty_table().select(columns)
 
+    def shards_with_errors(self, shard_ids: set[str]) -> set[str]:
+        """Those of `shard_ids` whose files hold error rows (what a rerun with --retry-errors decodes again)."""
+        table = self.read_all(["shard_id", "error"])
+        table = table.filter(pc.is_valid(table["error"]))
+        return set(pc.unique(table["shard_id"]).to_pylist()) & shard_ids
+
     def write_manifest(self, manifest: dict) -> None:
         payload = json.dumps(manifest, indent=2, sort_keys=True).encode()
         self.write_atomic(posixpath.join(self.root, MANIFEST), lambda f: f.write(payload))

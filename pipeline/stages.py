@@ -85,7 +85,7 @@ class Preparer:
 
     def __call__(self, record: dict) -> dict:
         task = self.config.task
-        fields = _mapped_fields(record, self.config.input.fields)
+        fields = mapped_fields(record, self.config.input.fields)
         row = {
             "key": record["key"],
             "shard_id": record["shard_id"],
@@ -135,7 +135,7 @@ class Preparer:
         return row
 
 
-def _mapped_fields(record: dict, mapping: dict[str, str]) -> dict:
+def mapped_fields(record: dict, mapping: dict[str, str]) -> dict:
     """The record's task fields, with `input.fields` renaming them from its metadata (e.g. question: mc_question)."""
     fields = dict(record)
     if mapping and record.get("meta"):
