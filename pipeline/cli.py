@@ -42,11 +42,14 @@ def main(task: str, argv: list[str] | None = None) -> int:
         action="store_true",
         help="decode again the shards whose output files hold error rows (after fixing their cause)",
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's progress bars and log lines, and its workers' output"
+    )
     args = parser.parse_args(argv)
     config = None
     try:
         config = load_config(args.config, [f"task.kind={task}", *args.set])
-        run_job(config, retry_errors=args.retry_errors)
+        run_job(config, retry_errors=args.retry_errors, verbose=args.verbose)
     except (ConfigError, ResumeConflict) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import logging
 import os
 import platform
 import time
@@ -21,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.sink import PARTIAL, OutputDir, ShardCollector
+from pipeline.console import Progress, quiet_ray
+from pipeline.sink import MANIFEST, PARTIAL, OutputDir, ShardCollector
 from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient
 from specvlm.data.sources import ShardError, SourceError, list_shards, read_shard
 
@@ -199,18 +201,21 @@ def check_task_fields(config: JobConfig, shard) -> None:
     )
 
 
-def init_ray(config: JobConfig) -> None:
+def init_ray(config: JobConfig, verbose: bool = True) -> None:
+    """Join the cluster (ray.address or RAY_ADDRESS), else start an embedded local Ray. Not verbose: Ray's own
+    INFO and WARNING lines and the workers' output stay in the session's log files, off the console."""
     import ray
 
     from pipeline import local_ray
 
     if ray.is_initialized():
         return
+    options = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **options)
     else:
-        local_ray.start(config.ray.num_cpus)
+        local_ray.start(config.ray.num_cpus, **options)
 
 
 def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
@@ -230,10 +235,11 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=Non
     return decode_stage(ds, config, config_hash, reports)
 
 
-def run_job(config: JobConfig, *, log=print, retry_errors: bool = False) -> Summary:
+def run_job(config: JobConfig, *, log=print, retry_errors: bool = False, verbose: bool = True) -> Summary:
     """Run the job to completion. Raises ConfigError before any work; JobFailed at the end when shards failed or
     the error rows pass the limit, after every other shard is written. retry_errors: shards whose files hold error
-    rows are decoded again (and their files replaced), as if they had not been written."""
+    rows are decoded again (and their files replaced), as if they had not been written. verbose=False: Ray's
+    progress bars and log lines stay off the console (pipeline/console.py); `log` gets a progress line instead."""
     output, shards, config_hash = preflight(config)
     done = output.finished(config_hash) & {s.shard_id for s in shards}
     redo = output.shards_with_errors(done) if retry_errors else set()
@@ -251,11 +257,15 @@ def run_job(config: JobConfig, *, log=print, retry_errors: bool = False) -> Summ
 
         from pipeline.stages import OperatingPoints
 
-        init_ray(config)
+        if not verbose:
+            quiet_ray()
+        init_ray(config, verbose)
         reports = ray.remote(OperatingPoints).options(num_cpus=0).remote()
         dataset = build_dataset(config, pending, config_hash, reports)
+        progress = Progress(len(pending), log)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             collector.add(batch)
+            progress.add(batch, len(collector.written) + len(collector.failed), sum(collector.written.values()))
         collector.close()
         operating_points = ray.get(reports.get.remote())
     elapsed = time.perf_counter() - started
@@ -264,6 +274,7 @@ def run_job(config: JobConfig, *, log=print, retry_errors: bool = False) -> Summ
     output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points))
     output.clean_staging()
     log(summary.table())
+    log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
     if collector.failed:
         raise JobFailed(_failed_shards_message(collector.failed, output))
     if summary.error_fraction > config.output.max_error_fraction:
