@@ -9,18 +9,22 @@ python -m jobs.score OUTPUT                               # the report again, fr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from pipeline.cli import PROJECT
 from pipeline.config import ConfigError, load_config
 from pipeline.evaluate import load_evaluate_config, run_evaluation
 from pipeline.job import JobFailed
 from specvlm.evaluation.report import build_report, write_report
 
+DEFAULT_CONFIG = os.path.relpath(PROJECT / "configs/evaluate-demo.yaml")
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/evaluate-demo.yaml")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="evaluation config (default: %(default)s)")
     parser.add_argument(
         "--set",
         action="append",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import re
 import sys
 import traceback
@@ -18,18 +19,22 @@ from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.job import JobFailed, run_job
 from pipeline.sink import ResumeConflict
 
+# The demo configs, by their path in the project. The default --config is that file as a path from the current
+# directory: `configs/demo.yaml` from the project root, and still the demo from anywhere else.
 DEFAULT_CONFIGS = {"caption": "configs/demo.yaml", "vqa": "configs/demo-vqa.yaml", "mc": "configs/demo-mc.yaml"}
+PROJECT = Path(__file__).resolve().parents[1]
 LOG_DIR = Path("out/logs")  # for jobs whose output is not a local folder
 LOGS = "_logs"  # inside a local output folder (readers of the output skip names starting with "_")
 RAISED_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*?: ")  # "OSError: ..."
 
 
-def main(task: str, argv: list[str] | None = None) -> int:
+def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=f"python -m jobs.{task}",
+        prog=prog or f"python -m jobs.{task}",
         description=f"Run the {task} job: image shards -> speculative decoding -> Parquet with per-sample metrics.",
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIGS[task], help="YAML job config (default: %(default)s)")
+    default_config = os.path.relpath(PROJECT / DEFAULT_CONFIGS[task])
+    parser.add_argument("--config", default=default_config, help="YAML job config (default: %(default)s)")
     parser.add_argument(
         "--set",
         action="append",

@@ -17,7 +17,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, rebase, resolve_relative_path
 from pipeline.job import init_ray, run_job
 from specvlm.evaluation.report import BASELINE, INDEX, Run, read_index
 
@@ -37,8 +37,11 @@ class EvaluateConfig(BaseModel):
 
 
 def load_evaluate_config(path: str, overrides: list[str] = ()) -> EvaluateConfig:
+    """The evaluation config at `path`. Its relative paths (job, output, report_dir, and the locations its task
+    and strategy overrides set) are relative to its own folder, as in a job config (config.PATH_FIELDS)."""
     try:
         tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree = _resolve_relative_paths(tree, Path(path).parent) if isinstance(tree, dict) else tree
         config = EvaluateConfig.model_validate(tree)
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"evaluation config {path}: {exc}") from None
@@ -48,6 +51,23 @@ def load_evaluate_config(path: str, overrides: list[str] = ()) -> EvaluateConfig
         for sets in config.strategies.values():
             load_config(config.job, [*task_sets, *sets, *overrides])
     return config
+
+
+def _resolve_relative_paths(tree: dict, folder: Path) -> dict:
+    def sets(overrides):
+        if not isinstance(overrides, list):
+            return overrides
+        resolved = []
+        for text in overrides:
+            key, _, value = str(text).partition("=")
+            resolved.append(f"{key}={resolve_relative_path(key.strip(), value, folder)}" if value else text)
+        return resolved
+
+    tree = {**tree, **{k: rebase(tree[k], folder) for k in ("job", "output", "report_dir") if k in tree}}
+    for group in ("tasks", "strategies"):
+        if isinstance(tree.get(group), dict):
+            tree[group] = {name: sets(overrides) for name, overrides in tree[group].items()}
+    return tree
 
 
 def slug(name: str) -> str:

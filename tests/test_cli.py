@@ -7,11 +7,14 @@ import sys
 import traceback
 from pathlib import Path
 
+from pipeline.config import load_config
+from pipeline.evaluate import load_evaluate_config
+
 DEMO_MODELS = Path("assets/demo/models")
 
 
-def run_cli(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+def run_cli(*args, cwd=None, timeout=300, program=sys.executable):
+    return subprocess.run([program, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_an_error_in_a_ray_worker_is_one_line_naming_its_cause_with_the_traceback_in_a_log(tmp_path):
@@ -65,3 +68,65 @@ def test_ray_wrapped_errors_are_described_by_their_innermost_cause():
         wrapped.__cause__ = marker
         assert describe_cause(wrapped) == "OSError: Can't load image processor for 'target'"
     assert describe_cause(ValueError("first line\nsecond line")) == "ValueError: first line"
+
+
+def test_the_specvlm_command_runs_a_job_from_outside_the_project(tmp_path):
+    """From a scratch folder: the config's own paths resolve against its folder, --set paths against the current
+    directory; Ray's progress bars stay off the console, and the summary ends with where the output went."""
+    specvlm = Path(sys.executable).parent / "specvlm"
+    config = Path("configs/demo.yaml").resolve()
+    result = run_cli(
+        "caption",
+        "--config",
+        str(config),
+        "--set",
+        "input.max_shards=1",
+        "--set",
+        "output.uri=out/caption",
+        cwd=tmp_path,
+        program=specvlm,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "out" / "caption").glob("*.parquet")] == ["00000.parquet"]
+    assert "1 shards, 0 already written, 1 to do" in result.stdout
+    assert result.stdout.rstrip().endswith("output: out/caption (manifest: out/caption/_manifest.json)")
+    assert "Total Progress" not in result.stdout + result.stderr  # Ray Data's progress lines
+    assert "Started a local Ray instance" not in result.stderr
+
+    module = run_cli("-m", "jobs.vqa", "--help", cwd=tmp_path, timeout=120)
+    assert module.returncode == 0 and "--retry-errors" in module.stdout
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "project" / "configs").mkdir(parents=True)
+    (tmp_path / "project" / "models" / "target").mkdir(parents=True)
+    config_file = tmp_path / "project" / "configs" / "job.yaml"
+    config_file.write_text(
+        "input: {uri: ../annotations/captions.json, format: coco, images: ../images}\n"
+        "output: {uri: ../out/job}\n"
+        "model: {target: ../models/target}\n"
+        "draft: {kind: text, path: org/draft-model}\n"  # no such folder: a Hugging Face model id, kept as it is
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config("project/configs/job.yaml")
+    assert (config.input.uri, config.input.images) == ("project/annotations/captions.json", "project/images")
+    assert (config.output.uri, config.model.target) == ("project/out/job", "project/models/target")
+    assert config.draft.path == "org/draft-model"
+    overridden = load_config("project/configs/job.yaml", ["output.uri=here/out", "draft.path=drafts/text"])
+    assert (overridden.output.uri, overridden.draft.path) == ("here/out", "drafts/text")  # --set: from the cwd
+
+    absolute = load_config(None, [f"output.uri={tmp_path}/o", "input.uri=s3://bucket/x/*.tar", "model.target=m"])
+    assert (absolute.output.uri, absolute.input.uri) == (f"{tmp_path}/o", "s3://bucket/x/*.tar")
+
+
+def test_the_evaluation_config_resolves_its_paths_and_overrides_against_its_folder(tmp_path, monkeypatch):
+    repo = Path.cwd()
+    monkeypatch.chdir(tmp_path)
+    config = load_evaluate_config(str(repo / "configs" / "evaluate-demo.yaml"))
+    assert Path(config.job).resolve() == repo / "configs" / "demo.yaml"
+    assert Path(config.output).resolve() == repo / "out" / "evaluate-demo"
+    coco = dict(s.split("=", 1) for s in config.tasks["caption (COCO)"])
+    assert Path(coco["input.uri"]).resolve() == repo / "assets/demo/benchmark/annotations/captions_world1.json"
+    assert Path(coco["input.uri"]).exists() and coco["task.kind"] == "caption"
+    vlm = dict(s.split("=", 1) for s in config.strategies["vlm chain γ=5"])
+    assert Path(vlm["draft.path"]).resolve() == repo / "assets/demo/models/draft-vlm"

@@ -2,6 +2,7 @@
 task quality stated once and checked for every strategy; jobs.score rebuilds the report from the outputs."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -136,18 +137,19 @@ def test_report_flags_a_row_that_differs_and_a_quality_that_does_not_match(tmp_p
     assert "| colour | 2 | 1.000 |" in text  # the target's quality by slice
 
 
+DEMO_JOB = str(Path("configs/demo.yaml").resolve())  # the evaluation config lives elsewhere, in tmp_path
+
+
 def test_evaluate_config_errors_name_the_problem(tmp_path):
     (tmp_path / "eval.yaml").write_text(
-        yaml.safe_dump(
-            {"job": "configs/demo.yaml", "output": "x", "tasks": {}, "strategies": {"chain": ["draft.gamma=3"]}}
-        )
+        yaml.safe_dump({"job": DEMO_JOB, "output": "x", "tasks": {}, "strategies": {"chain": ["draft.gamma=3"]}})
     )
     with pytest.raises(ConfigError, match="autoregressive"):
         load_evaluate_config(str(tmp_path / "eval.yaml"))
     (tmp_path / "eval.yaml").write_text(
         yaml.safe_dump(
             {
-                "job": "configs/demo.yaml",
+                "job": DEMO_JOB,
                 "output": "x",
                 "tasks": {"caption": ["task.kind=caption"]},
                 "strategies": {"autoregressive": ["draft.gamma=zero"]},
