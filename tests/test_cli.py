@@ -124,7 +124,6 @@ def test_the_evaluation_config_resolves_its_paths_and_overrides_against_its_fold
     monkeypatch.chdir(tmp_path)
     config = load_evaluate_config(str(repo / "configs" / "evaluate-demo.yaml"))
     assert Path(config.job).resolve() == repo / "configs" / "demo.yaml"
-    assert Path(config.output).resolve() == repo / "out" / "evaluate-demo"
     coco = dict(s.split("=", 1) for s in config.tasks["caption (COCO)"])
     assert Path(coco["input.uri"]).resolve() == repo / "assets/demo/benchmark/annotations/captions_world1.json"
     assert Path(coco["input.uri"]).exists() and coco["task.kind"] == "caption"

@@ -11,7 +11,7 @@ import yaml
 
 from jobs import score
 from pipeline.config import ConfigError
-from pipeline.evaluate import load_evaluate_config, run_evaluation
+from pipeline.evaluate import EvaluateConfig, load_evaluate_config, run_evaluation, with_locations
 from specvlm.demo.benchmark import write_demo_benchmark
 from specvlm.evaluation.benchmark import markdown_table, run_suite
 from specvlm.evaluation.report import Run, build_report, read_index, write_report
@@ -196,3 +196,23 @@ def test_benchmark_suite_compares_every_mode_with_the_target(family):
     assert all(r.hardware_limit == pytest.approx(r.tau / r.r) for r in replay.values())
     table = markdown_table(rows)
     assert table.count("\n") == len(rows) + 1 and json.dumps([r.mode for r in rows])
+
+
+@pytest.mark.parametrize(
+    "flags,overrides,config_output,expected",
+    [
+        # nothing given: out/evaluate-<name>, the report inside it
+        ({}, [], None, ("out/evaluate-demo", "out/evaluate-demo/report", [])),
+        # the config's own output, the report beside the runs
+        ({}, [], "/data/eval", ("/data/eval", "/data/eval/report", [])),
+        # a user's --set output.uri is kept: it holds the whole evaluation, and leaves the per-run overrides
+        ({}, ["output.uri=mine", "draft.gamma=3"], "/data/eval", ("mine", "mine/report", ["draft.gamma=3"])),
+        # the flags win; an object-storage output keeps its report on local disk
+        ({"output": "s3://bucket/eval/", "report_dir": "r"}, ["output.uri=mine"], None, ("s3://bucket/eval", "r", [])),
+        ({"output": "s3://bucket/eval"}, [], None, ("s3://bucket/eval", "out/evaluate-demo/report", [])),
+    ],
+)
+def test_evaluation_output_and_report_locations(flags, overrides, config_output, expected):
+    config = EvaluateConfig(job=DEMO_JOB, output=config_output, tasks={}, strategies={"autoregressive": []})
+    located, kept = with_locations(config, "demo", overrides, **flags)
+    assert (located.output, located.report_dir, kept) == expected
