@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from pipeline.config import ConfigError, JobConfig
 from pipeline.console import Progress, quiet_ray
 from pipeline.sink import MANIFEST, PARTIAL, OutputDir, ShardCollector
+from specvlm.data.error_kinds import kind_of
 from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient
 from specvlm.data.sources import ShardError, SourceError, list_shards, read_shard
 
@@ -309,7 +310,7 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
     errors = table.filter(pc.is_valid(table["error"]))["error"].to_pylist()
     breakdown: dict[str, int] = {}
     for message in errors:
-        kind = message.split(":")[0][:60]
+        kind = kind_of(message)
         breakdown[kind] = breakdown.get(kind, 0) + 1
     run_rows = sum(collector.written.values())
     return Summary(

@@ -24,6 +24,7 @@ import torch
 from pipeline.config import JobConfig
 from pipeline.faults import inject_fault
 from pipeline.schema import OUTPUT_SCHEMA
+from specvlm.data.error_kinds import tagged
 from specvlm.data.images import ImageError, decode_image
 from specvlm.data.prompts import LETTERS, PromptError, extract_choice, instruction, render
 from specvlm.engine import TargetSettings
@@ -112,7 +113,9 @@ class Preparer:
             )
             if record["image"] is None:  # only benchmark layouts give such records (a ScienceQA text question)
                 if task.kind == "caption":
-                    raise PromptError(f"record {record['key']!r} has no image, and a caption needs one")
+                    problem = f"record {record['key']!r} has no image, and a caption needs one"
+                    row["error"] = tagged("image_missing", problem)
+                    return row
                 # A text-only prompt, as LLaVA targets take them; a target that cannot fails here, on this row.
                 row["prompt"] = render(text, self.processor, task.template, image=False)
                 encoded = self.processor(text=row["prompt"], return_tensors="np")
@@ -120,11 +123,14 @@ class Preparer:
                 image = decode_image(record["image"], max_pixels=self.config.compute.max_pixels)
                 row["prompt"] = render(text, self.processor, task.template)
                 encoded = self.processor(images=image, text=row["prompt"], return_tensors="np")
-        except (ImageError, PromptError) as exc:
-            row["error"] = str(exc)
+        except ImageError as exc:
+            row["error"] = tagged(exc.kind, str(exc))
+            return row
+        except PromptError as exc:
+            row["error"] = tagged("missing_field", str(exc))
             return row
         except Exception as exc:
-            row["error"] = f"preprocessing failed: {type(exc).__name__}: {exc}"
+            row["error"] = tagged("preprocess_failed", f"{type(exc).__name__}: {exc}")
             return row
         row["input_ids"] = encoded["input_ids"][0].tolist()
         if "pixel_values" in encoded:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -22,6 +23,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.job import JobFailed, run_job
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.sink import ResumeConflict
+from specvlm.data.error_kinds import kind_of
 from specvlm.data.images import decode_image
 from specvlm.data.prompts import format_choices
 from specvlm.data.sources import list_shards, read_shard
@@ -315,6 +317,15 @@ def test_bad_files_become_error_rows_and_the_job_goes_on(models, tmp_path, ray_l
         else:
             assert outcome in row["error"] and row["stop_reason"] == "error" and row["text"] is None, key
     assert summary.errors == sum(o is not None for o in expected.values())
+    # Each error row names its kind first; the manifest groups the rows by it.
+    kinds = {
+        key: "image_too_large" if key == "bomb_png" else "image_missing" if key == "notes" else "image_unreadable"
+        for key, outcome in expected.items()
+        if outcome is not None
+    }
+    assert {key: kind_of(rows[key]["error"]) for key in kinds} == kinds
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["summary"]["error_breakdown"] == dict(Counter(kinds.values()))
 
     strict = config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "output.max_error_fraction=0.1")
     with pytest.raises(JobFailed, match="max_error_fraction"):
