@@ -16,7 +16,8 @@ import traceback
 from pathlib import Path
 
 from pipeline.config import ConfigError, JobConfig, load_config
-from pipeline.job import JobFailed, run_job
+from pipeline.console import stderr_to_file
+from pipeline.job import JobFailed, JobStopped, run_job
 from pipeline.sink import ResumeConflict
 
 # The demo configs, by their path in the project. The default --config is that file as a path from the current
@@ -54,13 +55,22 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
     config = None
     try:
         config = load_config(args.config, [f"task.kind={task}", *args.set])
-        run_job(config, retry_errors=args.retry_errors, verbose=args.verbose)
+        if args.verbose:
+            run_job(config, retry_errors=args.retry_errors, verbose=True)
+        else:  # Ray's and the libraries' messages go to a log file; the console shows progress and the summary
+            with stderr_to_file(log_dir(config, task) / f"run-{_stamp()}.log") as log:
+                print(f"messages from Ray and the libraries go to {log}")
+                run_job(config, retry_errors=args.retry_errors, verbose=False)
     except (ConfigError, ResumeConflict) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except JobFailed as exc:
         print(f"job failed: {exc}", file=sys.stderr)
         return 1
+    except (JobStopped, KeyboardInterrupt) as exc:
+        what = exc if isinstance(exc, JobStopped) else "interrupted"
+        print(f"job {what}: the shards written are kept; run the same command to finish the others", file=sys.stderr)
+        return 143 if isinstance(exc, JobStopped) else 130
     except Exception as exc:
         print(unexpected_failure(exc, log_dir(config, task)), file=sys.stderr)
         return 1
@@ -77,8 +87,7 @@ def log_dir(config: JobConfig | None, name: str) -> Path:
 
 def unexpected_failure(exc: BaseException, folder: Path) -> str:
     """Write the traceback to a log file in `folder`; return the one line the user sees."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = folder / f"failure-{stamp}.log"
+    path = folder / f"failure-{_stamp()}.log"
     line = f"job failed: {describe_cause(exc)}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -86,6 +95,10 @@ def unexpected_failure(exc: BaseException, folder: Path) -> str:
     except OSError as log_error:
         return f"{line} (its traceback could not be written to {path}: {log_error.strerror})"
     return f"{line} (traceback in {path})"
+
+
+def _stamp() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def describe_cause(exc: BaseException) -> str:

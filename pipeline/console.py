@@ -7,8 +7,12 @@ brings them back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,6 +29,24 @@ def quiet_ray() -> None:
     for handler in list(data_logger.handlers):
         if "File" not in type(handler).__name__:  # Ray Data's SessionFileHandler writes the session's ray-data.log
             data_logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def stderr_to_file(path: Path):
+    """While the block runs, whatever this process writes to its stderr goes to `path`: Python's warnings and
+    log lines, and those native code writes to file descriptor 2 itself (Ray's C++ core worker), which no
+    Python logging setting reaches. Yields the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class Progress:

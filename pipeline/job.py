@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +35,10 @@ FAILED_SHARDS_LISTED = 10  # in the error message; the manifest lists them all
 
 class JobFailed(RuntimeError):
     pass
+
+
+class JobStopped(BaseException):  # not an Exception: nothing between here and the command line may swallow it
+    """The job was told to stop (SIGTERM). The shards written so far are kept; a rerun finishes the others."""
 
 
 @dataclass
@@ -219,6 +225,24 @@ def init_ray(config: JobConfig, verbose: bool = True) -> None:
         local_ray.start(config.ray.num_cpus, **options)
 
 
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While the block runs, SIGTERM raises JobStopped. Ray's native failure handler, which ray.init() installs,
+    answers it with a C++ stack trace and an abort: a job told to stop has not crashed."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum, frame):
+    raise JobStopped(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
@@ -264,9 +288,10 @@ def run_job(config: JobConfig, *, log=print, retry_errors: bool = False, verbose
         reports = ray.remote(OperatingPoints).options(num_cpus=0).remote()
         dataset = build_dataset(config, pending, config_hash, reports)
         progress = Progress(len(pending), log)
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            collector.add(batch)
-            progress.add(batch, len(collector.written) + len(collector.failed), sum(collector.written.values()))
+        with stop_on_sigterm():
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                collector.add(batch)
+                progress.add(batch, len(collector.written) + len(collector.failed), sum(collector.written.values()))
         collector.close()
         operating_points = ray.get(reports.get.remote())
     elapsed = time.perf_counter() - started

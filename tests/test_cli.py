@@ -2,8 +2,10 @@
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -91,7 +93,7 @@ def test_the_specvlm_command_runs_a_job_from_outside_the_project(tmp_path):
     assert "1 shards, 0 already written, 1 to do" in result.stdout
     assert result.stdout.rstrip().endswith("output: out/caption (manifest: out/caption/_manifest.json)")
     assert "Total Progress" not in result.stdout + result.stderr  # Ray Data's progress lines
-    assert "Started a local Ray instance" not in result.stderr
+    assert "Started a local Ray instance" not in result.stderr and "core_worker" not in result.stderr
 
     module = run_cli("-m", "jobs.vqa", "--help", cwd=tmp_path, timeout=120)
     assert module.returncode == 0 and "--retry-errors" in module.stdout
@@ -129,3 +131,28 @@ def test_the_evaluation_config_resolves_its_paths_and_overrides_against_its_fold
     assert Path(coco["input.uri"]).exists() and coco["task.kind"] == "caption"
     vlm = dict(s.split("=", 1) for s in config.strategies["vlm chain γ=5"])
     assert Path(vlm["draft.path"]).resolve() == repo / "assets/demo/models/draft-vlm"
+
+
+def test_sigterm_stops_a_job_with_one_line_and_no_native_stack_trace(tmp_path):
+    out = tmp_path / "out"
+    command = ["-m", "jobs.caption", "--set", f"output.uri={out}", "--set", "draft.kind=none"]
+    job = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The decode actor's creation logs a line (to the run's log file) once the job's dataset runs.
+        deadline = time.monotonic() + 240
+        while job.poll() is None and time.monotonic() < deadline:
+            if any("core_worker" in log.read_text() for log in out.glob("_logs/run-*.log")):
+                break
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines() == [
+        "job stopped by signal SIGTERM: the shards written are kept; run the same command to finish the others"
+    ]
+    assert "SIGTERM received" not in stdout + stderr and "Aborted" not in stdout + stderr
+    assert not list(out.glob("*.parquet"))  # stopped while decoding, before any shard was complete
+    logs = list((out / "_logs").glob("run-*.log"))
+    assert f"messages from Ray and the libraries go to {logs[0]}" in stdout
