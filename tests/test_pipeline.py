@@ -386,26 +386,20 @@ def test_config_errors_name_the_field_before_ray_starts(models, tmp_path, monkey
     assert field in str(error.value) and "hunter2" not in str(error.value)
 
 
-def _write_image_folder(folder: Path, count: int) -> None:
-    folder.mkdir(parents=True)
-    for i in range(count):
-        make_scene(SEED, i).image.save(folder / f"img{i}.png")
-
-
 @pytest.mark.parametrize("kind", ["vqa", "mc"])
 def test_a_task_field_missing_from_every_record_fails_before_ray_starts(models, tmp_path, monkeypatch, kind):
     """Images alone carry no question: every row would be an error row, so the job stops at preflight instead."""
     monkeypatch.setattr(job_module, "init_ray", lambda config: pytest.fail("Ray started despite a missing field"))
-    _write_image_folder(tmp_path / "in", 3)
+    _write_image_folder(fsspec.filesystem("file", auto_mkdir=True), f"{tmp_path}/in")
     with pytest.raises(ConfigError) as error:
         run_job(config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", f"task.kind={kind}"), log=lambda *_: None)
     message = str(error.value)
-    assert message.startswith(f"task.kind={kind}: none of the first 3 records of shard images-00000")
+    assert message.startswith(f"task.kind={kind}: none of the first 5 records of shard images-00000")
     assert f"task {kind!r} needs a question" in message and "input.fields" in message
 
 
 def test_retry_errors_redoes_only_the_shards_holding_error_rows(models, tmp_path, ray_local):
-    _write_image_folder(tmp_path / "in", 4)
+    _write_image_folder(fsspec.filesystem("file", auto_mkdir=True), f"{tmp_path}/in")  # img0 ... img4, in shards of 2
     (tmp_path / "in" / "img3.png").write_bytes(b"not a png")  # the second shard (img2, img3) gets an error row
     config = config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "input.files_per_shard=2")
     with pytest.raises(JobFailed, match="run the same command with --retry-errors"):
@@ -417,8 +411,8 @@ def test_retry_errors_redoes_only_the_shards_holding_error_rows(models, tmp_path
         run_job(config, log=lambda *_: None)
     lines = []
     summary = run_job(config, log=lines.append, retry_errors=True)
-    assert lines[0] == "2 shards, 2 already written (1 with error rows, redone), 1 to do"
-    assert (summary.shards_skipped, summary.shards_written, summary.errors, summary.rows) == (1, 1, 0, 4)
+    assert lines[0] == "3 shards, 3 already written (1 with error rows, redone), 1 to do"
+    assert (summary.shards_skipped, summary.shards_written, summary.errors, summary.rows) == (2, 1, 0, 5)
     assert (tmp_path / "out" / "images-00000.parquet").stat().st_mtime_ns == first  # not redone
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["summary"]["errors"] == 0 and manifest["shards_written_this_run"] == {"images-00001": 2}
