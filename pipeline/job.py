@@ -57,6 +57,9 @@ class Summary:
     run_tokens: int
     run_seconds: float
     error_breakdown: dict[str, int] = field(default_factory=dict)
+    # c in the rows' mbsu = new_tokens / (target_calls + c * draft_calls): draft/target decode parameters (a ratio of
+    # sizes, not the measured cost the benchmark calls c); None when no row drafted.
+    mbsu_cost_ratio: float | None = None
 
     @property
     def error_fraction(self) -> float:
@@ -328,7 +331,7 @@ def _failed_shards_message(failed: dict[str, str], output: OutputDir) -> str:
 
 def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollector, elapsed: float) -> Summary:
     numbers = ["new_tokens", "target_calls", "accepted_tokens", "proposed_tokens"]
-    table = output.read_all(["shard_id", "error", *numbers])
+    table = output.read_all(["shard_id", "error", "draft_calls", "mbsu", *numbers])
     ids = {s.shard_id for s in shards}
     table = table.filter(pc.is_in(table["shard_id"], value_set=pa.array(sorted(ids))))
     total = {n: int(pc.sum(table[n]).as_py() or 0) for n in numbers}
@@ -349,8 +352,19 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
         run_tokens=collector.tokens,
         run_seconds=elapsed,
         error_breakdown=breakdown,
+        mbsu_cost_ratio=_mbsu_cost_ratio(table),
         **total,
     )
+
+
+def _mbsu_cost_ratio(table: pa.Table) -> float | None:
+    """The c the rows' mbsu used, recovered from a row that drafted: c = (new_tokens / mbsu - target_calls) /
+    draft_calls."""
+    drafted = table.filter(pc.and_(pc.greater(table["draft_calls"], 0), pc.greater(table["mbsu"], 0)))
+    if drafted.num_rows == 0:
+        return None
+    row = drafted.slice(0, 1).to_pylist()[0]
+    return round((row["new_tokens"] / row["mbsu"] - row["target_calls"]) / row["draft_calls"], 6)
 
 
 def _manifest(

@@ -140,6 +140,9 @@ def test_caption_job_on_local_webdataset_matches_target_greedy(family, models, t
     tables = read_output(f"{tmp_path}/out")
     check_against_inputs(family, tables, f"{tmp_path}/in/*.tar")
     assert (tmp_path / "out" / "_manifest.json").exists() and not (tmp_path / "out" / "_staging").exists()
+    c = decode_parameters(family.drafts["vlm_noisy"]) / decode_parameters(family.target)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["summary"]["mbsu_cost_ratio"] == pytest.approx(c, rel=1e-4)  # the c the rows' mbsu used
 
 
 def _write_image_folder(fs, root):
