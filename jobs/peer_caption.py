@@ -2,13 +2,12 @@
 Hugging Face `generate` (greedy, left-padded batches), Parquet out. No metrics, no error rows, no resume: the
 peer whose images/s our caption job must at least match (jobs.job_benchmark runs both).
 
-    python -m jobs.peer_caption --input 'DIR/*.tar' --output OUT --batch-size 64
+    python -m jobs.peer_caption --input DIR --output OUT --batch-size 64
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import time
 
 import numpy as np
@@ -29,7 +28,8 @@ class Captioner:
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
 
     def __call__(self, batch: dict) -> dict:
-        images = [Image.open(io.BytesIO(data)).convert("RGB") for data in batch["png"]]
+        # Ray's WebDataset reader has already decoded each image to an array (its default decoder).
+        images = [Image.fromarray(np.asarray(pixels, dtype=np.uint8)).convert("RGB") for pixels in batch["png"]]
         inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt", padding=True)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
@@ -39,7 +39,9 @@ class Captioner:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="WebDataset shards (a glob)")
+    parser.add_argument(
+        "--input", required=True, help="a folder of WebDataset shards, or one shard (Ray's reader takes no globs)"
+    )
     parser.add_argument("--output", required=True)
     parser.add_argument("--model", default=str(ASSETS / "models/target"))
     parser.add_argument("--prompt", default="USER: <image>\ndescribe the image. ASSISTANT:")

@@ -144,7 +144,7 @@ def check_models(config: JobConfig) -> dict[str, str]:
     """The target (and a model draft) exist, and the draft is of its declared kind and fits the target, from their
     config.json files alone (no weights load); returns fingerprints of their weights."""
     from specvlm.models.checkpoints import ModelLoadError, read_model_config, weights_fingerprint
-    from specvlm.models.loading import check_draft_fits
+    from specvlm.models.compat import check_draft_fits
 
     locations = {"model.target": config.model.target}
     if config.draft.kind in ("text", "vlm"):  # the config has made sure such a draft has a path
@@ -181,8 +181,7 @@ SAMPLE_RECORDS = 16
 def check_task_fields(config: JobConfig, shard) -> None:
     """The task's prompt fields (vqa: a question; mc: a question and choices) are in at least one of the shard's
     first records: a job whose every row would be an error row fails now, not after decoding everything."""
-    from pipeline.stages import mapped_fields
-    from specvlm.data.prompts import PromptError, instruction
+    from specvlm.data.prompts import PromptError, instruction, task_fields
 
     if config.task.kind == "caption":
         return
@@ -194,7 +193,7 @@ def check_task_fields(config: JobConfig, shard) -> None:
         ):
             records.append(record)
             try:
-                instruction(config.task.kind, mapped_fields(record, config.input.fields))
+                instruction(config.task.kind, task_fields(record, config.input.fields))
                 return
             except PromptError as exc:
                 problems.append(str(exc))

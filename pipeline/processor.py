@@ -28,9 +28,9 @@ from pydantic import Field, field_validator
 
 from pipeline.config import ComputeConfig, DecodeSettings, JobConfig, Section, TaskConfig, _no_secrets
 from pipeline.job import check_models
-from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.schema import OUTPUT_SCHEMA, PREPARED_SCHEMA
 from pipeline.sink import with_error_kinds
-from pipeline.stages import PREPARED_SCHEMA, Preparer, decode_stage, load_processor
+from pipeline.stages import Preparer, decode_stage, load_processor
 from specvlm.data.error_kinds import tagged
 from specvlm.data.retry import with_retries
 from specvlm.engine import DraftSettings, TargetSettings

@@ -28,7 +28,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import JobConfig
-from pipeline.stages import PREPARED_SCHEMA, Preparer, load_processor
+from pipeline.schema import PREPARED_SCHEMA
+from pipeline.stages import Preparer, load_processor
 from specvlm.data.retry import RetryPolicy
 from specvlm.data.sources import Shard, ShardError, read_shard
 

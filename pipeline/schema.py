@@ -1,7 +1,13 @@
-"""The output table: one row per input sample. The README documents every column; a test checks both agree."""
+"""The tables that flow through the pipeline, and the codec between a prepared row and an engine request.
+
+OUTPUT_SCHEMA is the output table, one row per input sample; the README documents every column and a test checks
+both agree. PREPARED_SCHEMA is what the read tasks hand the decode actors, DECODED_SCHEMA what the actors hand the
+driver; both carry each row's place in its shard (ROW_FIELDS).
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 OUTPUT_SCHEMA = pa.schema(
@@ -36,3 +42,54 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("error", pa.string()),  # null, or what went wrong with this sample
     ]
 )
+
+ROW_FIELDS = [pa.field("row_index", pa.int64(), nullable=False), pa.field("is_end", pa.bool_(), nullable=False)]
+
+PREPARED_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("shard_id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("task", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("reference", pa.string()),
+        pa.field("references", pa.list_(pa.string())),
+        pa.field("meta", pa.string()),
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("pixel_values", pa.binary()),
+        pa.field("pixel_shape", pa.list_(pa.int32())),
+        pa.field("image_sizes", pa.list_(pa.int32())),
+        pa.field("seed", pa.int64()),
+        pa.field("error", pa.string()),
+        *ROW_FIELDS,
+    ]
+)
+DECODED_SCHEMA = pa.schema([*OUTPUT_SCHEMA, *ROW_FIELDS])
+# Prepared-row columns the decode actor copies into its output row as they are.
+PASSED_THROUGH = ("key", "shard_id", "source", "task", "prompt", "reference", "references", "meta", "error")
+
+
+def encode_inputs(encoded) -> dict:
+    """A processor's output (numpy) -> the prepared row's model-input columns: token ids, and the pixels as
+    float32 bytes with their shape (Arrow has no tensor type every reader takes)."""
+    row = {"input_ids": encoded["input_ids"][0].tolist()}
+    if "pixel_values" in encoded:
+        pixels = np.ascontiguousarray(encoded["pixel_values"], dtype=np.float32)
+        row.update(pixel_values=pixels.tobytes(), pixel_shape=list(pixels.shape))
+    if "image_sizes" in encoded:
+        row["image_sizes"] = [int(v) for v in np.asarray(encoded["image_sizes"]).reshape(-1)]
+    return row
+
+
+def row_to_request(row: dict):
+    """A prepared row as an engine request (the pixel bytes and their shape back into a tensor)."""
+    import torch
+
+    from specvlm.specdec.requests import Request
+
+    pixels = None  # a text-only prompt
+    if row["pixel_values"] is not None:
+        array = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(row["pixel_shape"])
+        pixels = torch.from_numpy(array.copy())
+    sizes = None if row["image_sizes"] is None else torch.tensor(row["image_sizes"]).reshape(-1, 2)
+    return Request(row["input_ids"], pixels, image_sizes=sizes, seed=row["seed"])

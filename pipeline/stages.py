@@ -17,42 +17,24 @@ import functools
 import hashlib
 import json
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from pipeline.config import JobConfig
 from pipeline.faults import inject_fault
-from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.schema import DECODED_SCHEMA, PASSED_THROUGH, encode_inputs, row_to_request
 from specvlm.data.error_kinds import tagged
 from specvlm.data.images import ImageError, decode_image
-from specvlm.data.prompts import LETTERS, PromptError, extract_choice, instruction, render
-from specvlm.engine import TargetSettings
-
-ROW_FIELDS = [pa.field("row_index", pa.int64(), nullable=False), pa.field("is_end", pa.bool_(), nullable=False)]
-
-PREPARED_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string()),
-        pa.field("shard_id", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("task", pa.string()),
-        pa.field("prompt", pa.string()),
-        pa.field("reference", pa.string()),
-        pa.field("references", pa.list_(pa.string())),
-        pa.field("meta", pa.string()),
-        pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("pixel_values", pa.binary()),
-        pa.field("pixel_shape", pa.list_(pa.int32())),
-        pa.field("image_sizes", pa.list_(pa.int32())),
-        pa.field("seed", pa.int64()),
-        pa.field("error", pa.string()),
-        *ROW_FIELDS,
-    ]
+from specvlm.data.prompts import (
+    PromptError,
+    extract_choice,
+    instruction,
+    reference_strings,
+    render,
+    task_fields,
+    task_reference,
 )
-DECODED_SCHEMA = pa.schema([*OUTPUT_SCHEMA, *ROW_FIELDS])
-# Prepared-row columns the decode actor copies into its output row as they are.
-PASSED_THROUGH = ("key", "shard_id", "source", "task", "prompt", "reference", "references", "meta", "error")
+from specvlm.engine import TargetSettings
 
 
 def sample_seed(seed: int, shard_id: str, key: str) -> int:
@@ -86,15 +68,15 @@ class Preparer:
 
     def __call__(self, record: dict) -> dict:
         task = self.config.task
-        fields = mapped_fields(record, self.config.input.fields)
+        fields = task_fields(record, self.config.input.fields)
         row = {
             "key": record["key"],
             "shard_id": record["shard_id"],
             "source": record["source"],
             "task": task.kind,
             "prompt": None,
-            "reference": _reference(task.kind, fields),
-            "references": _references(fields.get("references")),
+            "reference": task_reference(task.kind, fields),
+            "references": reference_strings(fields.get("references")),
             "meta": record["meta"],
             "input_ids": None,
             "pixel_values": None,
@@ -132,43 +114,8 @@ class Preparer:
         except Exception as exc:
             row["error"] = tagged("preprocess_failed", f"{type(exc).__name__}: {exc}")
             return row
-        row["input_ids"] = encoded["input_ids"][0].tolist()
-        if "pixel_values" in encoded:
-            pixels = np.ascontiguousarray(encoded["pixel_values"], dtype=np.float32)
-            row.update(pixel_values=pixels.tobytes(), pixel_shape=list(pixels.shape))
-        if "image_sizes" in encoded:
-            row["image_sizes"] = [int(v) for v in np.asarray(encoded["image_sizes"]).reshape(-1)]
+        row.update(encode_inputs(encoded))
         return row
-
-
-def mapped_fields(record: dict, mapping: dict[str, str]) -> dict:
-    """The record's task fields, with `input.fields` renaming them from its metadata (e.g. question: mc_question)."""
-    fields = dict(record)
-    if mapping and record.get("meta"):
-        try:
-            meta = json.loads(record["meta"])
-        except ValueError:
-            meta = {}
-        for name, source in mapping.items():
-            if source in meta:
-                fields[name] = meta[source]
-    return fields
-
-
-def _references(value) -> list[str] | None:
-    """A record's references as strings: mapped from metadata they may be Hugging Face-style answer dicts."""
-    if not isinstance(value, list) or not value:
-        return None
-    return [str(v["answer"] if isinstance(v, dict) and "answer" in v else v) for v in value]
-
-
-def _reference(task: str, fields: dict) -> str | None:
-    if task == "caption":
-        return fields.get("caption")
-    answer = fields.get("answer")
-    if task == "mc" and isinstance(answer, int):
-        return LETTERS[answer]
-    return None if answer is None else str(answer)
 
 
 # Rows per Ray Data batch into a decode actor: small, so that a shard's rows flow on as soon as they are decoded.
@@ -177,6 +124,20 @@ DECODE_BATCH_ROWS = 16
 # Ray Data's default of 4 async batches. 8 x 4 x 16 = 512 rows in flight: enough to keep the engine's running
 # batch full while rows finish and new ones join.
 DECODE_TASKS_PER_ACTOR = 8
+
+
+def decode_config(config: JobConfig):
+    """The engine's settings for a job's decode actors."""
+    from specvlm.specdec.decode import DecodeConfig
+
+    c = config.compute
+    return DecodeConfig(
+        max_new_tokens=config.decode.max_new_tokens,
+        sampling=config.decode,
+        max_rows=None if c.batch_size == "auto" else c.batch_size,
+        max_batch_tokens=c.max_batch_tokens,
+        adaptive=config.draft.adaptive,
+    )
 
 
 class DecodeActor:
@@ -188,20 +149,13 @@ class DecodeActor:
         from transformers.utils import logging as hf_logging
 
         from specvlm.engine import build_engine
-        from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
+        from specvlm.specdec.decode import SpeculativeDecoder
         from specvlm.specdec.service import EngineService
 
         hf_logging.disable_progress_bar()  # one bar per weight file per actor only clutters the job's log
-        c = config.compute
-        if c.torch_threads:
-            torch.set_num_threads(c.torch_threads)
-        decode = DecodeConfig(
-            max_new_tokens=config.decode.max_new_tokens,
-            sampling=config.decode,
-            max_rows=None if c.batch_size == "auto" else c.batch_size,
-            max_batch_tokens=c.max_batch_tokens,
-            adaptive=config.draft.adaptive,
-        )
+        if config.compute.torch_threads:
+            torch.set_num_threads(config.compute.torch_threads)
+        decode = decode_config(config)
         engine = build_engine(config.model, config.draft, decode)
         self.tokenizer = engine.target.tokenizer
         self.service = EngineService(lambda: SpeculativeDecoder(engine.target.model, engine.draft, decode))
@@ -285,15 +239,3 @@ class OperatingPoints:
 
     def get(self) -> dict[str, dict]:
         return self.points
-
-
-def row_to_request(row: dict):
-    """A prepared row as an engine request (the pixel bytes and their shape back into a tensor)."""
-    from specvlm.specdec.requests import Request
-
-    pixels = None  # a text-only prompt
-    if row["pixel_values"] is not None:
-        array = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(row["pixel_shape"])
-        pixels = torch.from_numpy(array.copy())
-    sizes = None if row["image_sizes"] is None else torch.tensor(row["image_sizes"]).reshape(-1, 2)
-    return Request(row["input_ids"], pixels, image_sizes=sizes, seed=row["seed"])

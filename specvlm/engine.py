@@ -8,12 +8,17 @@ sections (pydantic validates dataclasses), so there is one vocabulary from YAML 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from specvlm.models.loading import LoadedTarget, decode_parameters, load_draft_model, load_target
-from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
-from specvlm.specdec.drafts import Draft, ModelDraft, PromptLookupDraft
-from specvlm.specdec.tree import TreeDraft, TreeSettings
+from specvlm.specdec.tree import TreeSettings
+
+if TYPE_CHECKING:
+    from specvlm.models.loading import LoadedTarget
+    from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
+    from specvlm.specdec.drafts import Draft
+
+# The models' modules (transformers) are imported where models are built, not with the settings: a job's driver
+# and its CPU workers read the settings and never build a model, and transformers alone takes seconds to import.
 
 # draft.gamma: auto. Greedy decoding can afford a deep maximum: each step the controller drafts only as deep as
 # pays (specdec/controller.py). Sampling drafts at its full depth every step, where acceptance is lower.
@@ -84,6 +89,10 @@ def build_draft(
 ) -> Draft | None:
     """The draft the settings describe, for this target. lean=False runs a model draft's decode steps through
     Hugging Face instead of LeanLlama (for comparison)."""
+    from specvlm.models.loading import decode_parameters, load_draft_model
+    from specvlm.specdec.drafts import ModelDraft, PromptLookupDraft
+    from specvlm.specdec.tree import TreeDraft
+
     depth = settings.depth(greedy)
     if settings.kind == "none":
         return None
@@ -123,6 +132,9 @@ def build_engine(
     target: TargetSettings | LoadedTarget, draft: DraftSettings, decode: DecodeConfig, lean: bool = True
 ) -> Engine:
     """Target (loaded here unless given loaded), draft and decoder."""
+    from specvlm.models.loading import load_target
+    from specvlm.specdec.decode import SpeculativeDecoder
+
     if isinstance(target, TargetSettings):
         options = target.storage_options
         loaded = load_target(

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.schema import DECODED_SCHEMA
 from pipeline.sink import FAILURE_METADATA_KEY, OutputDir, ShardCollector
-from pipeline.stages import DECODED_SCHEMA
 from specvlm.data.error_kinds import kind_of
 
 HASH = "0123456789abcdef"

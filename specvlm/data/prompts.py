@@ -7,6 +7,7 @@ ships one (real llava-hf checkpoints and the demo family do), or an explicit for
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 
@@ -70,3 +71,34 @@ def extract_choice(text: str | None) -> str | None:
     """The letter after the last 'the answer is', lowercased; None when the output names no answer."""
     found = _ANSWER.findall(text or "")
     return found[-1].lower() if found else None
+
+
+def task_fields(record: dict, mapping: dict[str, str]) -> dict:
+    """The record's task fields, with `input.fields` renaming them from its metadata (e.g. question: mc_question)."""
+    fields = dict(record)
+    if mapping and record.get("meta"):
+        try:
+            meta = json.loads(record["meta"])
+        except ValueError:
+            meta = {}
+        for name, source in mapping.items():
+            if source in meta:
+                fields[name] = meta[source]
+    return fields
+
+
+def reference_strings(value) -> list[str] | None:
+    """A record's references as strings: mapped from metadata they may be Hugging Face-style answer dicts."""
+    if not isinstance(value, list) or not value:
+        return None
+    return [str(v["answer"] if isinstance(v, dict) and "answer" in v else v) for v in value]
+
+
+def task_reference(task: str, fields: dict) -> str | None:
+    """The reference a task's output is scored against: the caption, or the answer (a choice index as its letter)."""
+    if task == "caption":
+        return fields.get("caption")
+    answer = fields.get("answer")
+    if task == "mc" and isinstance(answer, int):
+        return LETTERS[answer]
+    return None if answer is None else str(answer)

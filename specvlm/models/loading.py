@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from specvlm.models.checkpoints import ModelLoadError, resolve_model_dir
+from specvlm.models.compat import check_draft_kind, check_same_image_tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,22 +113,6 @@ def check_vocabulary(target_tokenizer, draft_tokenizer, draft_location: str) -> 
 DRAFT_MODEL_KINDS = ("text", "vlm")
 
 
-def check_draft_kind(kind: str, config: dict, location: str) -> None:
-    """A text draft is a causal LM, a VLM draft an image-text model: say so before anything loads the weights.
-    config: the checkpoint's config.json."""
-    is_vlm = "vision_config" in config
-    if kind == "text" and is_vlm:
-        raise ModelLoadError(
-            f"draft {location!r} is a vision-language model ({config.get('model_type')}), not a text-only LM; "
-            "set draft.kind=vlm, or point draft.path at a text-only draft"
-        )
-    if kind == "vlm" and not is_vlm:
-        raise ModelLoadError(
-            f"draft {location!r} is a text-only model ({config.get('model_type')}), not a vision-language model; "
-            "set draft.kind=text, or point draft.path at a VLM draft"
-        )
-
-
 def load_draft_model(
     kind: str,
     target: LoadedTarget,
@@ -160,51 +145,5 @@ def load_draft_model(
         raise ModelLoadError(f"cannot load {kind!r} draft {location!r}: {exc}") from None
     model = model.to(target.model.device).eval()
     if kind == "vlm":
-        _check_same_image_tokens(target.model.config.to_dict(), model.config.to_dict(), location)
+        check_same_image_tokens(target.model.config.to_dict(), model.config.to_dict(), location)
     return model
-
-
-# Vocabulary sizes of one tokenizer differ only by the padding of the embedding tables (LLaVA-1.5: 32064 against
-# its Vicuna drafts' 32000; Qwen2 7B against 0.5B: 128 rows), well under this share of the vocabulary. Another
-# tokenizer family differs by more (Llama 32000 against Mistral 32768).
-VOCAB_PADDING_SHARE = 0.01
-
-
-def check_draft_fits(kind: str, draft_config: dict, target_config: dict, location: str) -> None:
-    """What the checkpoints' config.json files alone say about a draft for this target, before any weights load:
-    its kind, a vocabulary of the target's size (up to padding), and for a VLM draft the target's image
-    expansion. The token-by-token vocabulary check needs the tokenizers and runs when the draft loads."""
-    check_draft_kind(kind, draft_config, location)
-    draft_config, target_config = _with_defaults(draft_config), _with_defaults(target_config)
-    draft_vocab = draft_config.get("text_config", draft_config).get("vocab_size")
-    target_vocab = target_config.get("text_config", target_config).get("vocab_size")
-    if draft_vocab and target_vocab and abs(draft_vocab - target_vocab) > VOCAB_PADDING_SHARE * target_vocab:
-        raise ModelLoadError(
-            f"draft {location!r} has a vocabulary of {draft_vocab} tokens, the target {target_vocab}: it was built "
-            "on another tokenizer; a draft must use the target's tokenizer"
-        )
-    if kind == "vlm":
-        _check_same_image_tokens(target_config, draft_config, location)
-
-
-def _with_defaults(config: dict) -> dict:
-    """A config.json with the defaults it leaves out filled in (transformers saves only what differs from them)."""
-    try:
-        return AutoConfig.for_model(**config).to_dict()
-    except (ValueError, TypeError, KeyError):  # a model type this transformers does not know: compare what is there
-        return config
-
-
-def _check_same_image_tokens(target: dict, draft: dict, location: str) -> None:
-    """A VLM draft reads the target's prompt and pixels as they are, so both must expand an image alike.
-    target, draft: the models' configs as dicts."""
-    image_token = lambda config: config.get("image_token_id", config.get("image_token_index"))
-    differ = ["image_token_id"] if image_token(target) != image_token(draft) else []
-    differ += [f for f in ("vision_feature_select_strategy",) if target.get(f) != draft.get(f)]
-    t_vision, d_vision = target.get("vision_config", {}), draft.get("vision_config", {})
-    differ += [f"vision_config.{f}" for f in ("image_size", "patch_size") if t_vision.get(f) != d_vision.get(f)]
-    if differ:
-        raise ModelLoadError(
-            f"VLM draft {location!r} does not read images like the target ({', '.join(differ)} differ); "
-            "use a draft built on the target's vision settings, or a text-only draft"
-        )
