@@ -352,7 +352,9 @@ def test_unreadable_and_truncated_shards_fail_by_name_and_a_rerun_after_the_fix_
 
     # Every other shard is written; the lost samples are not error rows, and the cut shard is not done.
     assert sorted(read_output(f"{tmp_path}/out")) == ["00000.parquet"]
-    assert "1 written now, 0 already done, 2 failed" in summaries[-1] and "errors                  0" in summaries[-1]
+    table = summaries[-2]  # the summary table, then the line naming the output
+    assert "1 written now, 0 already done, 2 failed" in table and "errors                  0" in table
+    assert summaries[-1].startswith(f"output: {tmp_path}/out")
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert sorted(manifest["failed_shards"]) == ["00001", "00002"]
     kept = pq.read_table(tmp_path / "out" / "_partial" / "00001.parquet").to_pylist()
