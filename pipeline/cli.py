@@ -59,8 +59,7 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
             run_job(config, retry_errors=args.retry_errors, verbose=True)
         else:  # Ray's and the libraries' messages go to a log file; the console shows progress and the summary
             with stderr_to_file(log_dir(config, task) / f"run-{_stamp()}.log") as log:
-                print(f"messages from Ray and the libraries go to {log}")
-                run_job(config, retry_errors=args.retry_errors, verbose=False)
+                run_job(config, retry_errors=args.retry_errors, verbose=False, messages=str(log))
     except (ConfigError, ResumeConflict) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

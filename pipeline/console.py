@@ -35,7 +35,7 @@ def quiet_ray() -> None:
 def stderr_to_file(path: Path):
     """While the block runs, whatever this process writes to its stderr goes to `path`: Python's warnings and
     log lines, and those native code writes to file descriptor 2 itself (Ray's C++ core worker), which no
-    Python logging setting reaches. Yields the path."""
+    Python logging setting reaches. Yields the path; an empty file is removed at the end."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
     saved = os.dup(2)
@@ -47,6 +47,8 @@ def stderr_to_file(path: Path):
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+        if path.stat().st_size == 0:  # a run that never started Ray (a config error, nothing to do) left nothing
+            path.unlink()
 
 
 class Progress:

@@ -262,11 +262,14 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=Non
     return decode_stage(ds, config, config_hash, reports)
 
 
-def run_job(config: JobConfig, *, log=print, retry_errors: bool = False, verbose: bool = True) -> Summary:
+def run_job(
+    config: JobConfig, *, log=print, retry_errors: bool = False, verbose: bool = True, messages: str | None = None
+) -> Summary:
     """Run the job to completion. Raises ConfigError before any work; JobFailed at the end when shards failed or
     the error rows pass the limit, after every other shard is written. retry_errors: shards whose files hold error
     rows are decoded again (and their files replaced), as if they had not been written. verbose=False: Ray's
-    progress bars and log lines stay off the console (pipeline/console.py); `log` gets a progress line instead."""
+    progress bars and log lines stay off the console (pipeline/console.py); `log` gets a progress line instead.
+    messages: where the process's other output goes (the command line's run log), named once Ray starts."""
     output, shards, config_hash = preflight(config)
     done = output.finished(config_hash) & {s.shard_id for s in shards}
     redo = output.shards_with_errors(done) if retry_errors else set()
@@ -284,6 +287,8 @@ def run_job(config: JobConfig, *, log=print, retry_errors: bool = False, verbose
 
         from pipeline.stages import OperatingPoints
 
+        if messages:
+            log(f"messages from Ray and the libraries go to {messages}")
         if not verbose:
             quiet_ray()
         init_ray(config, verbose)

@@ -156,3 +156,15 @@ def test_sigterm_stops_a_job_with_one_line_and_no_native_stack_trace(tmp_path):
     assert not list(out.glob("*.parquet"))  # stopped while decoding, before any shard was complete
     logs = list((out / "_logs").glob("run-*.log"))
     assert f"messages from Ray and the libraries go to {logs[0]}" in stdout
+
+
+def test_a_preflight_error_is_one_line_exit_2_and_leaves_no_run_log(tmp_path):
+    """The override the demo config suggests, without the matching draft.path: refused before Ray starts."""
+    out = tmp_path / "out"
+    result = run_cli("-m", "jobs.caption", "--set", "draft.kind=text", "--set", f"output.uri={out}", timeout=120)
+    assert result.returncode == 2 and "messages from Ray" not in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "error: draft.kind / draft.path: draft 'assets/demo/models/draft-vlm' is a vision-language model (llava), "
+        "not a text-only LM; set draft.kind=vlm, or point draft.path at a text-only draft"
+    ]
+    assert not list(out.glob("_logs/*"))
