@@ -2,25 +2,29 @@
 task quality (stated once, checked for every strategy) and the time each strategy took.
 
 python -m jobs.evaluate                                   # configs/evaluate-demo.yaml
-python -m jobs.evaluate --config my-eval.yaml --set compute.actors=4 --output s3://bucket/eval --report-dir out/r
+python -m jobs.evaluate --config my-eval.yaml --set compute.actors=4 --output s3://bucket/eval --report out/r
 python -m jobs.score OUTPUT                               # the report again, from the outputs, without a model
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from pipeline.cli import PROJECT
 from pipeline.config import ConfigError, load_config
-from pipeline.evaluate import load_evaluate_config, run_evaluation
+from pipeline.evaluate import load_evaluate_config, run_evaluation, with_locations
 from pipeline.job import JobFailed
 from specvlm.evaluation.report import build_report, write_report
+
+DEFAULT_CONFIG = os.path.relpath(PROJECT / "configs/evaluate-demo.yaml")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/evaluate-demo.yaml")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="evaluation config (default: %(default)s)")
     parser.add_argument(
         "--set",
         action="append",
@@ -28,15 +32,24 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="override a job config value in every run (repeatable)",
     )
-    parser.add_argument("--output", help="where the runs' Parquet and the index go (default: the config's output)")
-    parser.add_argument("--report-dir", help="where report.md, metrics.json and plots go (default: the config's)")
+    parser.add_argument(
+        "--output",
+        help="where the runs' Parquet and the index go, any fsspec URI (default: --set output.uri, else the "
+        "config's output, else out/evaluate-<config name>)",
+    )
+    parser.add_argument(
+        "--report",
+        "--report-dir",
+        dest="report",
+        help="local folder for report.md, metrics.json and the plots (default: the config's, else <output>/report)",
+    )
     args = parser.parse_args(argv)
     try:
         config = load_evaluate_config(args.config, args.set)
-        changes = {"output": args.output, "report_dir": args.report_dir}
-        config = config.model_copy(update={k: v for k, v in changes.items() if v})
-        runs = run_evaluation(config, args.set)
-        storage_options = load_config(config.job, args.set).output.storage_options
+        name = Path(args.config).stem.removeprefix("evaluate-")
+        config, overrides = with_locations(config, name, args.set, args.output, args.report)
+        runs = run_evaluation(config, overrides)
+        storage_options = load_config(config.job, overrides).output.storage_options
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

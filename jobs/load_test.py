@@ -4,7 +4,8 @@ memory of the driver and of the decode actor sampled over the whole run. A bench
     python -m jobs.load_test                    # `make load-test`: 10,000 images in 100 shards
     python -m jobs.load_test --images 100000    # does memory stay flat over a long run?
 
-Writes the table to results/load-test.md (--report), and exits non-zero if a row is lost or written twice.
+Writes the table to out/load-test.md (--report; `--report results/load-test.md` refreshes the committed table on
+purpose), and exits non-zero if a row is lost or written twice.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.load_test", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10_000, help="demo images to caption (default: %(default)s)")
     parser.add_argument("--per-shard", type=int, default=100, help="images per shard (default: %(default)s)")
-    parser.add_argument("--report", default="results/load-test.md", help="Markdown table (default: %(default)s)")
+    parser.add_argument("--report", default="out/load-test.md", help="Markdown table (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     args = parser.parse_args(argv)
     shards = -(-args.images // args.per_shard)

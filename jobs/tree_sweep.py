@@ -3,7 +3,8 @@
 Every strategy decodes the same demo images (caption, greedy) with one draft; the table gives tau, the
 tokens/s relative to the engine's autoregressive mode (best of `--repeats` runs) and token identity.
 
-    python -m jobs.tree_sweep                                            # -> results/tree-sweep.md
+    python -m jobs.tree_sweep                                            # -> out/tree-sweep.md
+    python -m jobs.tree_sweep --out results/tree-sweep.md                # refresh the committed table on purpose
     python -m jobs.tree_sweep --draft text --out results/tree-sweep-text.md
 """
 
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("results/tree-sweep.md"))
+    parser.add_argument("--out", type=Path, default=Path("out/tree-sweep.md"))
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)

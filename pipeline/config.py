@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -201,6 +202,42 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {key.strip()}: {raw!r} is not a valid YAML value ({problem}); quote it") from None
 
 
+# Fields that hold a location. A relative local path written in a config file is relative to that file's folder
+# (values given with --set are relative to the current directory, as on any command line). Model locations may
+# also be Hugging Face model ids ("llava-hf/llava-1.5-7b-hf"): those are resolved only when the path exists.
+PATH_FIELDS = ("input.uri", "input.images", "input.annotations", "output.uri")
+MODEL_PATH_FIELDS = ("model.target", "draft.path")
+
+
+def rebase(value, folder: Path):
+    """A relative local path written in a file in `folder`, as a path relative to the current directory (from
+    the project root `configs/../assets/x` is `assets/x`; Ray workers share the driver's working directory, or a
+    copy of it on a cluster, so they find it too). URIs, absolute paths and anything else come back as they are."""
+    if not isinstance(value, str) or not value or "://" in value or os.path.isabs(value) or value.startswith("~"):
+        return value
+    return os.path.relpath(os.path.join(os.path.abspath(folder), value))
+
+
+def resolve_relative_path(field: str, value, folder: Path):
+    """`value` of the dotted `field`, written in a config file in `folder`: rebased when the field holds a
+    location (PATH_FIELDS), except a model location that only names a Hugging Face model id."""
+    if field not in PATH_FIELDS + MODEL_PATH_FIELDS:
+        return value
+    resolved = rebase(value, folder)
+    if field in MODEL_PATH_FIELDS and not os.path.exists(resolved):
+        return value
+    return resolved
+
+
+def resolve_relative_paths(tree: dict, folder: Path) -> None:
+    """resolve_relative_path for every location in a config file's `tree`."""
+    for dotted in PATH_FIELDS + MODEL_PATH_FIELDS:
+        section, name = dotted.split(".")
+        values = tree.get(section)
+        if isinstance(values, dict) and name in values:
+            values[name] = resolve_relative_path(dotted, values[name], folder)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     tree: dict = {}
     if path is not None:
@@ -214,6 +251,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+        resolve_relative_paths(tree, Path(path).parent)
     for text in overrides:
         _set_path(tree, *parse_override(text))
     try:

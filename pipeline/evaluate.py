@@ -17,7 +17,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, rebase, resolve_relative_path
 from pipeline.job import init_ray, run_job
 from specvlm.evaluation.report import BASELINE, INDEX, Run, read_index
 
@@ -26,8 +26,9 @@ class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job: str  # the job config every run starts from
-    output: str  # URI under which each run writes its Parquet, and the index of runs
-    report_dir: str = "out/evaluate/report"  # local directory for report.md, metrics.json and the plots
+    # URI under which each run writes its Parquet, and the index of runs (default: out/evaluate-<config name>)
+    output: str | None = None
+    report_dir: str | None = None  # local folder for report.md, metrics.json and the plots (default: <output>/report)
     slices: list[str] = Field(default_factory=list)  # metadata fields to break quality down by, where inputs have them
     max_shards: int | None = Field(None, ge=1)  # evaluate on the first N input shards only
     tasks: dict[str, list[str]]  # task name -> --set overrides
@@ -37,8 +38,11 @@ class EvaluateConfig(BaseModel):
 
 
 def load_evaluate_config(path: str, overrides: list[str] = ()) -> EvaluateConfig:
+    """The evaluation config at `path`. Its relative paths (job, output, report_dir, and the locations its task
+    and strategy overrides set) are relative to its own folder, as in a job config (config.PATH_FIELDS)."""
     try:
         tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree = _resolve_relative_paths(tree, Path(path).parent) if isinstance(tree, dict) else tree
         config = EvaluateConfig.model_validate(tree)
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"evaluation config {path}: {exc}") from None
@@ -48,6 +52,51 @@ def load_evaluate_config(path: str, overrides: list[str] = ()) -> EvaluateConfig
         for sets in config.strategies.values():
             load_config(config.job, [*task_sets, *sets, *overrides])
     return config
+
+
+def _resolve_relative_paths(tree: dict, folder: Path) -> dict:
+    def sets(overrides):
+        if not isinstance(overrides, list):
+            return overrides
+        resolved = []
+        for text in overrides:
+            key, _, value = str(text).partition("=")
+            resolved.append(f"{key}={resolve_relative_path(key.strip(), value, folder)}" if value else text)
+        return resolved
+
+    tree = {**tree, **{k: rebase(tree[k], folder) for k in ("job", "output", "report_dir") if k in tree}}
+    for group in ("tasks", "strategies"):
+        if isinstance(tree.get(group), dict):
+            tree[group] = {name: sets(overrides) for name, overrides in tree[group].items()}
+    return tree
+
+
+def with_locations(
+    config: EvaluateConfig,
+    name: str,
+    overrides: list[str],
+    output: str | None = None,
+    report_dir: str | None = None,
+) -> tuple[EvaluateConfig, list[str]]:
+    """Where an evaluation writes: `output` (--output), else a `--set output.uri=...` among the overrides (which
+    then applies to the whole evaluation, each run in its own folder below it), else the config's `output`, else
+    out/evaluate-<name>; the report in `report_dir` (--report), else the config's, else <output>/report for a
+    local output (out/evaluate-<name>/report for one in object storage). Returns the config with both set, and
+    the overrides without output.uri."""
+    user_output = None
+    kept = []
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.strip() == "output.uri":
+            user_output = value
+        else:
+            kept.append(text)
+    default = f"out/evaluate-{slug(name)}"
+    root = (output or user_output or config.output or default).rstrip("/")
+    local = "://" not in root or root.startswith("file://")
+    beside = f"{root.removeprefix('file://')}/report" if local else f"{default}/report"
+    report = report_dir or config.report_dir or beside
+    return config.model_copy(update={"output": root, "report_dir": report}), kept
 
 
 def slug(name: str) -> str:

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
+import json
+import logging
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,15 +24,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.sink import PARTIAL, OutputDir, ShardCollector
+from pipeline.console import Progress, quiet_ray
+from pipeline.sink import MANIFEST, PARTIAL, OutputDir, ShardCollector
+from specvlm.data.error_kinds import kind_of
 from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient
-from specvlm.data.sources import SourceError, list_shards
+from specvlm.data.sources import ShardError, SourceError, list_shards, read_shard
 
 FAILED_SHARDS_LISTED = 10  # in the error message; the manifest lists them all
 
 
 class JobFailed(RuntimeError):
     pass
+
+
+class JobStopped(BaseException):  # not an Exception: nothing between here and the command line may swallow it
+    """The job was told to stop (SIGTERM). The shards written so far are kept; a rerun finishes the others."""
 
 
 @dataclass
@@ -46,6 +57,9 @@ class Summary:
     run_tokens: int
     run_seconds: float
     error_breakdown: dict[str, int] = field(default_factory=dict)
+    # c in the rows' mbsu = new_tokens / (target_calls + c * draft_calls): draft/target decode parameters (a ratio of
+    # sizes, not the measured cost the benchmark calls c); None when no row drafted.
+    mbsu_cost_ratio: float | None = None
 
     @property
     def error_fraction(self) -> float:
@@ -127,42 +141,108 @@ def _storage_check(section: str, uri: str, options: dict, check):
 
 
 def check_models(config: JobConfig) -> dict[str, str]:
-    """The target (and a model draft) exist; returns fingerprints of their weights."""
-    from specvlm.models.checkpoints import ModelLoadError, check_model_location, weights_fingerprint
+    """The target (and a model draft) exist, and the draft is of its declared kind and fits the target, from their
+    config.json files alone (no weights load); returns fingerprints of their weights."""
+    from specvlm.models.checkpoints import ModelLoadError, read_model_config, weights_fingerprint
+    from specvlm.models.compat import check_draft_fits
 
     locations = {"model.target": config.model.target}
     if config.draft.kind in ("text", "vlm"):  # the config has made sure such a draft has a path
         locations["draft.path"] = config.draft.path
     options = config.model.storage_options
-    weights = {}
+    model_configs, weights = {}, {}
     for name, location in locations.items():
         try:
             if "://" in location:  # first ask the store, briefly, whether it answers at all
                 fs, path = filesystem(location, options, preflight=True)
-                with contextlib.suppress(FileNotFoundError):  # it answered; check_model_location says what is missing
+                with contextlib.suppress(FileNotFoundError):  # it answered; read_model_config says what is missing
                     fs.info(path)
-            check_model_location(location, options)
+            model_configs[name] = read_model_config(location, options)
             weights["target" if name == "model.target" else "draft"] = weights_fingerprint(location, options)
         except (ModelLoadError, ConfigError) as exc:
             raise ConfigError(f"{name}: {exc}") from None
         except Exception as exc:
             problem = f"cannot read {location} ({describe(exc)}); check it and model.storage_options"
             raise ConfigError(f"{name}: {problem}") from None
+    if "draft.path" in locations:
+        try:
+            check_draft_fits(
+                config.draft.kind, model_configs["draft.path"], model_configs["model.target"], config.draft.path
+            )
+        except ModelLoadError as exc:
+            raise ConfigError(f"draft.kind / draft.path: {exc}") from None
     return weights
 
 
-def init_ray(config: JobConfig) -> None:
+# Records of the first pending shard read before Ray starts, to find a task field missing from all of them.
+SAMPLE_RECORDS = 16
+
+
+def check_task_fields(config: JobConfig, shard) -> None:
+    """The task's prompt fields (vqa: a question; mc: a question and choices) are in at least one of the shard's
+    first records: a job whose every row would be an error row fails now, not after decoding everything."""
+    from specvlm.data.prompts import PromptError, instruction, task_fields
+
+    if config.task.kind == "caption":
+        return
+    records, problems = [], []
+    try:
+        for record in itertools.islice(
+            read_shard(shard, storage_options=config.input.storage_options, image_column=config.input.image_column),
+            SAMPLE_RECORDS,
+        ):
+            records.append(record)
+            try:
+                instruction(config.task.kind, task_fields(record, config.input.fields))
+                return
+            except PromptError as exc:
+                problems.append(str(exc))
+    except ShardError:
+        pass  # the job itself names a shard it cannot read, after finishing the others
+    if not records:
+        return
+    meta = json.loads(records[0]["meta"]) if records[0]["meta"] else {}
+    hint = f"its metadata holds {', '.join(sorted(meta))}" if isinstance(meta, dict) and meta else "no metadata"
+    raise ConfigError(
+        f"task.kind={config.task.kind}: none of the first {len(records)} records of shard {shard.shard_id} "
+        f"({shard.uri}) has what the task needs ({problems[0]}); {hint}. Check task.kind, or name the record's "
+        "field with input.fields (e.g. --set input.fields.question=FIELD)"
+    )
+
+
+def init_ray(config: JobConfig, verbose: bool = True) -> None:
+    """Join the cluster (ray.address or RAY_ADDRESS), else start an embedded local Ray. Not verbose: Ray's own
+    INFO and WARNING lines and the workers' output stay in the session's log files, off the console."""
     import ray
 
     from pipeline import local_ray
 
     if ray.is_initialized():
         return
+    options = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **options)
     else:
-        local_ray.start(config.ray.num_cpus)
+        local_ray.start(config.ray.num_cpus, **options)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While the block runs, SIGTERM raises JobStopped. Ray's native failure handler, which ray.init() installs,
+    answers it with a C++ stack trace and an abort: a job told to stop has not crashed."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum, frame):
+    raise JobStopped(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
@@ -182,13 +262,22 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=Non
     return decode_stage(ds, config, config_hash, reports)
 
 
-def run_job(config: JobConfig, *, log=print) -> Summary:
+def run_job(
+    config: JobConfig, *, log=print, retry_errors: bool = False, verbose: bool = True, messages: str | None = None
+) -> Summary:
     """Run the job to completion. Raises ConfigError before any work; JobFailed at the end when shards failed or
-    the error rows pass the limit, after every other shard is written."""
+    the error rows pass the limit, after every other shard is written. retry_errors: shards whose files hold error
+    rows are decoded again (and their files replaced), as if they had not been written. verbose=False: Ray's
+    progress bars and log lines stay off the console (pipeline/console.py); `log` gets a progress line instead.
+    messages: where the process's other output goes (the command line's run log), named once Ray starts."""
     output, shards, config_hash = preflight(config)
-    done = output.finished(config_hash)
-    pending = [s for s in shards if s.shard_id not in done]
-    log(f"{len(shards)} shards, {len(done & {s.shard_id for s in shards})} already written, {len(pending)} to do")
+    done = output.finished(config_hash) & {s.shard_id for s in shards}
+    redo = output.shards_with_errors(done) if retry_errors else set()
+    pending = [s for s in shards if s.shard_id not in done - redo]
+    if pending:
+        check_task_fields(config, pending[0])
+    again = f" ({len(redo)} with error rows, redone)" if retry_errors else ""
+    log(f"{len(shards)} shards, {len(done)} already written{again}, {len(pending)} to do")
 
     started = time.perf_counter()
     collector = ShardCollector(output, config_hash, output.partial_shards() if pending else set())
@@ -198,25 +287,35 @@ def run_job(config: JobConfig, *, log=print) -> Summary:
 
         from pipeline.stages import OperatingPoints
 
-        init_ray(config)
+        if messages:
+            log(f"messages from Ray and the libraries go to {messages}")
+        if not verbose:
+            quiet_ray()
+        init_ray(config, verbose)
         reports = ray.remote(OperatingPoints).options(num_cpus=0).remote()
         dataset = build_dataset(config, pending, config_hash, reports)
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            collector.add(batch)
+        progress = Progress(len(pending), log)
+        with stop_on_sigterm():
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                collector.add(batch)
+                progress.add(batch, len(collector.written) + len(collector.failed), sum(collector.written.values()))
         collector.close()
         operating_points = ray.get(reports.get.remote())
     elapsed = time.perf_counter() - started
 
-    summary = _summarise(output, shards, len(done), collector, elapsed)
+    summary = _summarise(output, shards, len(done - redo), collector, elapsed)
     output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points))
     output.clean_staging()
     log(summary.table())
+    log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
     if collector.failed:
         raise JobFailed(_failed_shards_message(collector.failed, output))
     if summary.error_fraction > config.output.max_error_fraction:
         raise JobFailed(
             f"{summary.errors} of {summary.rows} rows failed ({summary.error_fraction:.1%}), over "
-            f"output.max_error_fraction={config.output.max_error_fraction:.1%}; see the error column"
+            f"output.max_error_fraction={config.output.max_error_fraction:.1%}; see the error column of "
+            f"{output.uri} (error_breakdown in its _manifest.json). Fix the cause, then run the same command with "
+            "--retry-errors: the shards holding error rows are decoded again"
         )
     return summary
 
@@ -236,14 +335,14 @@ def _failed_shards_message(failed: dict[str, str], output: OutputDir) -> str:
 
 def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollector, elapsed: float) -> Summary:
     numbers = ["new_tokens", "target_calls", "accepted_tokens", "proposed_tokens"]
-    table = output.read_all(["shard_id", "error", *numbers])
+    table = output.read_all(["shard_id", "error", "draft_calls", "mbsu", *numbers])
     ids = {s.shard_id for s in shards}
     table = table.filter(pc.is_in(table["shard_id"], value_set=pa.array(sorted(ids))))
     total = {n: int(pc.sum(table[n]).as_py() or 0) for n in numbers}
     errors = table.filter(pc.is_valid(table["error"]))["error"].to_pylist()
     breakdown: dict[str, int] = {}
     for message in errors:
-        kind = message.split(":")[0][:60]
+        kind = kind_of(message)
         breakdown[kind] = breakdown.get(kind, 0) + 1
     run_rows = sum(collector.written.values())
     return Summary(
@@ -257,8 +356,19 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
         run_tokens=collector.tokens,
         run_seconds=elapsed,
         error_breakdown=breakdown,
+        mbsu_cost_ratio=_mbsu_cost_ratio(table),
         **total,
     )
+
+
+def _mbsu_cost_ratio(table: pa.Table) -> float | None:
+    """The c the rows' mbsu used, recovered from a row that drafted: c = (new_tokens / mbsu - target_calls) /
+    draft_calls."""
+    drafted = table.filter(pc.and_(pc.greater(table["draft_calls"], 0), pc.greater(table["mbsu"], 0)))
+    if drafted.num_rows == 0:
+        return None
+    row = drafted.slice(0, 1).to_pylist()[0]
+    return round((row["new_tokens"] / row["mbsu"] - row["target_calls"]) / row["draft_calls"], 6)
 
 
 def _manifest(

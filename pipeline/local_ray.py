@@ -25,14 +25,14 @@ _GOODBYE = b"bye"
 _watchdog: subprocess.Popen | None = None  # held for the driver's lifetime: its end of the pipe must stay open
 
 
-def start(num_cpus: int | None) -> None:
+def start(num_cpus: int | None, **init_options) -> None:
     """ray.init() for a local Ray, with the watchdog started first so it sees every process Ray starts."""
     import ray
 
     if _watchdog is None and Path("/proc/self/stat").exists():
         _start_watchdog()
     # address="local": always a new instance, never a cluster that `ray start` left current on this machine.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **init_options)
 
 
 def _start_watchdog() -> None:

@@ -29,7 +29,9 @@ from pydantic import Field, field_validator
 from pipeline.config import ComputeConfig, DecodeSettings, JobConfig, Section, TaskConfig, _no_secrets
 from pipeline.job import check_models
 from pipeline.schema import OUTPUT_SCHEMA, PREPARED_SCHEMA
+from pipeline.sink import with_error_kinds
 from pipeline.stages import Preparer, decode_stage, load_processor
+from specvlm.data.error_kinds import tagged
 from specvlm.data.retry import with_retries
 from specvlm.engine import DraftSettings, TargetSettings
 
@@ -79,6 +81,7 @@ class Processor:
             ds = ds.map(self.preprocess)
         ds = ds.map_batches(prepare_rows, fn_kwargs={"config": self.config}, batch_format="pyarrow", batch_size=16)
         ds = decode_stage(ds, self.config, self.config_hash).select_columns(OUTPUT_SCHEMA.names)
+        ds = ds.map_batches(with_error_kinds, batch_format="pyarrow")  # the engine's errors get their kind, as a job's
         return ds if self.postprocess is None else ds.map(self.postprocess)
 
 
@@ -125,7 +128,8 @@ def row_record(row: dict, image_column: str, storage_options: dict) -> dict:
     try:
         record["image"], source = _image_bytes(value, storage_options)
     except Exception as exc:  # a bad row becomes an error row, never a failed batch
-        record["error"] = f"cannot read the image in column {image_column!r} ({type(exc).__name__}: {exc})"
+        problem = f"cannot read the image in column {image_column!r} ({type(exc).__name__}: {exc})"
+        record["error"] = tagged("read_failed", problem)
         source = value if isinstance(value, str) else ""
     # Without a key column, a row is named by its content: the same row always gets the same key (and so the
     # same sampling seed), however the Dataset is split, ordered or rerun.

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.faults import inject_fault
 from pipeline.schema import OUTPUT_SCHEMA
+from specvlm.data.error_kinds import OTHER, kind_of, tagged
 from specvlm.data.retry import DEFAULT_RETRY, RetryPolicy, describe, filesystem, with_retries
 
 HASH_METADATA_KEY = b"specvlm.config_hash"
@@ -129,9 +130,30 @@ class OutputDir:
                 parts.append(pq.read_table(f, columns=columns))
         return pa.concat_tables(parts) if parts else OUTPUT_SCHEMA.empty_table().select(columns)
 
+    def shards_with_errors(self, shard_ids: set[str]) -> set[str]:
+        """Those of `shard_ids` whose files hold error rows (what a rerun with --retry-errors decodes again)."""
+        table = self.read_all(["shard_id", "error"])
+        table = table.filter(pc.is_valid(table["error"]))
+        return set(pc.unique(table["shard_id"]).to_pylist()) & shard_ids
+
     def write_manifest(self, manifest: dict) -> None:
         payload = json.dumps(manifest, indent=2, sort_keys=True).encode()
         self.write_atomic(posixpath.join(self.root, MANIFEST), lambda f: f.write(payload))
+
+
+def with_error_kinds(table: pa.Table) -> pa.Table:
+    """Every error message as `kind: detail` (specvlm.data.error_kinds). Rows that failed in reading or preparing
+    carry their kind already; the engine's messages come bare: its validation refuses a prompt that leaves no room
+    in the target's positions (too_long), anything else it reports is decode_failed."""
+    errors = table["error"].to_pylist()
+    bare = [e is not None and kind_of(e) == OTHER for e in errors]
+    if not any(bare):
+        return table
+    kinds = ["too_long" if "leaves no room" in e else "decode_failed" for e, b in zip(errors, bare) if b]
+    it = iter(kinds)
+    fixed = [tagged(next(it), e) if b else e for e, b in zip(errors, bare)]
+    index = table.schema.get_field_index("error")
+    return table.set_column(index, table.schema.field(index), pa.array(fixed, pa.string()))
 
 
 class ShardCollector:
@@ -183,7 +205,7 @@ class ShardCollector:
         table = (
             pa.concat_tables([p.select(schema.names).cast(schema) for p in parts]) if parts else schema.empty_table()
         )
-        table = table.sort_by("row_index").select(OUTPUT_SCHEMA.names)
+        table = with_error_kinds(table.sort_by("row_index").select(OUTPUT_SCHEMA.names))
         try:
             self.output.write_shard(shard, table, self.config_hash, failure)
             if failure is None and shard in self.stale_partials:

@@ -23,6 +23,7 @@ import torch
 from pipeline.config import JobConfig
 from pipeline.faults import inject_fault
 from pipeline.schema import DECODED_SCHEMA, PASSED_THROUGH, encode_inputs, row_to_request
+from specvlm.data.error_kinds import tagged
 from specvlm.data.images import ImageError, decode_image
 from specvlm.data.prompts import (
     PromptError,
@@ -94,7 +95,9 @@ class Preparer:
             )
             if record["image"] is None:  # only benchmark layouts give such records (a ScienceQA text question)
                 if task.kind == "caption":
-                    raise PromptError(f"record {record['key']!r} has no image, and a caption needs one")
+                    problem = f"record {record['key']!r} has no image, and a caption needs one"
+                    row["error"] = tagged("image_missing", problem)
+                    return row
                 # A text-only prompt, as LLaVA targets take them; a target that cannot fails here, on this row.
                 row["prompt"] = render(text, self.processor, task.template, image=False)
                 encoded = self.processor(text=row["prompt"], return_tensors="np")
@@ -102,11 +105,14 @@ class Preparer:
                 image = decode_image(record["image"], max_pixels=self.config.compute.max_pixels)
                 row["prompt"] = render(text, self.processor, task.template)
                 encoded = self.processor(images=image, text=row["prompt"], return_tensors="np")
-        except (ImageError, PromptError) as exc:
-            row["error"] = str(exc)
+        except ImageError as exc:
+            row["error"] = tagged(exc.kind, str(exc))
+            return row
+        except PromptError as exc:
+            row["error"] = tagged("missing_field", str(exc))
             return row
         except Exception as exc:
-            row["error"] = f"preprocessing failed: {type(exc).__name__}: {exc}"
+            row["error"] = tagged("preprocess_failed", f"{type(exc).__name__}: {exc}")
             return row
         row.update(encode_inputs(encoded))
         return row

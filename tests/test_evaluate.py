@@ -2,6 +2,7 @@
 task quality stated once and checked for every strategy; jobs.score rebuilds the report from the outputs."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +11,7 @@ import yaml
 
 from jobs import score
 from pipeline.config import ConfigError
-from pipeline.evaluate import load_evaluate_config, run_evaluation
+from pipeline.evaluate import EvaluateConfig, load_evaluate_config, run_evaluation, with_locations
 from specvlm.demo.benchmark import write_demo_benchmark
 from specvlm.evaluation.benchmark import markdown_table, run_suite
 from specvlm.evaluation.report import Run, build_report, read_index, write_report
@@ -136,18 +137,19 @@ def test_report_flags_a_row_that_differs_and_a_quality_that_does_not_match(tmp_p
     assert "| colour | 2 | 1.000 |" in text  # the target's quality by slice
 
 
+DEMO_JOB = str(Path("configs/demo.yaml").resolve())  # the evaluation config lives elsewhere, in tmp_path
+
+
 def test_evaluate_config_errors_name_the_problem(tmp_path):
     (tmp_path / "eval.yaml").write_text(
-        yaml.safe_dump(
-            {"job": "configs/demo.yaml", "output": "x", "tasks": {}, "strategies": {"chain": ["draft.gamma=3"]}}
-        )
+        yaml.safe_dump({"job": DEMO_JOB, "output": "x", "tasks": {}, "strategies": {"chain": ["draft.gamma=3"]}})
     )
     with pytest.raises(ConfigError, match="autoregressive"):
         load_evaluate_config(str(tmp_path / "eval.yaml"))
     (tmp_path / "eval.yaml").write_text(
         yaml.safe_dump(
             {
-                "job": "configs/demo.yaml",
+                "job": DEMO_JOB,
                 "output": "x",
                 "tasks": {"caption": ["task.kind=caption"]},
                 "strategies": {"autoregressive": ["draft.gamma=zero"]},
@@ -194,3 +196,23 @@ def test_benchmark_suite_compares_every_mode_with_the_target(family):
     assert all(r.hardware_limit == pytest.approx(r.tau / r.r) for r in replay.values())
     table = markdown_table(rows)
     assert table.count("\n") == len(rows) + 1 and json.dumps([r.mode for r in rows])
+
+
+@pytest.mark.parametrize(
+    "flags,overrides,config_output,expected",
+    [
+        # nothing given: out/evaluate-<name>, the report inside it
+        ({}, [], None, ("out/evaluate-demo", "out/evaluate-demo/report", [])),
+        # the config's own output, the report beside the runs
+        ({}, [], "/data/eval", ("/data/eval", "/data/eval/report", [])),
+        # a user's --set output.uri is kept: it holds the whole evaluation, and leaves the per-run overrides
+        ({}, ["output.uri=mine", "draft.gamma=3"], "/data/eval", ("mine", "mine/report", ["draft.gamma=3"])),
+        # the flags win; an object-storage output keeps its report on local disk
+        ({"output": "s3://bucket/eval/", "report_dir": "r"}, ["output.uri=mine"], None, ("s3://bucket/eval", "r", [])),
+        ({"output": "s3://bucket/eval"}, [], None, ("s3://bucket/eval", "out/evaluate-demo/report", [])),
+    ],
+)
+def test_evaluation_output_and_report_locations(flags, overrides, config_output, expected):
+    config = EvaluateConfig(job=DEMO_JOB, output=config_output, tasks={}, strategies={"autoregressive": []})
+    located, kept = with_locations(config, "demo", overrides, **flags)
+    assert (located.output, located.report_dir, kept) == expected

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -22,11 +23,13 @@ from pipeline.config import ConfigError, load_config
 from pipeline.job import JobFailed, run_job
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.sink import ResumeConflict
+from specvlm.data.error_kinds import kind_of
 from specvlm.data.images import decode_image
 from specvlm.data.prompts import format_choices
 from specvlm.data.sources import list_shards, read_shard
 from specvlm.demo.shards import write_parquet_shards, write_webdataset_shards
 from specvlm.demo.world import make_scene
+from specvlm.models.build import build_text_lm, build_tokenizer
 from specvlm.models.loading import decode_parameters
 from specvlm.specdec.requests import Request
 from tests.badfiles import write_bad_image_corpus
@@ -137,6 +140,9 @@ def test_caption_job_on_local_webdataset_matches_target_greedy(family, models, t
     tables = read_output(f"{tmp_path}/out")
     check_against_inputs(family, tables, f"{tmp_path}/in/*.tar")
     assert (tmp_path / "out" / "_manifest.json").exists() and not (tmp_path / "out" / "_staging").exists()
+    c = decode_parameters(family.drafts["vlm_noisy"]) / decode_parameters(family.target)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["summary"]["mbsu_cost_ratio"] == pytest.approx(c, rel=1e-4)  # the c the rows' mbsu used
 
 
 def _write_image_folder(fs, root):
@@ -314,6 +320,15 @@ def test_bad_files_become_error_rows_and_the_job_goes_on(models, tmp_path, ray_l
         else:
             assert outcome in row["error"] and row["stop_reason"] == "error" and row["text"] is None, key
     assert summary.errors == sum(o is not None for o in expected.values())
+    # Each error row names its kind first; the manifest groups the rows by it.
+    kinds = {
+        key: "image_too_large" if key == "bomb_png" else "image_missing" if key == "notes" else "image_unreadable"
+        for key, outcome in expected.items()
+        if outcome is not None
+    }
+    assert {key: kind_of(rows[key]["error"]) for key in kinds} == kinds
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["summary"]["error_breakdown"] == dict(Counter(kinds.values()))
 
     strict = config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "output.max_error_fraction=0.1")
     with pytest.raises(JobFailed, match="max_error_fraction"):
@@ -337,7 +352,9 @@ def test_unreadable_and_truncated_shards_fail_by_name_and_a_rerun_after_the_fix_
 
     # Every other shard is written; the lost samples are not error rows, and the cut shard is not done.
     assert sorted(read_output(f"{tmp_path}/out")) == ["00000.parquet"]
-    assert "1 written now, 0 already done, 2 failed" in summaries[-1] and "errors                  0" in summaries[-1]
+    table = summaries[-2]  # the summary table, then the line naming the output
+    assert "1 written now, 0 already done, 2 failed" in table and "errors                  0" in table
+    assert summaries[-1].startswith(f"output: {tmp_path}/out")
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert sorted(manifest["failed_shards"]) == ["00001", "00002"]
     kept = pq.read_table(tmp_path / "out" / "_partial" / "00001.parquet").to_pylist()
@@ -372,6 +389,75 @@ def test_config_errors_name_the_field_before_ray_starts(models, tmp_path, monkey
     with pytest.raises(ConfigError) as error:
         run_job(config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", override), log=lambda *_: None)
     assert field in str(error.value) and "hunter2" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["vqa", "mc"])
+def test_a_task_field_missing_from_every_record_fails_before_ray_starts(models, tmp_path, monkeypatch, kind):
+    """Images alone carry no question: every row would be an error row, so the job stops at preflight instead."""
+    monkeypatch.setattr(job_module, "init_ray", lambda config: pytest.fail("Ray started despite a missing field"))
+    _write_image_folder(fsspec.filesystem("file", auto_mkdir=True), f"{tmp_path}/in")
+    with pytest.raises(ConfigError) as error:
+        run_job(config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", f"task.kind={kind}"), log=lambda *_: None)
+    message = str(error.value)
+    assert message.startswith(f"task.kind={kind}: none of the first 5 records of shard images-00000")
+    assert f"task {kind!r} needs a question" in message and "input.fields" in message
+
+
+def test_retry_errors_redoes_only_the_shards_holding_error_rows(models, tmp_path, ray_local):
+    _write_image_folder(fsspec.filesystem("file", auto_mkdir=True), f"{tmp_path}/in")  # img0 ... img4, in shards of 2
+    (tmp_path / "in" / "img3.png").write_bytes(b"not a png")  # the second shard (img2, img3) gets an error row
+    config = config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "input.files_per_shard=2")
+    with pytest.raises(JobFailed, match="run the same command with --retry-errors"):
+        run_job(config, log=lambda *_: None)
+    first = (tmp_path / "out" / "images-00000.parquet").stat().st_mtime_ns
+
+    make_scene(SEED, 3).image.save(tmp_path / "in" / "img3.png")  # the data fixed
+    with pytest.raises(JobFailed):  # a plain rerun keeps the finished shards, error rows and all
+        run_job(config, log=lambda *_: None)
+    lines = []
+    summary = run_job(config, log=lines.append, retry_errors=True)
+    assert lines[0] == "3 shards, 3 already written (1 with error rows, redone), 1 to do"
+    assert (summary.shards_skipped, summary.shards_written, summary.errors, summary.rows) == (2, 1, 0, 5)
+    assert (tmp_path / "out" / "images-00000.parquet").stat().st_mtime_ns == first  # not redone
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["summary"]["errors"] == 0 and manifest["shards_written_this_run"] == {"images-00001": 2}
+
+
+def _draft_checkpoint(family, models, root: Path, which: str) -> Path:
+    """A draft checkpoint for the preflight checks: only its config.json and file listing are read."""
+    path = root / which
+    if which == "text":
+        family.drafts["text_copy"].save_pretrained(path)
+    elif which == "other_vocabulary":
+        other = build_tokenizer(["completely different words for another tokenizer"] * 3, vocab_size=300)
+        build_text_lm(other).save_pretrained(path)
+    else:  # a VLM draft whose vision tower cuts the image into other patches than the target's
+        path.mkdir()
+        config = json.loads((models / "draft" / "config.json").read_text())
+        config["vision_config"]["patch_size"] *= 2
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,which,message",
+    [
+        ("text", None, "is a vision-language model (llava), not a text-only LM; set draft.kind=vlm"),
+        ("vlm", "text", "is a text-only model (llama), not a vision-language model; set draft.kind=text"),
+        ("text", "other_vocabulary", "tokens, the target 261: it was built on another tokenizer"),
+        ("vlm", "other_image", "does not read images like the target (vision_config.patch_size differ)"),
+    ],
+)
+def test_preflight_refuses_a_draft_of_another_kind_or_vocabulary_before_ray_starts(
+    family, models, tmp_path, monkeypatch, kind, which, message
+):
+    monkeypatch.setattr(job_module, "init_ray", lambda config: pytest.fail("Ray started despite a bad draft"))
+    write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=1, per_shard=1)
+    draft = models / "draft" if which is None else _draft_checkpoint(family, models, tmp_path, which)
+    config = config_for(models, f"{tmp_path}/in", f"{tmp_path}/out", f"draft.kind={kind}", f"draft.path={draft}")
+    with pytest.raises(ConfigError) as error:
+        run_job(config, log=lambda *_: None)
+    assert str(error.value).startswith("draft.kind / draft.path: ") and message in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.schema import DECODED_SCHEMA
 from pipeline.sink import FAILURE_METADATA_KEY, OutputDir, ShardCollector
+from specvlm.data.error_kinds import kind_of
 
 HASH = "0123456789abcdef"
 
@@ -133,3 +134,23 @@ def test_shards_still_open_when_the_stream_ends_fail_with_what_arrived(tmp_path)
         "b": "only 1 of an unknown number (no end marker arrived) rows came back from decoding",
     }
     assert _written(tmp_path, "a") is None and _written(tmp_path, "b") is None
+
+
+def test_error_rows_are_written_with_their_kind_first():
+    """Reading and preparing tag their errors; the engine's bare messages get theirs as the shard is written."""
+    engine_too_long = "prompt of 600 tokens leaves no room in the model's 512 positions; shorten it"
+    errors = [None, "image_unreadable: corrupt or truncated image data", engine_too_long, "decoding failed: boom"]
+    rows = [_row("s", i, error=e) for i, e in enumerate(errors)]
+    output = OutputDir("memory://kinds", {})
+    collector = ShardCollector(output, HASH)
+    collector.add(_batch(rows + [_row("s", len(rows), end=True)]))
+    with output.fs.open(output.shard_path("s"), "rb") as f:
+        written = pq.read_table(f)["error"].to_pylist()
+    assert written == [
+        None,
+        "image_unreadable: corrupt or truncated image data",
+        f"too_long: {engine_too_long}",
+        "decode_failed: decoding failed: boom",
+    ]
+    assert [kind_of(e) for e in written[1:]] == ["image_unreadable", "too_long", "decode_failed"]
+    assert kind_of("an old message without a kind") == "other"

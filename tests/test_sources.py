@@ -200,7 +200,9 @@ def test_webdataset_records(store):
             answer="0",
             meta=meta1,
         ),
-        _record(shard, "002", error=f"no image member for key '002' in {shard.uri}; expected exactly one"),
+        _record(
+            shard, "002", error=f"image_missing: no image member for key '002' in {shard.uri}; expected exactly one"
+        ),
         _record(shard, "sub/003", image=RED),
         {k: v for k, v in _record(shard, "004", image=RED, meta="{not json").items() if k != "error"},
     ]
@@ -264,7 +266,7 @@ def test_parquet_records(store):
             "k2",
             caption="nothing",
             meta='{"width": null, "url": "u2"}',
-            error="row 2 has no image bytes in column 'image'",
+            error="image_missing: row 2 has no image bytes in column 'image'",
         ),
     ]
 
@@ -280,7 +282,9 @@ def test_parquet_hugging_face_struct_image_column(store):
     assert store.read(shard, image_column="img") == [
         _record(shard, "00000000", image=RED, meta='{"label": 1}'),
         _record(shard, "00000001", image=GREEN, meta='{"label": 2}'),
-        _record(shard, "00000002", meta='{"label": 3}', error="row 2 has no image bytes in column 'img'"),
+        _record(
+            shard, "00000002", meta='{"label": 3}', error="image_missing: row 2 has no image bytes in column 'img'"
+        ),
     ]
 
 

@@ -133,7 +133,7 @@ def test_train_draft_resumes_from_its_last_checkpoint(demo, tmp_path, capsys):
         "--heads",
         "2",
         "--pretrain-steps",
-        "0",
+        "5",  # no --text: stage 1 does not run, and draft_training.json must say so
         "--checkpoint-every",
         "1",
         "--batch-size",
@@ -146,7 +146,21 @@ def test_train_draft_resumes_from_its_last_checkpoint(demo, tmp_path, capsys):
     assert "resuming at step 2" in capsys.readouterr().out
     assert last_step(work) == 5
     assert [int(line.split("\t")[0]) for line in (work / "loss.tsv").read_text().splitlines()] == [0, 1, 2, 3, 4]
-    assert (tmp_path / "draft" / "model.safetensors").exists()
+    saved = tmp_path / "draft"
+    assert json.loads((saved / "draft_training.json").read_text())["pretrain_steps"] == 0
+    # readable like the rest of the checkpoint (save_pretrained writes the weights through a 0600 temporary file)
+    assert (saved / "model.safetensors").stat().st_mode & 0o777 == (saved / "config.json").stat().st_mode & 0o777
+
+
+def test_train_draft_help_shows_each_default_once_and_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        train_draft_main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: [])" not in text
+    assert "(default: <out>-work)" in text and text.count("default: <out>-work") == 1
+    flat = " ".join(text.split())
+    assert "--lr LR peak learning rate" in flat and "--warmup WARMUP steps of linear learning-rate warmup" in flat
+    assert "--batch-size BATCH_SIZE examples per training step" in flat
 
 
 class Interrupt(Exception):

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
+from specvlm.data.error_kinds import tagged
 from specvlm.data.prompts import LETTERS
 from specvlm.data.retry import with_retries
 from specvlm.data.sources import (
@@ -152,7 +153,7 @@ def _fetch_image(shard: Shard, storage_options: dict, location: str | None) -> b
         fs, path = url_to_fs(uri, **storage_options)
         return with_retries(partial(fs.cat_file, path))
     except OSError as e:
-        return f"cannot read image {uri} ({type(e).__name__}: {e}); check input.images"
+        return tagged("read_failed", f"cannot read image {uri} ({type(e).__name__}: {e}); check input.images")
 
 
 # ---------------------------------------------------------------- annotation layouts
@@ -282,7 +283,8 @@ def _jsonl(text: str, uri: str) -> dict[str, dict]:
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
-            samples[f"line{number}"] = {"image": None, "error": f"line {number} of {uri} is not a JSON object ({e})"}
+            problem = tagged("record_invalid", f"line {number} of {uri} is not a JSON object ({e})")
+            samples[f"line{number}"] = {"image": None, "error": problem}
             continue
         key = row.pop("key") if "key" in row else row.pop("id", None)
         samples[str(number - 1 if key is None else key)] = {"image": row.pop("image", None), **_task_fields(row)}

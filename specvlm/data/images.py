@@ -13,7 +13,12 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
 class ImageError(ValueError):
-    """An image that cannot be used. The message says what is wrong and what to do about it."""
+    """An image that cannot be used. The message says what is wrong and what to do about it; `kind` is its class
+    (specvlm.data.error_kinds)."""
+
+    def __init__(self, message: str, kind: str = "image_unreadable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def decode_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1) -> Image.Image:
@@ -53,7 +58,7 @@ def _open(data: bytes) -> Image.Image:
                 "check that the file really is a jpg/png/webp/gif/bmp/tiff image"
             ) from e
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"image over PIL's size limit, possible decompression bomb: {e}") from e
+            raise ImageError(f"image over PIL's size limit, possible decompression bomb: {e}", "image_too_large") from e
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, min_side: int) -> None:
@@ -63,10 +68,13 @@ def _check_size(size: tuple[int, int], max_pixels: int, min_side: int) -> None:
     if width * height > max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height} pixels, over max_pixels={max_pixels} "
-            "(possible decompression bomb); raise max_pixels if images this large are expected"
+            "(possible decompression bomb); raise max_pixels if images this large are expected",
+            "image_too_large",
         )
     if min(width, height) < min_side:
-        raise ImageError(f"image is {width}x{height}, too small (min_side={min_side}); drop it or lower min_side")
+        raise ImageError(
+            f"image is {width}x{height}, too small (min_side={min_side}); drop it or lower min_side", "image_too_small"
+        )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -27,6 +27,7 @@ from fsspec import AbstractFileSystem
 from fsspec.core import strip_protocol
 from fsspec.implementations.local import LocalFileSystem
 
+from specvlm.data.error_kinds import tagged
 from specvlm.data.retry import DEFAULT_RETRY, RetryPolicy, describe, filesystem, is_transient
 
 ShardFormat = Literal["images", "webdataset", "parquet", "coco", "vqav2", "scienceqa", "jsonl", "hf"]
@@ -260,7 +261,7 @@ def _unique_keys(shard: Shard, records: Iterator[Record]) -> Iterator[Record]:
         key = record["key"]
         seen[key] += 1
         if seen[key] > 1:
-            error = f"key {key!r} occurs more than once in {shard.uri}; make keys unique"
+            error = tagged("record_invalid", f"key {key!r} occurs more than once in {shard.uri}; make keys unique")
             record = _record(shard, f"{key}:__duplicate{seen[key] - 1}__", error=error)
         yield record
 
@@ -288,7 +289,9 @@ def _sample_record(shard: Shard, key: str, members: dict[str, bytes]) -> Record:
     images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
     if len(images) != 1:
         problem = "no image member" if not images else f"several image members ({', '.join(images)})"
-        return _record(shard, key, error=f"{problem} for key {key!r} in {shard.uri}; expected exactly one")
+        kind = "image_missing" if not images else "record_invalid"
+        problem = f"{problem} for key {key!r} in {shard.uri}; expected exactly one"
+        return _record(shard, key, error=tagged(kind, problem))
     record = _record(shard, key, image=members[images[0]])
     if "json" in members:
         record["meta"] = members["json"].decode("utf-8", errors="replace")
@@ -300,7 +303,7 @@ def _sample_record(shard: Shard, key: str, members: dict[str, bytes]) -> Record:
             if choices is not None and not isinstance(choices, list):
                 raise ValueError("'choices' is not a list")
         except ValueError as e:
-            record["error"] = f"bad {key}.json in {shard.uri} ({e}); fix or remove it"
+            record["error"] = tagged("record_invalid", f"bad {key}.json in {shard.uri} ({e}); fix or remove it")
             return record
         for name in ("caption", "question", "answer"):
             if fields.get(name) is not None:
@@ -324,8 +327,11 @@ def _read_image_folder(shard: Shard, fs: AbstractFileSystem, root: str, start: i
             return _record(
                 shard,
                 key,
-                error=f"no image for key {key!r} ({names}): an image folder holds {'/'.join(sorted(IMAGE_EXTENSIONS))} "
-                "files, each with optional .txt/.json sidecars of the same name; remove or rename the file",
+                error=tagged(
+                    "image_missing",
+                    f"no image for key {key!r} ({names}): an image folder holds {'/'.join(sorted(IMAGE_EXTENSIONS))} "
+                    "files, each with optional .txt/.json sidecars of the same name; remove or rename the file",
+                ),
             )
         try:
             # Extensions other than images and sidecars are skipped unread, as in a tar.
@@ -333,7 +339,8 @@ def _read_image_folder(shard: Shard, fs: AbstractFileSystem, root: str, start: i
         except Exception as e:
             if is_transient(e):
                 raise  # the whole stream is retried from this sample on
-            return _record(shard, key, error=f"cannot read {sorted(files.values())} ({type(e).__name__}: {e})")
+            problem = f"cannot read {sorted(files.values())} ({type(e).__name__}: {e})"
+            return _record(shard, key, error=tagged("read_failed", problem))
         return _sample_record(shard, key, members)
 
     # map() yields in order; fetching a bounded batch at a time caps how many images sit in memory.
@@ -383,13 +390,14 @@ def _read_parquet(shard: Shard, fs: AbstractFileSystem, path: str, image_column:
                     image = image.get("bytes")
                 image = image if isinstance(image, bytes) else None  # e.g. a column of paths, not bytes
                 key = str(values["key"]) if values.get("key") is not None else f"{row:08d}"
+                missing = f"row {row} has no image bytes"
                 extra = {name: value for name, value in values.items() if name not in known}
                 yield _record(
                     shard,
                     key,
                     image=image,
                     meta=json.dumps(extra, ensure_ascii=False, default=str) if extra else None,
-                    error=None if image else f"row {row} has no image bytes in column {image_column!r}",
+                    error=None if image else tagged("image_missing", f"{missing} in column {image_column!r}"),
                     **{name: values.get(name) for name in text_fields},
                 )
                 row += 1

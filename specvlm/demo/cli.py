@@ -9,7 +9,7 @@ from pathlib import Path
 
 from specvlm.demo.make import DemoPlan, make_demo
 from specvlm.models.loading import DTYPES, ModelLoadError
-from specvlm.training.cli import add_common_arguments, apply_common_arguments
+from specvlm.training.cli import DefaultsFormatter, add_common_arguments, apply_common_arguments
 from specvlm.training.draft import DraftShape
 from specvlm.training.loop import TrainConfig
 from specvlm.training.outputs import OutputsError
@@ -21,7 +21,7 @@ def make_demo_main(argv: list[str] | None = None) -> int:
         prog="python -m jobs.make_demo",
         description="Rebuild the demo model family from scratch: tokenizer, target, target outputs, text draft, "
         "VLM draft. Each stage resumes from its work directory. Defaults are the shipped models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("--out", type=Path, default=plan.out_dir, help="where the three checkpoints go")
     parser.add_argument(

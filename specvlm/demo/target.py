@@ -68,6 +68,11 @@ def save_checkpoint(model: torch.nn.Module, saver, out_dir: Path, dtype: torch.d
     model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     config.dtype = previous
     saver.save_pretrained(out_dir)
+    # The weights are written through a private temporary file (mode 0600); give them the mode the other files
+    # got from the umask, or a container running as another user cannot read the checkpoint.
+    mode = (out_dir / "config.json").stat().st_mode & 0o777
+    for weights in out_dir.glob("*.safetensors"):
+        weights.chmod(mode)
 
 
 def train_target(

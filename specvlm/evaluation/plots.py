@@ -44,7 +44,9 @@ def draw_figures(results: list, baseline: str, out: Path) -> list[str]:
         )
         return save(fig, ax, name, title, None, ylabel)
 
-    batch = f"batch {results[0].batch}"
+    counts = sorted({r.samples for r in default})
+    per_task = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    batch = f"batch {results[0].batch}, {per_task} samples per task"
     figures = []
     if any(r.wall_s for r in default):
         figures.append(
@@ -63,7 +65,7 @@ def draw_figures(results: list, baseline: str, out: Path) -> list[str]:
             edges = [k - 0.5 for k in range(max(r.accepted_lengths) + 2)]
             ax.hist(r.accepted_lengths, bins=edges, histtype="step", label=r.strategy, density=True)
     samples = next((r.samples for r in default if r.task == tasks[0]), 0)
-    title = f"Accepted draft tokens per step ({tasks[0]}, {batch}, {samples} samples)"
+    title = f"Accepted draft tokens per step ({tasks[0]}, batch {results[0].batch}, {samples} samples)"
     figures.append(save(fig, ax, "accepted_lengths.png", title, "accepted draft tokens", "fraction of steps"))
 
     batches = sorted({r.batch for r in results if isinstance(r.batch, int)})  # not "auto": it has no place on the axis
@@ -80,6 +82,7 @@ def draw_figures(results: list, baseline: str, out: Path) -> list[str]:
         ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
-        title = f"Decode speedup against batch size ({tasks[0]})"
+        samples = next((r.samples for r in results if r.task == tasks[0]), 0)
+        title = f"Decode speedup against batch size ({tasks[0]}, {samples} samples)"
         figures.append(save(fig, ax, "speedup_vs_batch.png", title, "batch size", "decode speedup vs target alone"))
     return figures

@@ -70,16 +70,30 @@ def weights_fingerprint(location: str, storage_options: dict | None = None) -> s
     return _identity(checkpoint_files(fs, root, location))
 
 
-def check_model_location(location: str, storage_options: dict | None = None) -> None:
-    """Cheaply confirm a checkpoint exists (config.json readable) without copying or loading it."""
+def read_model_config(location: str, storage_options: dict | None = None) -> dict:
+    """The checkpoint's config.json, read without copying or loading anything else: confirms the checkpoint exists
+    and tells what kind of model it is."""
     if is_uri(location):
         fs, root = _filesystem(location, storage_options or {})
-        if not fs.exists(root + "/config.json"):
-            raise ModelLoadError(f"{location!r} has no config.json (or is not readable with these credentials)")
-        return
-    path = resolve_model_dir(location)
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{location!r} is a directory without config.json: not a Hugging Face checkpoint")
+        try:
+            with fs.open(root + "/config.json", "rb") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ModelLoadError(
+                f"{location!r} has no config.json (or is not readable with these credentials)"
+            ) from None
+    else:
+        path = resolve_model_dir(location) / "config.json"
+        if not path.exists():
+            raise ModelLoadError(f"{location!r} is a directory without config.json: not a Hugging Face checkpoint")
+        text = path.read_bytes()
+    try:
+        config = json.loads(text)
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{location!r}: config.json is not a JSON object; the checkpoint is damaged")
+    return config
 
 
 def checkpoint_files(fs, root: str, location: str) -> dict[str, tuple[int, str]]:

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from specvlm.models.checkpoints import ModelLoadError, resolve_model_dir
+from specvlm.models.compat import check_draft_kind, check_same_image_tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,22 +113,6 @@ def check_vocabulary(target_tokenizer, draft_tokenizer, draft_location: str) -> 
 DRAFT_MODEL_KINDS = ("text", "vlm")
 
 
-def check_draft_kind(kind: str, config: dict, location: str) -> None:
-    """A text draft is a causal LM, a VLM draft an image-text model: say so before anything loads the weights.
-    config: the checkpoint's config.json."""
-    is_vlm = "vision_config" in config
-    if kind == "text" and is_vlm:
-        raise ModelLoadError(
-            f"draft {location!r} is a vision-language model ({config.get('model_type')}), not a text-only LM; "
-            "set draft.kind=vlm, or point draft.path at a text-only draft"
-        )
-    if kind == "vlm" and not is_vlm:
-        raise ModelLoadError(
-            f"draft {location!r} is a text-only model ({config.get('model_type')}), not a vision-language model; "
-            "set draft.kind=text, or point draft.path at a VLM draft"
-        )
-
-
 def load_draft_model(
     kind: str,
     target: LoadedTarget,
@@ -160,21 +145,5 @@ def load_draft_model(
         raise ModelLoadError(f"cannot load {kind!r} draft {location!r}: {exc}") from None
     model = model.to(target.model.device).eval()
     if kind == "vlm":
-        _check_same_image_tokens(target.model, model, location)
+        check_same_image_tokens(target.model.config.to_dict(), model.config.to_dict(), location)
     return model
-
-
-def _check_same_image_tokens(target: torch.nn.Module, draft: torch.nn.Module, location: str) -> None:
-    """A VLM draft reads the target's prompt and pixels as they are, so both must expand an image alike."""
-    t, d = target.config, draft.config
-    facts = ("image_token_id", "vision_feature_select_strategy")
-    vision = ("image_size", "patch_size")
-    differ = [f for f in facts if getattr(t, f, None) != getattr(d, f, None)]
-    differ += [
-        f"vision_config.{f}" for f in vision if getattr(t.vision_config, f, None) != getattr(d.vision_config, f, None)
-    ]
-    if differ:
-        raise ModelLoadError(
-            f"VLM draft {location!r} does not read images like the target ({', '.join(differ)} differ); "
-            "use a draft built on the target's vision settings, or a text-only draft"
-        )

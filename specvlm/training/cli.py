@@ -24,13 +24,32 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: torch's choice; on a busy machine 1 can be faster)",
     )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=200, metavar="STEPS", help="save a resumable checkpoint this often"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Hugging Face's loading bars and messages (hidden by default)"
+    )
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an argument's default once, and only where there is one to show."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def apply_common_arguments(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per checkpoint loaded: noise in a training log
+        hf_logging.set_verbosity_error()
 
 
 def train_draft_main(argv: list[str] | None = None) -> int:
@@ -39,7 +58,7 @@ def train_draft_main(argv: list[str] | None = None) -> int:
         description="Train a draft for a target from the target's own outputs (the Parquet a caption, vqa or mc "
         "job writes; images are read back from the input shards it names). Reruns resume from the "
         "last checkpoint in the work directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("--target", required=True, help="the target checkpoint (directory, HF cache id or URI)")
     parser.add_argument(
@@ -69,11 +88,11 @@ def train_draft_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=DraftShape.layers, help="layers of the draft's LM")
     parser.add_argument("--heads", type=int, default=DraftShape.heads, help="attention heads of the draft's LM")
     parser.add_argument("--pretrain-steps", type=int, default=600, help="stage 1 steps (text drafts with --text)")
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak learning rate of stage 1")
     parser.add_argument("--steps", type=int, default=1000, help="distillation steps")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of distillation (AdamW)")
+    parser.add_argument("--warmup", type=int, default=50, help="steps of linear learning-rate warmup, each stage")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per training step")
     parser.add_argument(
         "--storage-option",
         action="append",

@@ -173,7 +173,8 @@ def train_draft(
     for name in text_files:
         with open(name, encoding="utf-8") as f:
             lines += f.read().splitlines()
-    if kind == "text" and lines and pretrain is not None and pretrain.steps > 0:
+    pretrains = kind == "text" and bool(lines) and pretrain is not None and pretrain.steps > 0
+    if pretrains:
         examples = pretrain_examples(lines, tokenizer, image_token_id)
         log(f"stage 1: pretraining on {len(examples)} lines of text")
         model = train(
@@ -213,7 +214,7 @@ def train_draft(
                 "init": init,
                 "shape": asdict(shape),
                 "pretrain_lines": len(lines),
-                "pretrain_steps": pretrain.steps if pretrain else 0,
+                "pretrain_steps": pretrain.steps if pretrains else 0,  # stage 1 runs for text drafts given text
                 "distill_steps": distill.steps,
                 "batch_size": batch_size,
                 "seed": seed,

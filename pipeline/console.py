@@ -1,0 +1,93 @@
+"""What a person sees while a job runs: one progress line every few seconds and the summary, not Ray's chatter.
+
+By default Ray Data's progress bars and log lines stay off the console (they still go to the Ray session's log
+files, `/tmp/ray/session_latest/logs/` on a local Ray), and so do the Ray workers' own output lines; `--verbose`
+brings them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+PROGRESS_EVERY_S = 5.0
+
+
+def quiet_ray() -> None:
+    """Ray Data's progress bars and console log lines off in this (the driver's) process; its log files stay."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_logger = logging.getLogger("ray.data")
+    for handler in list(data_logger.handlers):
+        if "File" not in type(handler).__name__:  # Ray Data's SessionFileHandler writes the session's ray-data.log
+            data_logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def stderr_to_file(path: Path):
+    """While the block runs, whatever this process writes to its stderr goes to `path`: Python's warnings and
+    log lines, and those native code writes to file descriptor 2 itself (Ray's C++ core worker), which no
+    Python logging setting reaches. Yields the path; an empty file is removed at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if path.stat().st_size == 0:  # a run that never started Ray (a config error, nothing to do) left nothing
+            path.unlink()
+
+
+class Progress:
+    """Counts the decoded rows streaming into the driver and logs a line every `every_s` seconds: shards done of
+    the total, rows, rows/s, tokens/s, τ so far and the time left, estimated from the rows per finished shard."""
+
+    def __init__(self, shards_total: int, log, every_s: float = PROGRESS_EVERY_S, clock=time.monotonic):
+        self.shards_total = shards_total
+        self.log = log
+        self.every_s = every_s
+        self.clock = clock
+        self.started = self.last = clock()
+        self.rows = self.tokens = self.target_calls = 0
+
+    def add(self, batch: pa.Table, shards_done: int, rows_in_done_shards: int) -> None:
+        rows = batch.filter(pc.invert(batch["is_end"]))
+        self.rows += rows.num_rows
+        self.tokens += int(pc.sum(rows["new_tokens"]).as_py() or 0)
+        self.target_calls += int(pc.sum(rows["target_calls"]).as_py() or 0)
+        now = self.clock()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.log(self.line(shards_done, rows_in_done_shards))
+
+    def line(self, shards_done: int, rows_in_done_shards: int) -> str:
+        elapsed = max(self.clock() - self.started, 1e-9)
+        rows_per_s, tokens_per_s = self.rows / elapsed, self.tokens / elapsed
+        tau = f"{self.tokens / self.target_calls:.2f}" if self.target_calls else "-"
+        eta = "-"
+        if shards_done and rows_per_s > 0:
+            rows_expected = rows_in_done_shards / shards_done * self.shards_total
+            eta = _duration(max(rows_expected - self.rows, 0) / rows_per_s)
+        return (
+            f"progress: {shards_done}/{self.shards_total} shards, {self.rows} rows, {rows_per_s:.1f} rows/s, "
+            f"{tokens_per_s:.0f} tokens/s, tau {tau}, ETA {eta}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"
