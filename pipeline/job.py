@@ -284,6 +284,7 @@ def run_job(
     operating_points = {}
     if pending:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from pipeline.stages import OperatingPoints
 
@@ -292,7 +293,9 @@ def run_job(
         if not verbose:
             quiet_ray()
         init_ray(config, verbose)
-        reports = ray.remote(OperatingPoints).options(num_cpus=0).remote()
+        # On the driver's node: a worker node lost mid-run must not take the job's report of operating points.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        reports = ray.remote(OperatingPoints).options(num_cpus=0, scheduling_strategy=here).remote()
         dataset = build_dataset(config, pending, config_hash, reports)
         progress = Progress(len(pending), log)
         with stop_on_sigterm():
