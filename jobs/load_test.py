@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {images} | {shards} | {seconds:.0f} | {images / seconds:.1f} | {summary.new_tokens / seconds:.0f} | "
         f"{1000 * sum(cpu.values()) / images:.1f} | "
-        f"{summary.block_efficiency:.2f} | {_status_kib('self', 'VmHWM') / 1024:.0f} | "
+        f"{summary.pooled.block_efficiency:.2f} | {_status_kib('self', 'VmHWM') / 1024:.0f} | "
         f"{memory.peak_mib(decode_actor=True):.0f} | {memory.peak_mib(decode_actor=False):.0f} | "
         f"{manifest['most_shards_held_at_once']} | {lost} | {duplicated} |\n\n"
         "CPU seconds per 1000 images: "

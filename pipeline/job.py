@@ -29,6 +29,7 @@ from pipeline.sink import MANIFEST, PARTIAL, OutputDir, ShardCollector
 from specvlm.data.error_kinds import kind_of
 from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient
 from specvlm.data.sources import ShardError, SourceError, list_shards, read_shard
+from specvlm.specdec.metrics import Pooled
 
 FAILED_SHARDS_LISTED = 10  # in the error message; the manifest lists them all
 
@@ -66,12 +67,9 @@ class Summary:
         return self.errors / self.rows if self.rows else 0.0
 
     @property
-    def block_efficiency(self) -> float:
-        return self.new_tokens / self.target_calls if self.target_calls else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+    def pooled(self) -> Pooled:
+        """The output's metrics pooled (tau, acceptance) the one way every report pools them."""
+        return Pooled(self.rows, self.new_tokens, self.target_calls, 0, self.proposed_tokens, self.accepted_tokens)
 
     def table(self) -> str:
         rate = lambda x: f"{x / self.run_seconds:.2f}" if self.run_seconds else "-"
@@ -84,8 +82,8 @@ class Summary:
             ("rows", f"{self.rows}"),
             ("errors", f"{self.errors} ({self.error_fraction:.1%})"),
             ("new tokens", f"{self.new_tokens}"),
-            ("block efficiency (tau)", f"{self.block_efficiency:.2f}"),
-            ("acceptance rate", f"{self.acceptance_rate:.2f}"),
+            ("block efficiency (tau)", f"{self.pooled.block_efficiency:.2f}"),
+            ("acceptance rate", f"{self.pooled.acceptance_rate:.2f}"),
             ("this run: images/s", rate(self.run_rows)),
             ("this run: tokens/s", rate(self.run_tokens)),
         ]
@@ -284,6 +282,7 @@ def run_job(
     operating_points = {}
     if pending:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from pipeline.stages import OperatingPoints
 
@@ -292,7 +291,9 @@ def run_job(
         if not verbose:
             quiet_ray()
         init_ray(config, verbose)
-        reports = ray.remote(OperatingPoints).options(num_cpus=0).remote()
+        # On the driver's node: a worker node lost mid-run must not take the job's report of operating points.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        reports = ray.remote(OperatingPoints).options(num_cpus=0, scheduling_strategy=here).remote()
         dataset = build_dataset(config, pending, config_hash, reports)
         progress = Progress(len(pending), log)
         with stop_on_sigterm():
@@ -395,8 +396,8 @@ def _manifest(
         "summary": {
             **summary.__dict__,
             "error_fraction": summary.error_fraction,
-            "block_efficiency": summary.block_efficiency,
-            "acceptance_rate": summary.acceptance_rate,
+            "block_efficiency": summary.pooled.block_efficiency,
+            "acceptance_rate": summary.pooled.acceptance_rate,
         },
         "versions": {
             "specvlm": specvlm.__version__,

@@ -28,6 +28,7 @@ def test_gamma_larger_than_tokens_left(family, requests, draft):
     for request, result in zip(requests, results):
         assert result.tokens == family.reference(request, 2)
         assert result.metrics.proposed_tokens <= 1  # only one draft token can ever be used
+        assert result.metrics.draft_calls <= 1  # and no draft pass is run for tokens past the budget
 
 
 @pytest.mark.parametrize("draft", DRAFTS)

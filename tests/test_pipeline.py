@@ -136,7 +136,7 @@ def test_caption_job_on_local_webdataset_matches_target_greedy(family, models, t
     config = config_for(models, f"{tmp_path}/in/*.tar", f"{tmp_path}/out")
     summary = run_job(config, log=lambda *_: None)
     assert (summary.rows, summary.errors, summary.shards_written) == (SHARDS * PER_SHARD, 0, SHARDS)
-    assert 0 < summary.acceptance_rate < 1
+    assert 0 < summary.pooled.acceptance_rate < 1
     tables = read_output(f"{tmp_path}/out")
     check_against_inputs(family, tables, f"{tmp_path}/in/*.tar")
     assert (tmp_path / "out" / "_manifest.json").exists() and not (tmp_path / "out" / "_staging").exists()
