@@ -101,6 +101,8 @@ def main(argv=None) -> None:
         )
     images = args.images // PER_SHARD * PER_SHARD
     source = f"input.uri={shards}/*.tar"
+    # The peer generates as many tokens as the job may, so both do the same work.
+    max_new_tokens = load_config("configs/demo.yaml", [source]).decode.max_new_tokens
 
     def caption(name: str, *sets: str) -> list[str]:
         overrides = [source, f"output.uri={args.work / 'runs' / name}", *sets]
@@ -122,6 +124,8 @@ def main(argv=None) -> None:
                     str(args.work / "runs" / f"peer-{b}"),
                     "--batch-size",
                     str(b),
+                    "--max-new-tokens",
+                    str(max_new_tokens),
                 ]
             )
             for b in (64, 256)
