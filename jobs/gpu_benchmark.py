@@ -13,8 +13,8 @@ as trees whose extra siblings are wrong), so the tables show
 It needs torch and transformers only (no Ray):
 
     python jobs/gpu_benchmark.py                        # 7B shapes, bf16, on a GPU
-    python jobs/gpu_benchmark.py --shape wide           # LLaVA-1.5's width at 4 layers (1.1B), float32, on a CPU:
-                                                        # bound by reading weights at batch 1-2, as a GPU is
+    python jobs/gpu_benchmark.py --shape wide           # LLaVA-1.5's width at 4 layers (1.1B), float32, on a CPU
+                                                        # (on a 2-core CPU still arithmetic-bound: r = 2.2)
     python jobs/gpu_benchmark.py --shape tiny           # seconds, to check the script
 """
 
@@ -48,7 +48,8 @@ SHAPES = {
         32064,
     ),
     # The same width at 4 layers and a small tower: 1.1B parameters, whose decode steps read 4.4 GB of float32
-    # weights on a CPU, as a 7B model's read 14 GB of bf16 weights on a GPU.
+    # weights on a CPU, as a 7B model's read 14 GB of bf16 weights on a GPU (though a small CPU stays bound by
+    # arithmetic over a verification window: r = 2.2 measured on 2 cores).
     "wide": (
         LlavaShape(
             layers=4, vision_hidden=64, vision_layers=2, vision_heads=2, image_size=112, patch_size=14, **SEVEN_B
