@@ -54,6 +54,7 @@ class Summary:
     target_calls: int
     accepted_tokens: int
     proposed_tokens: int
+    draft_calls: int
     run_rows: int  # decoded in this run
     run_tokens: int
     run_seconds: float
@@ -69,7 +70,9 @@ class Summary:
     @property
     def pooled(self) -> Pooled:
         """The output's metrics pooled (tau, acceptance) the one way every report pools them."""
-        return Pooled(self.rows, self.new_tokens, self.target_calls, 0, self.proposed_tokens, self.accepted_tokens)
+        return Pooled(
+            self.rows, self.new_tokens, self.target_calls, self.draft_calls, self.proposed_tokens, self.accepted_tokens
+        )
 
     def table(self) -> str:
         rate = lambda x: f"{x / self.run_seconds:.2f}" if self.run_seconds else "-"
@@ -335,8 +338,8 @@ def _failed_shards_message(failed: dict[str, str], output: OutputDir) -> str:
 
 
 def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollector, elapsed: float) -> Summary:
-    numbers = ["new_tokens", "target_calls", "accepted_tokens", "proposed_tokens"]
-    table = output.read_all(["shard_id", "error", "draft_calls", "mbsu", *numbers])
+    numbers = ["new_tokens", "target_calls", "draft_calls", "accepted_tokens", "proposed_tokens"]
+    table = output.read_all(["shard_id", "error", "mbsu", *numbers])
     ids = {s.shard_id for s in shards}
     table = table.filter(pc.is_in(table["shard_id"], value_set=pa.array(sorted(ids))))
     total = {n: int(pc.sum(table[n]).as_py() or 0) for n in numbers}

@@ -94,10 +94,12 @@ def strip_image_tokens(ids: list[int], image_token_id: int | None) -> list[int]:
 def append_tokens(buffer: torch.Tensor, length: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> None:
     """buffer[row, length[row] + j] = tokens[row, j] for j < counts[row]; then length += counts."""
     n, m = tokens.shape
-    rows, j = (torch.arange(m, device=buffer.device)[None, :] < counts[:, None]).nonzero(as_tuple=True)
-    # Only the counted entries are written: a row that commits nothing (a hole, a released row whose length is
-    # left from its last request) writes nowhere, however close to the buffer's end that length is.
-    buffer[rows, length[rows] + j] = tokens[rows, j]
+    cols = length[:n, None] + torch.arange(m, device=buffer.device)
+    keep = torch.arange(m, device=buffer.device)[None, :] < counts[:, None]
+    # Padding columns are written too (their own values back), into the scratch past each row's length: no
+    # host sync in the decode loop. Every row's length leaves that room: live rows by the capacity's window,
+    # released rows because release resets them.
+    buffer[:n].scatter_(1, cols, torch.where(keep, tokens, buffer[:n].gather(1, cols)))
     length[:n] += counts
 
 
