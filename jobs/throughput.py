@@ -39,6 +39,10 @@ def main(argv=None) -> None:
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each section: a long run that dies keeps what it measured
+        args.out.write_text("\n".join(lines) + "\n")
 
     target = load_target(str(args.models / "target"), device="cpu", dtype="float32")
     eos = generation_eos(target.model)
@@ -68,6 +72,7 @@ def main(argv=None) -> None:
         lines += ["## Speculation against plain decoding, at each running-batch cap", "", cap_table(runs), ""]
         auto = {r.name: r.describe for r in runs if r.cap is None}
         lines += ["Operating points chosen with batch size auto:", "", "```", json.dumps(auto, indent=1), "```", ""]
+        save()
 
     # Short answers mixed with captions: output lengths from a few tokens to dozens.
     mixed = world_requests(target.processor, max(args.requests // 2, 64), tasks=("vqa", "caption"))
@@ -85,10 +90,8 @@ def main(argv=None) -> None:
                 f"{r['continuous_tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['identical']} |"
             )
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+            save()
+    print("\n".join(lines))
     print(f"written: {args.out}")
 
 

@@ -59,18 +59,38 @@ def test_costs_are_learned_from_real_steps_and_scratch_passes_only_without_draft
 
     c = controller()
     drafted, left = torch.ones(ROWS, dtype=torch.bool), torch.full((ROWS,), 100)
-    # A new row count: a plain step, then a depth-1 step, each timed as it commits tokens.
+    # A new row count: a plain step, a depth-1 step and a step of half the full depth, each timed as it commits.
+    half = (DEPTH + 1) // 2
     assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == 0
     c.observe(ROWS, 0, torch.zeros(ROWS), torch.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
     assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == 1
     c.observe(ROWS, 1, torch.ones(ROWS), torch.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
+    assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == half
+    c.observe(ROWS, half, torch.full((ROWS,), half), torch.full((ROWS,), half), (3e-3, 20e-3, 0.0), draft_calls=half)
     assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) > 1  # learned: cheap, accepted
-    # Rows at another count that the draft does not hold: no depth-1 step is possible, scratch passes time it.
+    # Rows at another count that the draft does not hold: no drafted step is possible, scratch passes time them.
     timed = []
     c.choose(8, torch.zeros(8, dtype=torch.bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
     c.observe(8, 0, torch.zeros(8), torch.zeros(8), (0.0, 5e-3, 0.0), draft_calls=0)
     c.choose(8, torch.zeros(8, dtype=torch.bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
-    assert timed == [2]
+    assert sorted(timed) == [2, 1 + half]
+
+
+def test_a_steep_first_extra_token_does_not_overprice_deep_windows():
+    # A one-token pass takes a faster path: the second token costs as much as the first, every later one little.
+    # A line through 1 and 2 tokens alone would price depth 1 at 41 ms and find no depth worth drafting.
+    c = controller()
+    assert decide(c, lambda q: 20e-3 if q == 1 else 40e-3 + 2e-3 * (q - 2), rate=0.8) >= 3
+
+
+def test_learning_steps_stay_within_what_rows_can_use():
+    c = controller()
+    drafted, left = torch.ones(ROWS, dtype=torch.bool), torch.full((ROWS,), 2)  # 1 draft token is all that fits
+    assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 0
+    c.observe(ROWS, 0, torch.zeros(ROWS), torch.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
+    assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 1
+    c.observe(ROWS, 1, torch.ones(ROWS), torch.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
+    assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) <= 1  # learning is over
 
 
 def test_rows_close_to_their_limit_do_not_count_deep_drafts():

@@ -19,13 +19,22 @@ to 0 when speculation no longer pays. That is how speculation steps aside by its
 
 The costs are measured here, on the machine that decodes, by the steps themselves. The first time the batch
 has about n rows, and every REFRESH_S seconds after, the controller learns that row count's costs from real
-steps, which commit tokens like any other: a plain step times the target over 1 token per row, then a step of
-depth 1 times it over 1 + nodes(1) and times one draft pass. Only when the draft holds no row (so no depth-1
-step is possible) do scratch passes (forwards that commit nothing) stand in for that second step. Verification
-costs grow about linearly with the tokens per row, so other counts are interpolated between measured ones, or
-extrapolated along the last two. Every step then refines what it used: its phases are timed and folded into
-moving averages, which adds the deeper counts as the controller drafts deeper. Tables are indexed by a bucket
-of the row count, so they follow the load and the machine.
+steps, which commit tokens like any other: a plain step times the target over 1 token per row, a step of depth
+1 times it over 1 + nodes(1) and times one draft pass, and a step of half the full depth times a deeper window.
+Only when the draft holds no row (so no drafted step is possible) do scratch passes (forwards that commit
+nothing) stand in for the drafted steps. Past one token, verification costs grow about linearly with the tokens
+per row, so other counts are interpolated between measured ones, or extrapolated along the last two. The deeper
+step is what makes that line true: the step from 1 to 2 tokens is often steeper than the ones after it (a
+one-token pass takes a faster path), and a line through those two alone would overprice every deeper window.
+
+Every step then refines what it used: its phases are timed and folded into moving averages, which adds the
+deeper counts as the controller drafts deeper. A step's verification time moves every count of its row bucket
+by the same factor, not just its own: passes grow slower as outputs grow (attention reads more cache), and a
+count that is not being chosen would otherwise keep the time it had when the outputs were short, and look
+cheaper than the one in use for no reason but staleness. It moves them by the same time, not the same
+factor: what grows is the read of each row's cache, which a window of one token pays as much as a deep one.
+Tables are indexed by a bucket of the row count, so they follow the load and the machine, and hold seconds per
+row, because within a bucket a pass costs about in proportion to its rows (a batch that drains stays priced).
 
 Greedy output does not depend on the depths chosen (every committed token is the target's argmax). Sampled
 output does: rejection sampling's random choices depend on what was drafted. So under sampling the depth is
@@ -78,13 +87,15 @@ class DepthController:
         adaptive: bool,
     ):
         self.max_depth = max_depth
+        self.learning_depths = sorted({1, math.ceil(max_depth / 2)}) if max_depth > 0 else []
         self.nodes = nodes  # depth -> draft tokens verified per row
         self.calls = calls  # depth -> draft forward passes
         self.adaptive = adaptive
         self.device = device
-        self.verify_s: dict[int, dict[int, float]] = {}  # rows bucket -> tokens per row -> seconds per pass
-        self.draft_s: dict[int, float] = {}  # rows bucket -> seconds per draft pass
-        self.rest_s: dict[tuple[int, bool], float] = {}  # (rows bucket, drafting) -> bookkeeping seconds
+        # Seconds per row (see the docstring):
+        self.verify_s: dict[int, dict[int, float]] = {}  # rows bucket -> tokens per row -> a target pass
+        self.draft_s: dict[int, float] = {}  # rows bucket -> a draft pass
+        self.rest_s: dict[tuple[int, bool], float] = {}  # (rows bucket, drafting) -> a step's bookkeeping
         self.measured_at: dict[int, float] = {}  # rows bucket -> when its costs were last (re)learned
         self.learning: dict[int, set] = {}  # rows bucket -> what its steps have yet to time: token counts, "draft"
         self.level_acceptance: float | None = None  # running value over all rows
@@ -121,25 +132,29 @@ class DepthController:
         actual = torch.where(drafted[:, None], per_row, 1.0).sum(0)
         return torch.stack([actual, per_row.sum(0)]).tolist()
 
-    def _learn(self, bucket: int) -> set:
-        """What is left to time at this bucket before its costs are trusted; starts a (re)learning when due."""
+    def _learn(self, bucket: int, reach: int) -> set:
+        """What is left to time at this bucket before its costs are trusted; starts a (re)learning when due.
+        reach: the deepest step any row can use now; a deeper window waits for the next (re)learning."""
         if time.perf_counter() - self.measured_at.get(bucket, -REFRESH_S) >= REFRESH_S:
-            self.learning[bucket] = {1, 1 + self.nodes(1)} | ({"draft"} if self.calls(1) > 0 else set())
+            windows = {1 + self.nodes(d) for d in self.learning_depths}
+            self.learning[bucket] = {1} | windows | ({"draft"} if self.calls(1) > 0 else set())
             self.measured_at[bucket] = time.perf_counter()
-        return self.learning.get(bucket, set())
+        needed = self.learning.get(bucket, set())
+        needed -= {1 + self.nodes(d) for d in self.learning_depths if d > reach}
+        return needed
 
     def _scratch(self, n: int, probe_verify: Callable[[int], float], probe_draft: Callable[[], float]) -> None:
-        """Time what a depth-1 step would, with passes that commit nothing."""
+        """Time what the learning steps would, with passes that commit nothing."""
         bucket = rows_bucket(n)
         needed = self.learning[bucket]
-        q = 1 + self.nodes(1)
-        self.verify_s.setdefault(bucket, {})[q] = probe_verify(q)
+        for q in needed - {1, "draft"}:
+            self.verify_s.setdefault(bucket, {})[q] = probe_verify(q) / n
         if "draft" in needed:
-            self.draft_s[bucket] = probe_draft()
-        needed -= {q, "draft"}
+            self.draft_s[bucket] = probe_draft() / n
+        needed.clear()
 
     def verify_seconds(self, bucket: int, q: int) -> float:
-        """A pass over q tokens per row: measured, interpolated between the nearest measured counts, or
+        """A pass over q tokens per row, per row: measured, interpolated between the nearest measured counts, or
         extrapolated along the two largest (a pass never costs less than a smaller one)."""
         table = self.verify_s[bucket]
         if q in table:
@@ -163,7 +178,8 @@ class DepthController:
         seconds = self.verify_seconds(bucket, 1 + self.nodes(depth))
         if depth > 0:
             seconds += self.calls(depth) * self.draft_s.get(bucket, 0.0)
-        return seconds + self.rest_s.get((bucket, depth > 0), self.rest_s.get((bucket, depth == 0), 0.0))
+        seconds += self.rest_s.get((bucket, depth > 0), self.rest_s.get((bucket, depth == 0), 0.0))
+        return n * seconds
 
     def choose(
         self,
@@ -181,11 +197,13 @@ class DepthController:
         depth = self.max_depth if any_drafted or not greedy else 0
         if self.adaptive and greedy:
             bucket = rows_bucket(n)
-            needed = self._learn(bucket)
+            needed = self._learn(bucket, reach=int(left.max()) - 1)
             if 1 in needed:
                 return self._chosen(0)  # a plain step times the target over one token per row
             if needed and any_drafted:
-                return self._chosen(1)  # a depth-1 step times a draft pass and a pass over its tokens
+                # A drafted step times a draft pass and a pass over its tokens: the shallowest still needed.
+                depths = [d for d in self.learning_depths if 1 + self.nodes(d) in needed]
+                return self._chosen(depths[0] if depths else 1)
             if needed:
                 self._scratch(n, probe_verify, probe_draft)
             seconds = [self.step_seconds(n, d) for d in range(self.max_depth + 1)]
@@ -225,12 +243,18 @@ class DepthController:
                 else ((1 - SMOOTHING) * self.level_acceptance + SMOOTHING * step_rate)
             )
         bucket = rows_bucket(n)
-        draft_s, verify_s, rest_s = seconds
+        draft_s, verify_s, rest_s = (s / n for s in seconds)
         needed = self.learning.get(bucket, set())
         q = 1 + self.nodes(depth)
-        # What the bucket is (re)learning is taken as measured; the rest is folded into the moving averages.
+        # What the bucket is (re)learning, or times for the first time, is taken as measured; anything else moves
+        # the whole table (see the docstring).
         table = self.verify_s.setdefault(bucket, {})
-        table[q] = verify_s if q in needed or q not in table else _smoothed(table[q], verify_s)
+        if q in needed or q not in table:
+            table[q] = verify_s
+        else:
+            drift = SMOOTHING * (verify_s - table[q])
+            for count in table:
+                table[count] = max(table[count] + drift, 0.0)
         if draft_calls > 0:
             per_call = draft_s / draft_calls
             fresh = "draft" in needed or bucket not in self.draft_s
@@ -246,11 +270,11 @@ class DepthController:
             "max_depth": self.max_depth,
             "level_acceptance": self.level_acceptance,
             "depth_chosen_steps": dict(sorted(self.depths.items())),
-            "verify_seconds": {
+            "verify_seconds_per_row": {
                 f"rows~{2**b}": {f"tokens={q}": s for q, s in sorted(t.items())}
                 for b, t in sorted(self.verify_s.items())
             },
-            "draft_seconds_per_call": {f"rows~{2**b}": s for b, s in sorted(self.draft_s.items())},
+            "draft_seconds_per_row_and_call": {f"rows~{2**b}": s for b, s in sorted(self.draft_s.items())},
         }
 
 
