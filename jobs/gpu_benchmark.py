@@ -13,8 +13,10 @@ as trees whose extra siblings are wrong), so the tables show
 It needs torch and transformers only (no Ray):
 
     python jobs/gpu_benchmark.py                        # 7B shapes, bf16, on a GPU
-    python jobs/gpu_benchmark.py --shape wide           # LLaVA-1.5's width at 4 layers (1.1B), float32, on a CPU
-                                                        # (on a 2-core CPU still arithmetic-bound: r = 2.2)
+    python jobs/gpu_benchmark.py --shape wide --dtype bfloat16 --batches 1 --sections suite
+                                                        # LLaVA-1.5's width at 4 layers (1.1B) on a CPU with
+                                                        # bf16 instructions: weight-bound, r about 1 (in
+                                                        # float32, 2 cores are arithmetic-bound: r = 2.2)
     python jobs/gpu_benchmark.py --shape tiny           # seconds, to check the script
 """
 
@@ -47,9 +49,10 @@ SHAPES = {
         ),
         32064,
     ),
-    # The same width at 4 layers and a small tower: 1.1B parameters, whose decode steps read 4.4 GB of float32
-    # weights on a CPU, as a 7B model's read 14 GB of bf16 weights on a GPU (though a small CPU stays bound by
-    # arithmetic over a verification window: r = 2.2 measured on 2 cores).
+    # The same width at 4 layers and a small tower: 1.1B parameters, whose decode steps read 2.2 GB of bf16
+    # weights on a CPU, as a 7B model's read 14 GB on a GPU. In bf16 on a CPU with bf16 dot products a pass over
+    # a verification window costs about what a one-token pass does (r = 1.0-1.2 measured on 2 cores); in
+    # float32 2 cores are bound by arithmetic over the window (r = 2.2).
     "wide": (
         LlavaShape(
             layers=4, vision_hidden=64, vision_layers=2, vision_heads=2, image_size=112, patch_size=14, **SEVEN_B
@@ -96,19 +99,37 @@ def main() -> None:
     parser.add_argument("--caps", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="auto: bfloat16 on a GPU, float32 on a CPU (a CPU with bf16 instructions can take bfloat16)",
+    )
+    parser.add_argument(
         "--sections", nargs="+", default=["suite", "caps", "continuous"], choices=["suite", "caps", "continuous"]
     )
+    parser.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     args = parser.parse_args()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# GPU benchmark\n\nCommand: `python {' '.join(sys.argv)}`\n")
+
+    def report(text: str) -> None:
+        print(text, "\n", flush=True)
+        if args.out:
+            with args.out.open("a") as out:  # section by section: a run that dies keeps what it measured
+                out.write(f"\n{text}\n")
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
     target, processor, shape, params = build(args.shape, device, dtype)
     requests = make_requests(processor, shape, args.requests, dtype)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"\n{name}; {args.shape} shapes, {params / 1e9:.2f}B parameters, {dtype}; {args.requests} requests x "
-        f"{args.max_new_tokens} tokens; no EOS, so every mode does the same work\n",
-        flush=True,
+    report(
+        f"{name}; {args.shape} shapes, {params / 1e9:.2f}B parameters, {dtype}; {args.requests} requests x "
+        f"{args.max_new_tokens} tokens; no EOS, so every mode does the same work"
     )
     eos = (-1,)
 
@@ -125,7 +146,9 @@ def main() -> None:
             repeats=args.repeats,
             replay_trees=(2, 4),
         )
-        print(markdown_table(rows), "\n", flush=True)
+        report(markdown_table(rows))
+    if not {"caps", "continuous"} & set(args.sections):
+        return
 
     # Recorded continuations for the replayed drafts below.
     start = time.perf_counter()
@@ -150,7 +173,7 @@ def main() -> None:
             eos=eos,
             rounds=max(1, args.repeats - 1),
         )
-        print(cap_table(runs), "\n", flush=True)
+        report(cap_table(runs))
 
     if "continuous" in args.sections:
         # Output lengths from an eighth of the maximum to all of it, as short answers mixed with long captions.
@@ -163,11 +186,10 @@ def main() -> None:
             r = continuous_vs_static(
                 target, make, spread, cap, max_new_tokens=args.max_new_tokens, eos=eos, rounds=max(1, args.repeats - 1)
             )
-            print(
+            report(
                 f"continuous vs static, draft {label}, cap {cap}: {r['speedup']:.2f}x "
                 f"({r['static_tokens_per_s']:.0f} -> {r['continuous_tokens_per_s']:.0f} tok/s), "
-                f"identical {r['identical']}",
-                flush=True,
+                f"identical {r['identical']}"
             )
 
 

@@ -187,6 +187,9 @@ def test_benchmark_suite_compares_every_mode_with_the_target(family):
         if not r.mode.startswith("HF"):
             assert r.identical == 1.0, r.mode
         assert r.speedup_vs_ar > 0 and r.new_tokens > 0
+        # Engine modes are also timed over their decoding steps alone; Hugging Face's cannot be split.
+        assert (r.decoding_speedup_vs_ar is None) == r.mode.startswith("HF"), r.mode
+        assert r.timing.decoding_median is None or r.timing.decoding_median < r.timing.median
     replay = {r.mode: r for r in rows if r.batch == 1 and r.mode.startswith("replay")}
     assert replay["replay a=0.9"].tau > replay["replay a=0.5"].tau > 1.0
     engine = [r for r in rows if r.mode.startswith("engine vlm")]

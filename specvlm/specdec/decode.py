@@ -137,6 +137,8 @@ class SpeculativeDecoder:
         self.ready: list[tuple[int, Result]] = []  # results not handed out yet
         self.state: DecodeState | None = None
         self.next_id = 0
+        # Where the time goes: admitting requests (prefill) against decoding steps, for reports and benchmarks.
+        self.seconds = {"admission": 0.0, "decoding": 0.0}
         # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow.
         windows = [w for w in ModelRunner(target, 1, 1).windows.values() if w is not None]
         if windows and min(windows) <= self.window:
@@ -164,8 +166,11 @@ class SpeculativeDecoder:
 
     def step(self) -> list[tuple[int, Result]]:
         """Admit waiting requests, run one decoding step, and return (id, result) for every request finished."""
-        started = time.perf_counter()
+        clock = self.stopwatch
+        started = clock()
         self._admit()
+        admitted = clock()
+        self.seconds["admission"] += admitted - started
         finished, self.ready = self.ready, []
         state = self.state
         if state is None or state.n == 0:
@@ -173,8 +178,10 @@ class SpeculativeDecoder:
         rows, waiting = state.n, bool(self.waiting)
         with torch.inference_mode():
             finished += self._step(state)
+        ended = clock()
+        self.seconds["decoding"] += ended - admitted
         if self.auto_rows is not None:
-            self.auto_rows.observe(rows, waiting, self.last_step_tokens, time.perf_counter() - started)
+            self.auto_rows.observe(rows, waiting, self.last_step_tokens, ended - started)
         return finished
 
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -193,6 +200,7 @@ class SpeculativeDecoder:
         shape = {"rows": state.rows, "capacity": state.capacity} if state is not None else {}
         return {
             **shape,
+            "seconds": dict(self.seconds),
             "auto_rows": self.auto_rows.describe() if self.auto_rows else None,
             "controller": self.controller.describe() if self.controller else None,
         }
