@@ -4,7 +4,7 @@ the numbers say pays."""
 import pytest
 import torch
 
-from specvlm.specdec.autobatch import START, WINDOW, AutoRows
+from specvlm.specdec.autobatch import START, WARMUP, WINDOW, AutoRows
 from specvlm.specdec.controller import DepthController
 
 DEPTH, ROWS = 5, 32
@@ -110,10 +110,23 @@ def test_the_batch_cap_doubles_while_tokens_per_second_rise_then_settles_at_the_
     rates = {START: 100.0, 2 * START: 180.0, 4 * START: 200.0, 8 * START: 201.0, 16 * START: 150.0}
     auto = AutoRows(limit=16 * START)
     while not auto.settled:
-        for _ in range(WINDOW):
+        for _ in range(WARMUP + WINDOW):
             auto.observe(auto.cap, True, int(rates[auto.cap]), 1.0)
     # 8 * START was the best measured, though by too little to go on doubling.
     assert auto.cap == 8 * START and set(auto.rates) == {START, 2 * START, 4 * START, 8 * START}
+
+
+def test_the_first_steps_at_a_new_cap_are_not_measured():
+    # Doubling the cap pays 6%, but its first steps run at a tenth of that (its rows filling, the controller
+    # learning the costs of a row count it had not seen): counted in, they would hide the gain.
+    rates = {START: 100, 2 * START: 106}
+    auto = AutoRows(limit=2 * START)
+    while not auto.settled:
+        cap = auto.cap
+        for step in range(WARMUP + WINDOW):
+            slow = step < WARMUP and cap > START
+            auto.observe(cap, True, rates[cap] // 10 if slow else rates[cap], 1.0)
+    assert auto.rates == rates and auto.cap == 2 * START
 
 
 def test_the_batch_cap_is_only_measured_when_it_limits_the_batch():
@@ -127,6 +140,6 @@ def test_the_batch_cap_is_only_measured_when_it_limits_the_batch():
 def test_the_batch_cap_stays_within_memory():
     auto = AutoRows(limit=START // 2 + 3)
     while not auto.settled:
-        for _ in range(WINDOW):
+        for _ in range(WARMUP + WINDOW):
             auto.observe(auto.cap, True, auto.cap, 1.0)  # tokens/s rise with every row
     assert auto.cap == START // 2 + 3
