@@ -4,12 +4,11 @@ Throughput jobs want the running batch as large as pays: more rows share each we
 turns compute-bound and tokens/s stops rising. Where that happens depends on the model, the hardware and the
 prompts, so the cap is calibrated on the first requests: start small, and double the cap while doubling raises
 tokens/s by at least GAIN, within the memory budget. Each cap is measured over WINDOW steps at full occupancy
-(every row busy and requests waiting), with the admission of new rows (their prefill) counted in, after WARMUP
-steps at that cap: the first steps at a new cap fill its rows at once and are where the speculation controller
-learns the costs of a row count it has not seen (controller.py), which would price every larger cap below what
-it decodes at once settled. It starts at
-START rows (or what the budget allows): small batches are rarely what a throughput job wants, and every window
-spent below the best cap costs throughput.
+(every row busy and requests waiting), with the admission of new rows (their prefill) counted in. Its first
+WARMUP saturated steps are not counted: they fill the new rows at once, and they are where the speculation
+controller learns the costs of a row count it has not seen (controller.py); counted in, they would price every
+larger cap below what it decodes at once settled. It starts at START rows (or what the budget allows): small
+batches are rarely what a throughput job wants, and every window spent below the best cap costs throughput.
 """
 
 from __future__ import annotations

@@ -28,11 +28,12 @@ step is what makes that line true: the step from 1 to 2 tokens is often steeper 
 one-token pass takes a faster path), and a line through those two alone would overprice every deeper window.
 
 Every step then refines what it used: its phases are timed and folded into moving averages, which adds the
-deeper counts as the controller drafts deeper. A step's verification time moves every count of its row bucket
-by the same factor, not just its own: passes grow slower as outputs grow (attention reads more cache), and a
-count that is not being chosen would otherwise keep the time it had when the outputs were short, and look
-cheaper than the one in use for no reason but staleness. It moves them by the same time, not the same
-factor: what grows is the read of each row's cache, which a window of one token pays as much as a deep one.
+deeper counts as the controller drafts deeper. A step's verification time moves every count of its row bucket,
+not just its own: passes grow slower as outputs grow (attention reads more cache), and a count that is not
+being chosen would otherwise keep the time it had when the outputs were short, and look cheaper than the one in
+use for no reason but staleness. It moves them by the same time, not the same factor: what grows is the read of
+each row's cache, which a window of one token pays as much as a deep one (by the same factor, measured, the
+deep windows came out overpriced late in a run).
 Tables are indexed by a bucket of the row count, so they follow the load and the machine, and hold seconds per
 row, because within a bucket a pass costs about in proportion to its rows (a batch that drains stays priced).
 
@@ -254,7 +255,7 @@ class DepthController:
         else:
             drift = SMOOTHING * (verify_s - table[q])
             for count in table:
-                table[count] = max(table[count] + drift, 0.0)
+                table[count] = max(table[count] + drift, table[count] / 2)  # one odd step cannot zero a cost
         if draft_calls > 0:
             per_call = draft_s / draft_calls
             fresh = "draft" in needed or bucket not in self.draft_s
