@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -54,8 +55,8 @@ def main(argv=None) -> None:
     lines = [
         f"# Throughput under load\n\nCPU ({platform.machine()}, {torch.get_num_threads()} torch threads); demo "
         f"family, greedy; held-out world scenes; max {args.max_new_tokens} new tokens. Every setting ran "
-        f"{args.rounds} times, settings taking turns; the best round counts. Command: `python -m jobs.throughput "
-        f"--requests {args.requests} --caps {' '.join(map(str, args.caps))}`.\n"
+        f"{args.rounds} times, settings taking turns; the best round counts. Command: "
+        f"`python -m jobs.throughput {' '.join(argv if argv is not None else sys.argv[1:])}`.\n"
     ]
     if not args.skip_caps:
         requests = world_requests(target.processor, args.requests)
