@@ -193,18 +193,23 @@ class DepthController:
     ) -> int:
         """The depth of the next step for rows [0, n); drafted [n]: rows the draft holds; left [n]: tokens
         each row may still generate. Also updates `wants_drafting`: whether rows that join should be drafted for."""
+        if not greedy:
+            # Sampling drafts at full depth every step, even for rows the draft does not hold: see the docstring.
+            return self._chosen(self.max_depth)
+        # Never deeper than any row can use (the target adds one token of its own): such draft passes would only
+        # be verified and thrown away. Greedy output is the same at any depth.
+        reach = max(int(left.max()) - 1, 0)
         any_drafted = bool(drafted.any())
-        # Sampling drafts at full depth every step, even for rows the draft does not hold: see the docstring.
-        depth = self.max_depth if any_drafted or not greedy else 0
-        if self.adaptive and greedy:
+        depth = self.max_depth if any_drafted else 0
+        if self.adaptive:
             bucket = rows_bucket(n)
-            needed = self._learn(bucket, reach=int(left.max()) - 1)
+            needed = self._learn(bucket, reach)
             if 1 in needed:
                 return self._chosen(0)  # a plain step times the target over one token per row
             if needed and any_drafted:
                 # A drafted step times a draft pass and a pass over its tokens: the shallowest still needed.
                 depths = [d for d in self.learning_depths if 1 + self.nodes(d) in needed]
-                return self._chosen(depths[0] if depths else 1)
+                return self._chosen(min(depths[0] if depths else 1, reach))
             if needed:
                 self._scratch(n, probe_verify, probe_draft)
             seconds = [self.step_seconds(n, d) for d in range(self.max_depth + 1)]
@@ -214,7 +219,7 @@ class DepthController:
             best_for_all = max(t / s for t, s in zip(everyone, seconds))
             plain = everyone[0] / seconds[0]
             self.wants_drafting = best_for_all > plain * (1.0 if self.wants_drafting else HYSTERESIS)
-        return self._chosen(depth)
+        return self._chosen(min(depth, reach))
 
     def _chosen(self, depth: int) -> int:
         self.depths[depth] = self.depths.get(depth, 0) + 1

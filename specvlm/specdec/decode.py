@@ -228,17 +228,14 @@ class SpeculativeDecoder:
         if self.controller is None:
             return 0
         n = state.n
-        left = state.limit[:n] - state.generated[:n]
-        greedy = self.config.sampling.greedy
-        depth = self.controller.choose(
-            n, state.drafted[:n], left, greedy, lambda q: self._probe(state, q), lambda: self.draft.probe(n)
+        return self.controller.choose(
+            n,
+            state.drafted[:n],
+            state.limit[:n] - state.generated[:n],
+            self.config.sampling.greedy,
+            lambda q: self._probe(state, q),
+            lambda: self.draft.probe(n),
         )
-        if greedy:
-            # No row can use a draft past its budget (the target adds one token of its own): such draft passes
-            # would only be verified and thrown away. Greedy output is the same at any depth; a sampled row's
-            # is not, so sampling keeps its fixed depth.
-            depth = min(depth, max(int(left.max()) - 1, 0))
-        return depth
 
     def _probe(self, state: DecodeState, q: int) -> float:
         """Seconds of a target pass over q tokens per row, at the current rows; writes only scratch slots."""
