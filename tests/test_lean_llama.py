@@ -43,7 +43,7 @@ def _steps(model, prompt: torch.Tensor, lengths: torch.Tensor, lean: bool) -> li
     """Logits of a prefill, a ragged chain step and a tree step, with rows of different committed lengths."""
     runner = ModelRunner(model, prompt.shape[0], prompt.shape[1] + 16, lean=_lean(model, lean))
     out = [runner.forward(prompt, causal_attend(lengths, prompt.shape[1]))]
-    runner.kv_len[: prompt.shape[0]] = lengths
+    runner.set_lengths(slice(0, prompt.shape[0]), lengths, lengths.numpy())
     return out + _decode_steps(runner)
 
 

@@ -99,15 +99,15 @@ def verify_sampling(
     tries = torch.zeros(n, dtype=torch.long, device=device)  # uniforms used per row (keeps rows independent)
     q = q_nodes[:, 0]
     searching = torch.ones(n, dtype=torch.bool, device=device)
-    for _ in range(k):
+    # The loops run to the proposal's static bounds (levels, children per node), not to what this step's trees
+    # hold: a row with nothing left to try changes nothing, and nobody reads the device to stop early.
+    for _ in range(proposal.levels):
         children = (proposal.parents == node[:, None]) & proposal.valid & searching[:, None]  # [n, k]
-        if not bool(children.any()):
-            break
         rank = children.long().cumsum(1) - 1
         first = children.long().argmax(1)
         p = p_nodes[rows, first]  # siblings share their parent's distribution
         moved = torch.zeros(n, dtype=torch.bool, device=device)
-        for sibling in range(int(children.sum(1).max())):
+        for sibling in range(proposal.children):
             pick = children & (rank == sibling)
             trying = pick.any(1) & ~moved
             child = pick.long().argmax(1)
@@ -118,7 +118,8 @@ def verify_sampling(
             reject = trying & ~accept
             q = torch.where(reject[:, None], residual(q, p), q)
             p = torch.where(reject[:, None], without(p, x), p)
-            path[rows[accept], accepted[accept]] = child[accept]
+            at = accepted.clamp(max=k - 1)  # where this level's node goes on the path (rows that accept: < k)
+            path[rows, at] = torch.where(accept, child, path[rows, at])
             node = torch.where(accept, child, node)
             moved |= accept
         accepted += moved
