@@ -1,6 +1,8 @@
-"""The engine serves LLaVA-NeXT (anyres: a varying number of image crops per request) through the same code."""
+"""The engine serves LLaVA-NeXT (anyres: a varying number of image crops per request) through the same code, and
+refuses at load a NeXT draft that expands images on another crop grid."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -15,9 +17,14 @@ from transformers import (
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+from specvlm.engine import DraftSettings, build_draft
 from specvlm.models.build import build_tokenizer
+from specvlm.models.checkpoints import ModelLoadError
+from specvlm.models.compat import check_draft_fits, check_same_image_tokens
+from specvlm.models.loading import load_target
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import ModelDraft
+from specvlm.specdec.prefill import image_features
 from specvlm.specdec.requests import Request
 from specvlm.specdec.tree import TreeDraft, TreeSettings
 from tests.fixtures_models import CORPUS
@@ -72,18 +79,18 @@ def next_family():
         image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         enc = processor(images=image, text=f"USER: <image>\nquestion {i} ASSISTANT:", return_tensors="pt")
         requests.append(Request(enc.input_ids[0].tolist(), enc.pixel_values, image_sizes=enc.image_sizes))
-    return tokenizer, target, noisy, requests
+    return tokenizer, target, noisy, requests, processor
 
 
 def test_llava_next_requests_really_differ_in_crop_count(next_family):
-    _, _, _, requests = next_family
+    _, _, _, requests, _ = next_family
     assert len({r.pixel_values.shape[1] for r in requests}) > 1
     assert len({len(r.input_ids) for r in requests}) > 1
 
 
 @pytest.mark.parametrize("draft", ["none", "chain", "tree"])
 def test_llava_next_greedy_matches_generate(next_family, draft):
-    tokenizer, target, noisy, requests = next_family
+    tokenizer, target, noisy, requests, _ = next_family
     expected = [
         target.generate(
             input_ids=torch.tensor([r.input_ids]),
@@ -113,3 +120,32 @@ def test_llava_next_greedy_matches_generate(next_family, draft):
     assert [r.tokens for r in results] == expected
     if draft != "none":
         assert sum(r.metrics.accepted_tokens for r in results) > 0
+
+
+def test_a_next_draft_on_another_crop_grid_is_refused_at_load(next_family, tmp_path):
+    """Same vision tower sizes, another image_grid_pinpoints: the draft would expand most images to another number
+    of features than the target's prompt holds, so every such request would lose its draft at run time."""
+    tokenizer, target, _, requests, processor = next_family
+    config = copy.deepcopy(target.config)
+    config.image_grid_pinpoints = [[32, 32], [64, 64]]
+    torch.manual_seed(1)
+    other_grid = LlavaNextForConditionalGeneration(config).eval()
+    assert any(isinstance(f, str) for f in image_features(requests, other_grid)), "test setup: the grids must differ"
+    target.save_pretrained(tmp_path / "target")
+    processor.save_pretrained(tmp_path / "target")
+    other_grid.save_pretrained(tmp_path / "draft")
+    tokenizer.save_pretrained(tmp_path / "draft")
+    loaded = load_target(str(tmp_path / "target"), device="cpu", dtype="float32")
+    with pytest.raises(ModelLoadError, match="image_grid_pinpoints differ"):
+        build_draft(DraftSettings("vlm", str(tmp_path / "draft")), loaded)
+    # The job's preflight reads the same from the two config.json files, before any weights load.
+    configs = [json.loads((tmp_path / name / "config.json").read_text()) for name in ("draft", "target")]
+    with pytest.raises(ModelLoadError, match="image_grid_pinpoints differ"):
+        check_draft_fits("vlm", *configs, "draft")
+
+
+def test_a_onevision_draft_pooling_crops_otherwise_is_refused():
+    target = {"image_grid_pinpoints": [[384, 384], [384, 768]], "vision_aspect_ratio": "anyres_max_9"}
+    check_same_image_tokens(target, {**target, "image_grid_pinpoints": ((384, 384), (384, 768))}, "draft")
+    with pytest.raises(ModelLoadError, match="vision_aspect_ratio differ"):
+        check_same_image_tokens(target, {**target, "vision_aspect_ratio": "anyres_max_4"}, "draft")
