@@ -1,5 +1,7 @@
 """The engine serves LLaVA-NeXT (anyres: a varying number of image crops per request) through the same code, and
-refuses at load a NeXT draft that expands images on another crop grid."""
+refuses at load a NeXT draft that expands images on another crop grid. Drafts outside the Llama family run through
+their Hugging Face forward (GPT-2, OPT), or are refused at load by name where that forward cannot run in the
+engine's cache (BLOOM)."""
 
 import copy
 import json
@@ -26,8 +28,9 @@ from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import ModelDraft
 from specvlm.specdec.prefill import image_features
 from specvlm.specdec.requests import Request
+from specvlm.specdec.sampling import SamplingParams
 from specvlm.specdec.tree import TreeDraft, TreeSettings
-from tests.fixtures_models import CORPUS
+from tests.fixtures_models import CORPUS, build_foreign_draft
 
 GRID = [[32, 32], [32, 64], [64, 32]]
 
@@ -149,3 +152,58 @@ def test_a_onevision_draft_pooling_crops_otherwise_is_refused():
     check_same_image_tokens(target, {**target, "image_grid_pinpoints": ((384, 384), (384, 768))}, "draft")
     with pytest.raises(ModelLoadError, match="vision_aspect_ratio differ"):
         check_same_image_tokens(target, {**target, "vision_aspect_ratio": "anyres_max_4"}, "draft")
+
+
+@pytest.fixture(scope="module")
+def saved_family(family, tmp_path_factory):
+    """The mha family's target on disk, and a folder per foreign draft architecture with the family's tokenizer."""
+    root = tmp_path_factory.mktemp("foreign-drafts")
+    family.target.save_pretrained(root / "target")
+    family.processor.save_pretrained(root / "target")
+    for architecture in ("gpt2", "opt", "bloom"):
+        build_foreign_draft(family.tokenizer, architecture).save_pretrained(root / architecture)
+        family.tokenizer.save_pretrained(root / architecture)
+    return root
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "opt"])
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_gpt2_and_opt_drafts_decode_like_generate(family, saved_family, architecture, mode):
+    target = load_target(str(saved_family / "target"), device="cpu", dtype="float32")
+    settings = DraftSettings("text", str(saved_family / architecture), mode=mode, gamma=3)
+    draft = build_draft(settings, target)
+    requests = family.requests(4)
+    config = DecodeConfig(max_new_tokens=12, eos_token_ids=(family.tokenizer.eos_token_id,), adaptive=False)
+    results = SpeculativeDecoder(target.model, draft, config).generate(requests)
+    assert [r.tokens for r in results] == [family.reference(r, 12) for r in requests]
+    assert all(r.metrics.proposed_tokens > 0 for r in results)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "opt"])
+def test_gpt2_and_opt_drafts_propose_their_own_greedy_continuation(family, architecture):
+    """Through the engine's cache, masks and positions, a draft proposes what its own generate would write next:
+    the forward is driven right, not just harmlessly wrong."""
+    model = build_foreign_draft(family.tokenizer, architecture)
+    draft = ModelDraft(
+        model,
+        text_only=True,
+        image_token_id=family.image_token_id,
+        target_vocab=family.target_vocab,
+        cost_ratio=0.1,
+        name=architecture,
+        gamma=5,
+    )
+    requests = family.requests(3)
+    draft.allocate(len(requests), 64)
+    draft.admit(list(range(len(requests))), requests)
+    proposal = draft.propose(len(requests), 5, SamplingParams(), None)
+    for row, request in enumerate(requests):
+        text = [t for t in request.input_ids if t != family.image_token_id]
+        own = model.generate(input_ids=torch.tensor([text]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert proposal.tokens[row].tolist() == own[0, len(text) :].tolist()
+
+
+def test_a_draft_the_engine_cannot_drive_is_refused_at_load_by_name(saved_family):
+    target = load_target(str(saved_family / "target"), device="cpu", dtype="float32")
+    with pytest.raises(ModelLoadError, match=r"\(bloom\) cannot run in the engine"):
+        build_draft(DraftSettings("text", str(saved_family / "bloom")), target)
