@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.prefill import prefill
@@ -90,5 +99,6 @@ def test_architectures_it_does_not_reproduce_keep_hugging_face():
     scaled = LlamaForCausalLM(LlamaConfig(**SMALL, rope_scaling={"rope_type": "linear", "factor": 2.0}))
     gelu = LlamaForCausalLM(LlamaConfig(**SMALL, hidden_act="gelu"))
     windowed = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=4))
-    for model in (scaled, gelu, windowed):
+    other_family = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=4))  # no .model inside
+    for model in (scaled, gelu, windowed, other_family):
         assert LeanLlama.of(model) is None

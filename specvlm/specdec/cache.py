@@ -79,6 +79,12 @@ class SlotKVCache:
         values.index_put_(index, value_states)
         return keys[:n, :, : self.read_len], values[:n, :, : self.read_len]
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Part of the Hugging Face cache interface: models ask it to infer the positions and masks a caller leaves
+        out, and some (OPT) ask whether they need it or not. The runner always passes both, and its rows are
+        ragged, so no single length is right; the answer is never used."""
+        return 0
+
     def _all(self):
         return [buf for buf in (*self.keys, *self.values) if buf is not None]
 

@@ -176,12 +176,15 @@ class SpeculativeDecoder:
         self.last_step_tokens = 0
         # Where the time goes: admitting requests (prefill) against decoding steps, for reports and benchmarks.
         self.seconds = {"admission": 0.0, "decoding": 0.0}
-        # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow.
+        # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow. A
+        # chain's tokens sit in the slots of their positions, so its masks are exact under any window; a tree's
+        # nodes sit past their positions, which a window no longer than the tree could tell apart (runner.py).
         windows = [w for w in ModelRunner(target, 1, 1).windows.values() if w is not None]
-        if windows and min(windows) <= self.window:
+        tree = self.window - 1 > self.max_depth
+        if tree and windows and min(windows) <= self.window:
             raise ValueError(
-                f"the target's sliding window of {min(windows)} tokens is not longer than a verification window of "
-                f"{self.window}; use a shallower draft (draft.gamma, draft.tree.max_nodes)"
+                f"the target's sliding window of {min(windows)} tokens is not longer than a tree's verification "
+                f"window of {self.window}; use a smaller tree (draft.tree.max_nodes, draft.gamma) or draft.mode=chain"
             )
 
     # ---- the public interface -------------------------------------------------------------------------------

@@ -77,11 +77,12 @@ class LeanLlama(torch.nn.Module):
         """The lean forward of a causal LM or of a VLM's language model; None when the architecture is one
         this module does not reproduce exactly."""
         config = model.config.get_text_config()
+        if config.model_type not in SUPPORTED:
+            return None  # checked first: other architectures lay their modules out otherwise (GPT-2 has no .model)
         decoder = getattr(model.model, "language_model", model.model)
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         if (
-            config.model_type not in SUPPORTED
-            or config.hidden_act != "silu"
+            config.hidden_act != "silu"
             or rope.get("rope_type", "default") != "default"
             or (getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True))
             or getattr(config, "mlp_bias", False)

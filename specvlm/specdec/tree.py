@@ -134,15 +134,18 @@ class TreeDraft(ModelDraft):
         # Greedy ranks nodes by the draft's plain probabilities; sampling must use exactly the p it draws from.
         return logits.float().softmax(-1) if params.greedy else probs_from_logits(logits, params)
 
-    def _children(self, dist: torch.Tensor, k: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _children(dist: torch.Tensor, k: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
         """k children of each distribution [..., V]: its top-k (greedy), or k draws without replacement."""
         if rng is None:
             probs, tokens = dist.topk(k, dim=-1)
             return tokens, probs
         shape = dist.shape
-        uniforms = rng.uniforms(shape[0], dist[0].numel()).reshape(shape).clamp_(min=1e-12, max=1 - 1e-7)
-        # Gumbel top-k: the k largest log p + Gumbel noise are a sample without replacement from p.
-        keys = dist.log() - (-uniforms.log()).log()
+        # Gumbel top-k: the k largest log p + Gumbel noise are a sample without replacement from p. In float64 the
+        # noise reaches 36.7 nats (float32 stops at 16.6, so a token ~19 nats below the top could never come
+        # first); a uniform of exactly 0 (odds 2^-53) would give a key of -inf, hence the clamp.
+        uniforms = rng.uniforms(shape[0], dist[0].numel()).double().reshape(shape)
+        keys = dist.double().log() - (-uniforms.clamp_(min=torch.finfo(torch.float64).tiny).log()).log()
         tokens = keys.topk(k, dim=-1).indices
         probs = dist.gather(-1, tokens)
         # Where p has fewer than k tokens, the extra "children" have probability 0: mark them invalid.
