@@ -48,12 +48,13 @@ from specvlm.specdec.metrics import SampleMetrics
 from specvlm.specdec.prefill import prefill
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, Result, TargetSpec, validate
-from specvlm.specdec.runner import ModelRunner
+from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams
 from specvlm.specdec.shapes import EXACT, STATIC, ShapeBuckets
 from specvlm.specdec.timing import StepTimer, seconds
 from specvlm.specdec.verify import Verdict, verify_greedy, verify_sampling
 
+WARM_UP_SLOTS = 64  # cache slots per scratch row of the warm-up (warm_up)
 CAPACITY_STEP = 64  # cache slots per row grow in these steps, so that a slightly longer prompt rarely reallocates
 
 
@@ -186,6 +187,8 @@ class SpeculativeDecoder:
                 f"the target's sliding window of {min(windows)} tokens is not longer than a tree's verification "
                 f"window of {self.window}; use a smaller tree (draft.tree.max_nodes, draft.gamma) or draft.mode=chain"
             )
+        if self.compiler is not None:
+            self.warm_up()
 
     # ---- the public interface -------------------------------------------------------------------------------
 
@@ -204,6 +207,9 @@ class SpeculativeDecoder:
     def busy(self) -> bool:
         return bool(self.waiting or self.ready or (self.state is not None and self.state.n))
 
+    # Inference mode throughout, admission included: every buffer the forwards take is then an inference tensor,
+    # so compiled forwards meet one kind of tensor (a mix is a guard failure and a recompile).
+    @torch.inference_mode()
     def step(self) -> list[tuple[int, Result]]:
         """Admit waiting requests, run one decoding step, and return (id, result) for every request finished."""
         started = time.perf_counter()
@@ -215,8 +221,7 @@ class SpeculativeDecoder:
         if state is None or state.n == 0:
             return finished
         rows, waiting = state.n, bool(self.waiting)
-        with torch.inference_mode():
-            finished += self._step(state)
+        finished += self._step(state)
         ended = time.perf_counter()  # the step's read of the device has waited for all of it
         self.seconds["decoding"] += ended - admitted
         if self.auto_rows is not None:
@@ -245,6 +250,24 @@ class SpeculativeDecoder:
             "compile": self.compiler.describe() if self.compiler else None,
             "static_shapes": self.shapes.static,
         }
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the forwards the steps run before the first request comes (compute.compile): the target's
+        one-token pass and its verification pass, and the draft's passes, on two scratch rows. Their shapes are
+        dynamic, or bucketed on a GPU, so later steps meet these graphs; the time shows in describe()["compile"].
+        Graphs stay on the models, so a decoder built again later (after a failure) finds them compiled."""
+        model = getattr(self.draft, "model", None)
+        runs = [(self.target, None, "target", sorted({1, self.window}))]
+        if model is not None:
+            runs.append((model, getattr(self.draft, "lean", None), "draft", [1, 2]))
+        for model, lean, role, widths in runs:
+            runner = ModelRunner(model, 2, WARM_UP_SLOTS, lean, shapes=self.shapes, compiler=self.compiler, role=role)
+            device = runner.device
+            runner.prefill(torch.zeros(2, 4, dtype=torch.long, device=device), [4, 3])
+            for q in widths:
+                tokens = torch.zeros(2, q, dtype=torch.long, device=device)
+                runner.forward(tokens, causal_attend(torch.full((2,), q, device=device), q))
 
     # ---- one step ---------------------------------------------------------------------------------------------
 

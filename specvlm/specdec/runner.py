@@ -179,8 +179,8 @@ class ModelRunner:
     ):
         """lean: the model's LeanLlama, to run text-only forwards through (drafts only: the target's Hugging Face
         forward is the reference for losslessness). capacity: slots per row the caller may use; the cache holds
-        one more, the trash slot that padded queries write to. compiler: compiles decode forwards (prefill and
-        forwards over image embeddings stay eager)."""
+        one more, the trash slot that padded queries write to (and a spare row). compiler: compiles decode
+        forwards (prefill and forwards over image embeddings stay eager)."""
         self.model = model
         self.device = model.device
         self.windows = attention_windows(model)
@@ -193,13 +193,16 @@ class ModelRunner:
         self.shapes = shapes
         self.eager = DecodeForward(model, lean, self.windows)
         self.compiled = compiler.wrap(self.eager, role) if compiler is not None else None
-        self.cache = SlotKVCache(text.num_hidden_layers, rows, capacity + 1)
+        # One slot per row more than the caller's capacity, the trash slot padded queries write to; and one row
+        # more than the caller's, so that a forward's rows are always fewer than the cache's (a compiled graph then
+        # meets one case of slicing the cache, not "all rows" and "some rows" as two).
+        self.cache = SlotKVCache(text.num_hidden_layers, rows + 1, capacity + 1)
         self.kv_len = torch.zeros(rows, dtype=torch.long, device=self.device)  # committed tokens per row
         self.kv_host = np.zeros(rows, dtype=np.int64)  # the same, on the host
 
     @property
     def rows(self) -> int:
-        return self.cache.rows
+        return self.cache.rows - 1
 
     @property
     def capacity(self) -> int:
@@ -248,6 +251,8 @@ class ModelRunner:
             run, cache = self.eager, self.cache
             shapes = self.shapes if inputs_embeds is None else EXACT
         rows, width = shapes.rows(n, self.rows), shapes.window(q)
+        if run is self.compiled and rows == 1 and self.rows > 1:
+            rows = 2  # compiled graphs treat a size of 1 as a constant: batch 1 shares the graph of batches >= 2
         read_len = shapes.read_len(need, self.capacity)
         if (rows, width) != (n, q):
             tokens, attend, offsets, depth = _pad(tokens, attend, offsets, depth, rows, width)
@@ -287,7 +292,7 @@ class ModelRunner:
         self.set_lengths(slice(0, n), on_device, lengths)
 
     def resize(self, rows: int, capacity: int) -> None:
-        self.cache.resize(rows, capacity + 1)
+        self.cache.resize(rows + 1, capacity + 1)
         kept = min(rows, len(self.kv_host))
         kv_len = torch.zeros(rows, dtype=torch.long, device=self.device)
         kv_len[:kept] = self.kv_len[:kept]
