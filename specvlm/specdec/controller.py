@@ -21,11 +21,13 @@ The costs are measured here, on the machine that decodes, by the steps themselve
 has about n rows, and every REFRESH_S seconds after, the controller learns that row count's costs from real
 steps, which commit tokens like any other: a plain step times the target over 1 token per row, a step of depth
 1 times it over 1 + nodes(1) and times one draft pass, and a step of half the full depth times a deeper window.
-Each is timed by LEARNING_SAMPLES steps, taking turns (plain, depth 1, half depth, plain, ...), and the median
-counts: a cost learned from one step is at the mercy of that step (the first pass of a shape pays one-off
-set-up, another process takes the core for a moment), and a cost that is overpriced so is never chosen again,
-so never timed again. Only when the draft holds no row (so no drafted step is possible) do scratch passes
-(forwards that commit nothing) stand in for the drafted steps.
+Each is timed by LEARNING_SAMPLES steps, taking turns (plain, depth 1, half depth, plain, ...), and the fastest
+counts: a cost learned from one step is at the mercy of that step (the first pass of a shape pays one-off set-up,
+another process takes the core for a moment), and a cost that is overpriced so is never chosen again, so never
+timed again. What disturbs a step only ever adds time, and on a shared machine it disturbs many (on two cores at
+load 6, a third of the demo target's passes took 2-4x their usual time), so the fastest of three is a far safer
+estimate than their median, which two slow steps out of three decide. Only when the draft holds no row (so no
+drafted step is possible) do scratch passes (forwards that commit nothing) stand in for the drafted steps.
 Past one token, verification costs grow about linearly with the tokens per row, so other counts are interpolated
 between measured ones, or extrapolated along the last two. The deeper step is what makes that line true: the step
 from 1 to 2 tokens is often steeper than the ones after it (a one-token pass takes a faster path), and a line
@@ -38,11 +40,11 @@ being chosen would otherwise keep the time it had when the outputs were short, a
 use for no reason but staleness. It moves them by the same time, not the same factor: what grows is the read of
 each row's cache, which a window of one token pays as much as a deep one (by the same factor, measured, the
 deep windows came out overpriced late in a run).
-Moving every count by the same time keeps the differences between counts as they were learned, so the steps
-also check the model against what they deliver: when the steps of a bucket take, on average over SHORTFALL_STEPS
-steps or more, so much longer than predicted that they realise less than SHORTFALL of the tokens per second the
-model promised, the bucket re-learns its costs at once instead of at the next refresh (a machine whose load
-changed can turn a target from bound by reading weights, where deep windows cost little more than one token, to bound by
+Moving every count by the same time keeps the differences between counts as they were learned, so the steps also
+check the model against what they deliver: when the recent steps of a bucket (about SHORTFALL_STEPS of them) took
+so much longer than predicted, together, that they realised less than SHORTFALL of the tokens per second the model
+promised, the bucket re-learns its costs at once instead of at the next refresh (a machine whose load changed can
+turn a target from bound by reading weights, where deep windows cost little more than one token, to bound by
 arithmetic, where they cost in proportion).
 Tables are indexed by a bucket of the row count, so they follow the load and the machine, and hold seconds per
 row, because within a bucket a pass costs about in proportion to its rows (a batch that drains stays priced).
@@ -58,15 +60,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from statistics import median
 
 import numpy as np
 
 REFRESH_S = 60.0  # seconds between re-measurements of a bucket: a cost measured badly once cannot stick, and
 # the scratch passes stay a small share of the time (four passes a minute)
-LEARNING_SAMPLES = 3  # steps that time each cost while a bucket learns: their median holds against one odd step
-SHORTFALL = 0.8  # predicted over realised step seconds, on average, below which a bucket re-learns its costs
-SHORTFALL_STEPS = 8  # steps a bucket's prediction is checked over before it may be found short
+LEARNING_SAMPLES = 3  # steps that time each cost while a bucket learns: the fastest counts (see the docstring)
+SHORTFALL = 0.75  # predicted over realised seconds of recent steps, below which a bucket re-learns its costs
+SHORTFALL_STEPS = 8  # about how many recent steps that compares; also the steps after learning before it may
 PRIOR_WEIGHT = 4.0  # steps' worth of evidence the running acceptance of all rows counts for in a row's estimate
 SMOOTHING = 0.2  # weight of a new measurement in the moving averages
 HYSTERESIS = 1.03  # drafting for rows that join must promise this much over plain decoding
@@ -101,8 +102,8 @@ class DepthController:
         # rows bucket -> what its steps are timing while it learns (token counts, "draft") -> the seconds per row
         # measured so far; a bucket's entry goes when every cost has LEARNING_SAMPLES of them
         self.learning: dict[int, dict[int | str, list[float]]] = {}
-        # rows bucket -> (steps checked, moving average of predicted over realised step seconds) since it learned
-        self.realised: dict[int, tuple[int, float]] = {}
+        # rows bucket -> (steps checked since it learned, moving averages of the predicted and the realised seconds)
+        self.realised: dict[int, tuple[int, float, float]] = {}
         self.prediction: tuple[int, float] | None = None  # (rows bucket, seconds) the chosen step was priced at
         self.level_acceptance: float | None = None  # running value over all rows
         # Per row, on the host (the controller never reads the device): levels accepted out of levels tried.
@@ -167,9 +168,9 @@ class DepthController:
         self.realised.pop(bucket, None)
         for q, samples in learning.items():
             if q not in (1, "draft") and len(samples) < LEARNING_SAMPLES:
-                self.verify_s.setdefault(bucket, {})[q] = median(probe_verify(q) / n for _ in range(LEARNING_SAMPLES))
+                self.verify_s.setdefault(bucket, {})[q] = min(probe_verify(q) / n for _ in range(LEARNING_SAMPLES))
         if len(learning.get("draft", ())) < LEARNING_SAMPLES:
-            self.draft_s[bucket] = median(probe_draft() / n for _ in range(LEARNING_SAMPLES))
+            self.draft_s[bucket] = min(probe_draft() / n for _ in range(LEARNING_SAMPLES))
 
     def verify_seconds(self, bucket: int, q: int) -> float:
         """A pass over q tokens per row, per row: measured, interpolated between the nearest measured counts, or
@@ -275,12 +276,12 @@ class DepthController:
         draft_s, verify_s, rest_s = (s / n for s in seconds)
         learning = self.learning.get(bucket, {})
         q = 1 + self.nodes(depth)
-        # What the bucket is (re)learning is the median of its samples so far, and what it times for the first time
+        # What the bucket is (re)learning is the fastest of its samples so far, and what it times for the first time
         # is taken as measured; anything else moves the whole table (see the docstring).
         table = self.verify_s.setdefault(bucket, {})
         if q in learning:
             learning[q].append(verify_s)
-            table[q] = median(learning[q])
+            table[q] = min(learning[q])
         elif q not in table:
             table[q] = verify_s
         else:
@@ -291,7 +292,7 @@ class DepthController:
             per_call = draft_s / draft_calls
             if "draft" in learning:
                 learning["draft"].append(per_call)
-                self.draft_s[bucket] = median(learning["draft"])
+                self.draft_s[bucket] = min(learning["draft"])
             elif bucket not in self.draft_s:
                 self.draft_s[bucket] = per_call
             else:
@@ -302,15 +303,18 @@ class DepthController:
         """Re-learn the bucket's costs when its steps keep taking longer than the cost model priced them at, so
         deliver fewer tokens per second than it promised: costs timed on odd steps, or on a machine that has
         changed since, would otherwise steer every step until the next refresh. (The tokens half of the promise
-        needs no check: each row's acceptance is counted at every step.) The check waits for SHORTFALL_STEPS
-        steps, so that one slow step cannot start it."""
-        if self.prediction is None or self.prediction[0] != bucket or seconds <= 0:
+        needs no check: each row's acceptance is counted at every step.) Seconds are averaged before they are
+        compared, over about SHORTFALL_STEPS steps, so that slow steps among fast ones, which the predictions
+        follow on average, do not start it."""
+        if self.prediction is None or self.prediction[0] != bucket:
             return
-        ratio = self.prediction[1] / seconds
-        steps, average = self.realised.get(bucket, (0, ratio))
-        steps, average = steps + 1, _smoothed(average, ratio)
-        self.realised[bucket] = (steps, average)
-        if steps >= SHORTFALL_STEPS and average < SHORTFALL:
+        weight = 1 / SHORTFALL_STEPS
+        steps, predicted, realised = self.realised.get(bucket, (0, self.prediction[1], seconds))
+        predicted = (1 - weight) * predicted + weight * self.prediction[1]
+        realised = (1 - weight) * realised + weight * seconds
+        steps += 1
+        self.realised[bucket] = (steps, predicted, realised)
+        if steps >= SHORTFALL_STEPS and predicted < SHORTFALL * realised:
             self.measured_at[bucket] = -math.inf
             del self.realised[bucket]
 
