@@ -105,7 +105,8 @@ def measure(name: str, target, draft, requests, cap: int, gammas: list[int], arg
             rates[run_name].append(rate)
             if run_name == "adaptive":
                 trials.append((rate, collections.Counter(describe["controller"]["depth_chosen_steps"])))
-        log(f"{name}, cap {cap}, trial {trial + 1}: adaptive {rates['adaptive'][-1]:.0f} tok/s, " + histogram(trials[-1][1]))
+        rate, depths = trials[-1]
+        log(f"{name}, cap {cap}, trial {trial + 1}: adaptive {rate:.0f} tok/s, {histogram(depths)}")
     median = {run_name: statistics.median(r) for run_name, r in rates.items()}
     best_fixed = max((n for n in median if n.startswith("fixed")), key=median.__getitem__)
     better = max(median["plain"], median[best_fixed])
