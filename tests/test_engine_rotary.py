@@ -25,6 +25,7 @@ from tests.test_engine_inputs import llava_with, tokenizer  # noqa: F401 (tokeni
 MAX_POSITIONS = 96
 ORIGINAL = 40  # longrope, yarn and llama3: the pretraining length the scaling extends
 HALF_HEAD = 8  # head_dim 16
+SHARPEN = 8.0
 ROPES = {
     "default": {"rope_type": "default"},
     "linear": {"rope_type": "linear", "factor": 2.0},
@@ -59,7 +60,15 @@ TAILS = ["", "what colour is the square?", "fox", "a red"]
 
 def target_with(tokenizer, rope: dict):
     config = LlamaConfig(vocab_size=len(tokenizer), rope_parameters={"rope_theta": 10000.0, **rope}, **TEXT)
-    return llava_with(tokenizer, config)
+    model = llava_with(tokenizer, config)
+    # Random weights attend almost uniformly, which hides the rotary; sharper queries and keys make every
+    # token's output depend on its frequencies.
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(SHARPEN)
+            layer.self_attn.k_proj.weight.mul_(SHARPEN)
+    model.generation_config.eos_token_id = None  # every request runs to the position limit, in generate too
+    return model
 
 
 def requests_of(tokenizer) -> list[Request]:
