@@ -15,12 +15,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, Phi3Config, Phi3ForCausalLM
 
+from specvlm.models.build import build_tokenizer
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import ModelDraft
 from specvlm.specdec.requests import Request
 from specvlm.specdec.rotary import UnsupportedRotary
 from specvlm.specdec.tree import TreeDraft, TreeSettings
-from tests.test_engine_inputs import llava_with, tokenizer  # noqa: F401 (tokenizer: the fixture)
+from tests.fixtures_models import CORPUS
+from tests.test_engine_inputs import llava_requests, llava_with
 
 MAX_POSITIONS = 96
 ORIGINAL = 40  # longrope, yarn and llama3: the pretraining length the scaling extends
@@ -58,6 +60,11 @@ TEXT = dict(
 TAILS = ["", "what colour is the square?", "fox", "a red"]
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(CORPUS, vocab_size=160)
+
+
 def target_with(tokenizer, rope: dict):
     config = LlamaConfig(vocab_size=len(tokenizer), rope_parameters={"rope_theta": 10000.0, **rope}, **TEXT)
     model = llava_with(tokenizer, config)
@@ -72,8 +79,6 @@ def target_with(tokenizer, rope: dict):
 
 
 def requests_of(tokenizer) -> list[Request]:
-    from tests.test_engine_inputs import llava_requests
-
     base = llava_requests(tokenizer, count=1)[0]
     image = tokenizer.convert_tokens_to_ids("<image>")
     placeholders = [t for t in base.input_ids if t == image]
@@ -107,7 +112,8 @@ def drafts_of(model):
     with torch.no_grad():
         for p in noisy.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * p.std() * 0.2)
-    common = dict(text_only=False, image_token_id=model.config.image_token_id, target_vocab=model.get_output_embeddings().weight.shape[0])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    common = dict(text_only=False, image_token_id=model.config.image_token_id, target_vocab=vocab)
     return {
         "none": None,
         "chain": ModelDraft(noisy, cost_ratio=1.0, name="chain", gamma=4, **common),
@@ -116,7 +122,7 @@ def drafts_of(model):
 
 
 @pytest.mark.parametrize("rope", list(ROPES))
-def test_rotary_scalings_decode_like_generate_batched_to_the_position_limit(tokenizer, rope):  # noqa: F811
+def test_rotary_scalings_decode_like_generate_batched_to_the_position_limit(tokenizer, rope):
     model = target_with(tokenizer, ROPES[rope])
     requests = requests_of(tokenizer)
     lengths = sorted(len(r.input_ids) for r in requests)
@@ -132,7 +138,7 @@ def test_rotary_scalings_decode_like_generate_batched_to_the_position_limit(toke
         assert generate_alone(model, requests[1]) == expected[1]
 
 
-def test_a_target_whose_generate_recomputes_its_cache_for_longrope_is_refused(tokenizer):  # noqa: F811
+def test_a_target_whose_generate_recomputes_its_cache_for_longrope_is_refused(tokenizer):
     rope = {"rope_theta": 10000.0, **ROPES["longrope"]}
     config = Phi3Config(vocab_size=len(tokenizer), rope_parameters=rope, pad_token_id=0, **TEXT)
     config.original_max_position_embeddings = ORIGINAL
