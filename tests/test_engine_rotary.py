@@ -65,15 +65,19 @@ def tokenizer():
     return build_tokenizer(CORPUS, vocab_size=160)
 
 
-def target_with(tokenizer, rope: dict):
-    config = LlamaConfig(vocab_size=len(tokenizer), rope_parameters={"rope_theta": 10000.0, **rope}, **TEXT)
-    model = llava_with(tokenizer, config)
-    # Random weights attend almost uniformly, which hides the rotary; sharper queries and keys make every
-    # token's output depend on its frequencies.
+def target_with(tokenizer, rope: str):
+    """A LLaVA over a Llama language model with rotary `rope`, or (phi3-longrope) over a Phi-3 one."""
+    family = Phi3Config if rope == "phi3-longrope" else LlamaConfig
+    parameters = {"rope_theta": 10000.0, **ROPES[rope.removeprefix("phi3-")]}
+    extra = {"pad_token_id": 0} if family is Phi3Config else {}  # Phi-3's default pad id is past this vocabulary
+    model = llava_with(tokenizer, family(vocab_size=len(tokenizer), rope_parameters=parameters, **extra, **TEXT))
+    # Random weights attend almost uniformly, which hides the rotary; sharper queries and keys (and values, where
+    # Phi-3 fuses them) make every token's output depend on its frequencies.
     with torch.no_grad():
         for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(SHARPEN)
-            layer.self_attn.k_proj.weight.mul_(SHARPEN)
+            for name in ("q_proj", "k_proj", "qkv_proj"):
+                if hasattr(layer.self_attn, name):
+                    getattr(layer.self_attn, name).weight.mul_(SHARPEN)
     model.generation_config.eos_token_id = None  # every request runs to the position limit, in generate too
     return model
 
@@ -121,9 +125,11 @@ def drafts_of(model):
     }
 
 
-@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("rope", [*ROPES, "phi3-longrope"])
 def test_rotary_scalings_decode_like_generate_batched_to_the_position_limit(tokenizer, rope):
-    model = target_with(tokenizer, ROPES[rope])
+    """phi3-longrope: a LLaVA's generate keeps its cache across longrope's switch (a plain Phi-3's does not, see
+    below), so its tokens take the factors of their own extent, as a Llama's do."""
+    model = target_with(tokenizer, rope)
     requests = requests_of(tokenizer)
     lengths = sorted(len(r.input_ids) for r in requests)
     assert lengths[0] < ORIGINAL < lengths[-1] and ORIGINAL + 1 in lengths, f"test setup: prompt lengths {lengths}"

@@ -51,6 +51,13 @@ def _extent_dependent(rope_type: str) -> bool:
     return "dynamic" in rope_type or rope_type == "longrope"
 
 
+def _original_positions(config) -> int | None:
+    """longrope's switching length: in rope_parameters since transformers 5, a config field before."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    found = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
+    return found or getattr(config, "original_max_position_embeddings", None)
+
+
 class _TokenFrequencies:
     """One rotary module's forward with each token's frequencies chosen from its own extent."""
 
@@ -62,8 +69,7 @@ class _TokenFrequencies:
         self.long = None
         self.threshold = 1 << 62  # extents above it take the long set (longrope only)
         if rope_type == "longrope":
-            rope = module.config.rope_parameters
-            self.threshold = rope.get("original_max_position_embeddings") or module.config.max_position_embeddings
+            self.threshold = _original_positions(module.config) or module.config.max_position_embeddings
             # As transformers computes it: longrope's init gives the long factors for any length past the threshold.
             self.long, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, self.short.device, seq_len=self.threshold + 1)
 
@@ -161,10 +167,10 @@ def refuse_recomputing_generate(target: torch.nn.Module) -> None:
     original_max_position_embeddings (Phi-3 and its kin): every cached token then takes the long factors, which
     an engine that keeps its cache cannot reproduce without computing the row's prefix again."""
     text = target.config.get_text_config()
-    rope = getattr(text, "rope_parameters", None)
-    if not isinstance(rope, dict) or rope.get("rope_type") != "longrope":
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "longrope":
         return
-    original = rope.get("original_max_position_embeddings")
+    original = _original_positions(text)
     if original is None or text.max_position_embeddings <= original:
         return
     if "original_max_position_embeddings" in inspect.getsource(type(target).prepare_inputs_for_generation):
