@@ -48,6 +48,7 @@ from specvlm.specdec.metrics import SampleMetrics
 from specvlm.specdec.prefill import prefill
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, Result, TargetSpec, validate
+from specvlm.specdec.rotary import refuse_recomputing_generate
 from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams
 from specvlm.specdec.shapes import EXACT, STATIC, ShapeBuckets
@@ -177,10 +178,11 @@ class SpeculativeDecoder:
         self.last_step_tokens = 0
         # Where the time goes: admitting requests (prefill) against decoding steps, for reports and benchmarks.
         self.seconds = {"admission": 0.0, "decoding": 0.0}
-        # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow. A
-        # chain's tokens sit in the slots of their positions, so its masks are exact under any window; a tree's
-        # nodes sit past their positions, which a window no longer than the tree could tell apart (runner.py).
+        # Refuse now a target whose attention or rotary the runner cannot reproduce, or whose window a tree would
+        # outgrow. A chain's tokens sit in the slots of their positions, so its masks are exact under any window; a
+        # tree's nodes sit past their positions, which a window no longer than the tree could tell apart (runner.py).
         windows = [w for w in ModelRunner(target, 1, 1).windows.values() if w is not None]
+        refuse_recomputing_generate(target)
         tree = self.window - 1 > self.max_depth
         if tree and windows and min(windows) <= self.window:
             raise ValueError(

@@ -27,6 +27,7 @@ import torch
 from specvlm.specdec.cache import SlotKVCache
 from specvlm.specdec.compiled import StepCompiler
 from specvlm.specdec.lean_llama import LeanLlama
+from specvlm.specdec.rotary import RequestRotary, engaged
 from specvlm.specdec.shapes import EXACT, ShapeBuckets
 
 
@@ -190,6 +191,7 @@ class ModelRunner:
             )
         text = model.config.get_text_config()
         self.max_positions = getattr(text, "max_position_embeddings", None) or 1 << 30
+        self.rotary = RequestRotary.of(model)
         self.shapes = shapes
         self.eager = DecodeForward(model, lean, self.windows)
         self.compiled = compiler.wrap(self.eager, role) if compiler is not None else None
@@ -236,6 +238,7 @@ class ModelRunner:
         depth: torch.Tensor | None = None,  # [n, q] position of each token past kv_len; None = its offset
         logits_to_keep: int = 0,  # 0 = logits for every query
         inputs_embeds: torch.Tensor | None = None,  # [n, q, hidden] instead of the tokens' embeddings (images)
+        prompt_lengths: torch.Tensor | None = None,  # [n] a prompt forward: each row's whole prompt length
     ) -> torch.Tensor:  # [n, q or logits_to_keep, vocab]
         n, q = tokens.shape
         window = attend.shape[2]
@@ -265,20 +268,24 @@ class ModelRunner:
         positions = kv_len[:, None] + (offsets if depth is None else depth)
         positions = torch.where(valid, positions.clamp(max=self.max_positions - 1), 0)
         read_slots = torch.arange(read_len, device=device)
-        logits = run(
-            tokens,
-            positions,
-            write_slots,
-            kv_len,
-            attend,
-            valid,
-            read_slots,
-            self.cache.keys,
-            self.cache.values,
-            logits_to_keep,
-            inputs_embeds,
-            cache,
-        )
+        if prompt_lengths is not None:
+            prompt_lengths = torch.nn.functional.pad(prompt_lengths, (0, rows - n), value=1)
+        # Rotary frequencies that depend on a forward's longest position are chosen per token (rotary.py).
+        with engaged(self.rotary, prompt_lengths):
+            logits = run(
+                tokens,
+                positions,
+                write_slots,
+                kv_len,
+                attend,
+                valid,
+                read_slots,
+                self.cache.keys,
+                self.cache.values,
+                logits_to_keep,
+                inputs_embeds,
+                cache,
+            )
         return logits[:n] if logits_to_keep else logits[:n, :q]
 
     def prefill(self, tokens: torch.Tensor, lengths: list[int], inputs_embeds: torch.Tensor | None = None) -> None:
@@ -287,8 +294,10 @@ class ModelRunner:
         self.set_lengths(slice(0, n), 0, 0)
         on_device = torch.tensor(lengths, dtype=torch.long, device=self.device)
         if width > 0:
-            # Only the cache matters here; keep one logit so the LM head costs nothing.
-            self.forward(tokens, causal_attend(on_device, width), logits_to_keep=1, inputs_embeds=inputs_embeds)
+            # Only the cache matters here; keep one logit so the LM head costs nothing. The prompt `generate` reads
+            # in one forward includes the last token, which the first decoding step feeds (prefill.py).
+            attend = causal_attend(on_device, width)
+            self.forward(tokens, attend, logits_to_keep=1, inputs_embeds=inputs_embeds, prompt_lengths=on_device + 1)
         self.set_lengths(slice(0, n), on_device, lengths)
 
     def resize(self, rows: int, capacity: int) -> None:
