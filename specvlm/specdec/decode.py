@@ -70,6 +70,9 @@ class DecodeConfig:
     compile: bool = False  # torch.compile the target's and the draft's decode forwards (compiled.py)
     # Round shapes up to buckets (shapes.py); None: exactly when compiled forwards replay CUDA graphs.
     static_shapes: bool | None = None
+    # Requests showing the same image behind the same leading tokens prefill them once, in the target and the
+    # draft (prefix.py); off, every request prefills its whole prompt.
+    share_prefill: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -168,7 +171,7 @@ class SpeculativeDecoder:
         self.controller = None
         if draft is not None:
             draft.reset()
-            draft.use(self.shapes, self.compiler)
+            draft.use(self.shapes, self.compiler, config.share_prefill)
             self.controller = DepthController(self.max_depth, draft.max_nodes, draft.calls, 1, config.adaptive)
         self.timer = StepTimer(self.device)
         self.waiting: collections.deque[tuple[int, Request, int]] = collections.deque()  # (id, request, limit)
@@ -478,7 +481,11 @@ class SpeculativeDecoder:
         rows = (holes + list(range(state.n, state.rows)))[: len(chosen)]
         requests = [r for _, r, _, _ in chosen]
         scratch, good, errors = prefill(
-            self.target, requests, [r.input_ids for r in requests], max(len(r.input_ids) for r in requests)
+            self.target,
+            requests,
+            [r.input_ids for r in requests],
+            max(len(r.input_ids) for r in requests),
+            share=self.config.share_prefill,
         )
         for i, message in errors.items():
             self.ready.append((chosen[i][0], Result.failed(message)))

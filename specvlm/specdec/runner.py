@@ -290,15 +290,20 @@ class ModelRunner:
 
     def prefill(self, tokens: torch.Tensor, lengths: list[int], inputs_embeds: torch.Tensor | None = None) -> None:
         """Fill the cache with each row's first lengths[row] tokens (right-padded [n, L]) and commit them."""
+        self.set_lengths(slice(0, tokens.shape[0]), 0, 0)
+        self.extend(tokens, lengths, inputs_embeds)
+
+    def extend(self, tokens: torch.Tensor, lengths: list[int], inputs_embeds: torch.Tensor | None = None) -> None:
+        """Rows [0, n) cache and commit their next lengths[row] tokens (right-padded [n, L]) after what they hold."""
         n, width = tokens.shape
-        self.set_lengths(slice(0, n), 0, 0)
         on_device = torch.tensor(lengths, dtype=torch.long, device=self.device)
         if width > 0:
             # Only the cache matters here; keep one logit so the LM head costs nothing. The prompt `generate` reads
-            # in one forward includes the last token, which the first decoding step feeds (prefill.py).
+            # in one forward is all a row holds after this, and the last token, which the first decoding step feeds.
             attend = causal_attend(on_device, width)
-            self.forward(tokens, attend, logits_to_keep=1, inputs_embeds=inputs_embeds, prompt_lengths=on_device + 1)
-        self.set_lengths(slice(0, n), on_device, lengths)
+            whole = self.kv_len[:n] + on_device + 1
+            self.forward(tokens, attend, logits_to_keep=1, inputs_embeds=inputs_embeds, prompt_lengths=whole)
+        self.advance(n, on_device, np.asarray(lengths, dtype=np.int64))
 
     def resize(self, rows: int, capacity: int) -> None:
         self.cache.resize(rows + 1, capacity + 1)
@@ -308,12 +313,14 @@ class ModelRunner:
         self.kv_len = kv_len
         self.kv_host = np.concatenate([self.kv_host[:kept], np.zeros(rows - kept, dtype=np.int64)])
 
-    def take_rows(self, rows: list[int], source: ModelRunner) -> None:
-        """Rows `rows` take over source's rows [0, len(rows)): their committed cache entries and lengths."""
-        m = len(rows)
+    def take_rows(self, rows: list[int], source: ModelRunner, source_rows: list[int] | None = None) -> None:
+        """Rows `rows` take over source's rows `source_rows` (default [0, len(rows)); one may serve several rows):
+        their committed cache entries and lengths."""
+        src = list(range(len(rows))) if source_rows is None else source_rows
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.cache.take_rows(index, source.cache, int(source.kv_host[:m].max()))
-        self.set_lengths(rows, source.kv_len[:m], source.kv_host[:m])
+        src_index = torch.tensor(src, dtype=torch.long, device=self.device)
+        self.cache.take_rows(index, source.cache, int(source.kv_host[src].max()), src_index)
+        self.set_lengths(rows, source.kv_len[src_index], source.kv_host[src])
 
     def move_rows(self, dst: list[int], src: list[int]) -> None:
         src_index = torch.tensor(src, dtype=torch.long, device=self.device)
