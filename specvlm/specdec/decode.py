@@ -48,7 +48,7 @@ from specvlm.specdec.metrics import SampleMetrics
 from specvlm.specdec.prefill import prefill
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, Result, TargetSpec, validate
-from specvlm.specdec.rotary import refuse_recomputing_generate
+from specvlm.specdec.rotary import RequestRotary, refuse_recomputing_generate
 from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams
 from specvlm.specdec.shapes import EXACT, STATIC, ShapeBuckets
@@ -161,6 +161,9 @@ class SpeculativeDecoder:
         self.eos = torch.tensor(list(eos) or [-1], device=self.device)
         self.eos_host = frozenset(eos)
         self.max_depth = draft.max_depth if draft is not None else 0
+        # A target whose rotary frequencies depend on a prompt's whole length (longrope) computes a shared prefix
+        # differently for each prompt length: its rows prefill alone.
+        self.share_prefill = config.share_prefill and RequestRotary.of(target) is None
         self.compiler = StepCompiler(self.device) if config.compile else None
         static = config.static_shapes
         if static is None:
@@ -171,7 +174,7 @@ class SpeculativeDecoder:
         self.controller = None
         if draft is not None:
             draft.reset()
-            draft.use(self.shapes, self.compiler, config.share_prefill)
+            draft.use(self.shapes, self.compiler, self.share_prefill)
             self.controller = DepthController(self.max_depth, draft.max_nodes, draft.calls, 1, config.adaptive)
         self.timer = StepTimer(self.device)
         self.waiting: collections.deque[tuple[int, Request, int]] = collections.deque()  # (id, request, limit)
@@ -485,7 +488,7 @@ class SpeculativeDecoder:
             requests,
             [r.input_ids for r in requests],
             max(len(r.input_ids) for r in requests),
-            share=self.config.share_prefill,
+            share=self.share_prefill,
         )
         for i, message in errors.items():
             self.ready.append((chosen[i][0], Result.failed(message)))
