@@ -136,6 +136,10 @@ class ComputeConfig(Section):
     batch_size: int | Literal["auto"] = "auto"
     # Cache slots of an actor's running batch (each row: prompt + output + one draft window): bounds its memory.
     max_batch_tokens: int = Field(32768, ge=1)
+    # torch.compile the decode steps (the target's and the draft's forwards): on a GPU they replay as CUDA graphs.
+    # auto: on where decode actors have GPUs; on a CPU only for a job long enough to repay the warm-up (about a
+    # minute per actor; pipeline/compiling.py). Output is the same either way; the manifest says what ran.
+    compile: Literal["auto", "on", "off"] = "auto"
     preprocess_workers: int = Field(1, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)  # larger images are refused before decoding (bomb guard)
 

@@ -142,6 +142,8 @@ def decode_config(config: JobConfig):
         max_rows=None if c.batch_size == "auto" else c.batch_size,
         max_batch_tokens=c.max_batch_tokens,
         adaptive=config.draft.adaptive,
+        # The driver settles auto for a job (pipeline/compiling.py); a stage built otherwise compiles on GPUs only.
+        compile=c.compile == "on" or (c.compile == "auto" and torch.cuda.is_available()),
     )
 
 
@@ -216,12 +218,12 @@ def decode_stage(ds, config: JobConfig, config_hash: str, reports=None):
             max_concurrent_calls_per_actor=DECODE_TASKS_PER_ACTOR,
             max_tasks_in_flight_per_actor=2 * DECODE_TASKS_PER_ACTOR,
         ),
-        num_gpus=_gpus_per_actor(config),
+        num_gpus=gpus_per_actor(config),
         num_cpus=c.cpus_per_actor,
     )
 
 
-def _gpus_per_actor(config: JobConfig) -> float:
+def gpus_per_actor(config: JobConfig) -> float:
     import ray
 
     if config.compute.num_gpus != "auto":
