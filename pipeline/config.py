@@ -103,6 +103,10 @@ class TaskConfig(Section):
     kind: Literal["caption", "vqa", "mc"] = "caption"
     caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION
     mc_suffix: str = ""  # appended to a multiple-choice prompt, e.g. " think step by step."
+    # How a multiple-choice prompt asks. cot: the question and its choices, the model reasons before it names a
+    # letter (the demo family answers so). direct: the same plus "Answer with the option's letter from the given
+    # choices directly.", as LLaVA-1.5's and lmms-eval's published ScienceQA numbers are made.
+    mc_protocol: Literal["cot", "direct"] = "cot"
     template: str = "chat"  # "chat": the processor's chat template; else a format string with {instruction}
     # Several prompts per record, name -> instruction, e.g. {short: "Describe the image in one sentence.",
     # long: "Describe the image in detail."}: one output row per record and prompt, keyed "<record key>#<name>".

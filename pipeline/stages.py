@@ -27,6 +27,7 @@ from specvlm.data.error_kinds import tagged
 from specvlm.data.images import ImageError, decode_image
 from specvlm.data.prompts import (
     PromptError,
+    choice_count,
     extract_choice,
     instruction,
     reference_strings,
@@ -126,7 +127,11 @@ class Preparer:
         task = self.config.task
         try:
             text = instruction(
-                task.kind, fields, caption_instruction=task.caption_instruction, mc_suffix=task.mc_suffix
+                task.kind,
+                fields,
+                caption_instruction=task.caption_instruction,
+                mc_suffix=task.mc_suffix,
+                mc_protocol=task.mc_protocol,
             )
             if prompt_name is not None:
                 text = task.prompts[prompt_name].replace("{question}", text)
@@ -224,7 +229,7 @@ class DecodeActor:
             out["output_ids"] = result.tokens
             out["text"] = self.tokenizer.decode(result.tokens, skip_special_tokens=True).strip()
             if row["task"] == "mc":
-                out["answer"] = extract_choice(out["text"])
+                out["answer"] = extract_choice(out["text"], choice_count(row["prompt"]))
             metrics = result.metrics.as_row()
             out.update({k: v for k, v in metrics.items() if k in DECODED_SCHEMA.names})
         return out
