@@ -59,6 +59,14 @@ class SlotKVCache:
             torch._dynamo.mark_static_address(buf)
         return buf
 
+    def allocate_like(self, other: SlotKVCache) -> None:
+        """Allocate every layer's buffers as other's are laid out (kv heads, head size, dtype, device), at this
+        cache's rows and capacity; nothing is allocated where other holds nothing yet."""
+        for store, source in ((self.keys, other.keys), (self.values, other.values)):
+            for layer, buf in enumerate(source):
+                if buf is not None and store[layer] is None:
+                    store[layer] = self._new(buf, buf.shape[1], buf.shape[3])
+
     def _buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keys[layer] is None:
             self.keys[layer] = self._new(like, like.shape[1], like.shape[3])
@@ -101,13 +109,11 @@ class SlotKVCache:
 
     def take_rows(self, rows: torch.Tensor, source: SlotKVCache, length: int, source_rows: torch.Tensor) -> None:
         """Copy the first `length` slots of source's rows `source_rows` into this cache's rows `rows`."""
+        self.allocate_like(source)
         for store, other in ((self.keys, source.keys), (self.values, source.values)):
             for layer, buf in enumerate(other):
-                if buf is None:
-                    continue
-                if store[layer] is None:
-                    store[layer] = self._new(buf, buf.shape[1], buf.shape[3])
-                store[layer][rows, :, :length] = buf[source_rows, :, :length]
+                if buf is not None:
+                    store[layer][rows, :, :length] = buf[source_rows, :, :length]
 
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Copy whole rows src -> dst (used to fill the holes left by finished rows)."""

@@ -2,8 +2,8 @@
 
 What is compiled is the device half of a forward (runner.DecodeForward: masks from committed lengths, then the
 model), with fullgraph=True: nothing in it reads the device, so there is no graph break, and on a GPU the whole
-forward can be replayed as a CUDA graph. Prefill and forwards over image embeddings stay eager (every prompt has
-its own length).
+forward can be replayed as a CUDA graph. Prompt forwards (admission's prefill, over image embeddings or tokens) are
+compiled apart, without CUDA graphs: every admission has its own prompt lengths, so they run at their exact shape.
 
     CPU: inductor, with freezing (weights become constants, prepacked for oneDNN's matrix kernels) and dynamic
          shapes, so one graph serves every row count, window and read length: shapes stay exact (shapes.py).
@@ -47,13 +47,14 @@ class StepCompiler:
         self.graphs = 0
         self.failure: str | None = None
 
-    def wrap(self, forward: Callable, role: str) -> Callable:
-        """The compiled form of `forward` (a DecodeForward), shared by every runner of the same model."""
+    def wrap(self, forward: Callable, role: str, prompt: bool = False) -> Callable:
+        """The compiled form of `forward` (a DecodeForward), shared by every runner of the same model. prompt: the
+        form prompt forwards run (exact shapes, never CUDA graphs)."""
         owner = forward.model
         cache = owner.__dict__.setdefault("_specvlm_compiled", {})
-        key = (role, forward.lean is not None)
+        key = (role, forward.lean is not None, prompt)
         if key not in cache:
-            cache[key] = _Compiled(forward, self.device)
+            cache[key] = _Compiled(forward, self.device, graphs=cuda_graphs(self.device) and not prompt)
         compiled = cache[key]
         if self not in compiled.reporters:
             compiled.reporters.append(self)
@@ -70,14 +71,16 @@ class StepCompiler:
 
 
 class _Compiled:
-    def __init__(self, forward: Callable, device: torch.device):
+    def __init__(self, forward: Callable, device: torch.device, graphs: bool):
         self.eager = forward
         self.failure: str | None = None
         self.reporters: list[StepCompiler] = []
-        if cuda_graphs(device):
+        if graphs:
             options = dict(mode="reduce-overhead")
-        else:
+        elif device.type == "cpu":
             options = dict(options={"freezing": True})
+        else:
+            options = {}
         self.compiled = torch.compile(forward.__call__, fullgraph=True, dynamic=True, **options)
 
     @property

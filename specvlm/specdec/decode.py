@@ -45,7 +45,7 @@ from specvlm.specdec.compiled import StepCompiler, cuda_graphs
 from specvlm.specdec.controller import DepthController
 from specvlm.specdec.drafts import Commit, Draft, append_tokens
 from specvlm.specdec.metrics import SampleMetrics
-from specvlm.specdec.prefill import prefill
+from specvlm.specdec.prefill import image_token_id, prefill
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, Result, TargetSpec, validate
 from specvlm.specdec.rotary import RequestRotary, refuse_recomputing_generate
@@ -262,17 +262,23 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile the forwards the steps run before the first request comes (compute.compile): the target's
-        one-token pass and its verification pass, and the draft's passes, on two scratch rows. Their shapes are
-        dynamic, or bucketed on a GPU, so later steps meet these graphs; the time shows in describe()["compile"].
-        Graphs stay on the models, so a decoder built again later (after a failure) finds them compiled."""
+        one-token pass, its verification pass and its prompt pass, and the draft's, on two scratch rows. Their
+        shapes are dynamic, or bucketed on a GPU, so later steps meet these graphs; the time shows in
+        describe()["compile"]. Graphs stay on the models, so a decoder built again later (after a failure) finds
+        them compiled."""
         model = getattr(self.draft, "model", None)
-        runs = [(self.target, None, "target", sorted({1, self.window}))]
+        runs = [(self.target, None, "target", sorted({1, self.window}), True)]
         if model is not None:
-            runs.append((model, getattr(self.draft, "lean", None), "draft", [1, 2]))
-        for model, lean, role, widths in runs:
+            images = not getattr(self.draft, "text_only", True)
+            runs.append((model, getattr(self.draft, "lean", None), "draft", [1, 2], images))
+        for model, lean, role, widths, images in runs:
             runner = ModelRunner(model, 2, WARM_UP_SLOTS, lean, shapes=self.shapes, compiler=self.compiler, role=role)
             device = runner.device
-            runner.prefill(torch.zeros(2, 4, dtype=torch.long, device=device), [4, 3])
+            tokens = torch.zeros(2, 4, dtype=torch.long, device=device)
+            runner.prefill(tokens, [4, 3])  # eager: it allocates the cache
+            # Admission's prompt pass: over embeddings where the model reads images (prefill.py), else tokens.
+            embeds = model.get_input_embeddings()(tokens) if images and image_token_id(model) is not None else None
+            runner.extend(tokens, [4, 3], inputs_embeds=embeds)
             for q in widths:
                 tokens = torch.zeros(2, q, dtype=torch.long, device=device)
                 runner.forward(tokens, causal_attend(torch.full((2,), q, device=device), q))
@@ -489,6 +495,7 @@ class SpeculativeDecoder:
             [r.input_ids for r in requests],
             max(len(r.input_ids) for r in requests),
             share=self.share_prefill,
+            like=state.target,
         )
         for i, message in errors.items():
             self.ready.append((chosen[i][0], Result.failed(message)))

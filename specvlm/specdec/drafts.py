@@ -227,6 +227,7 @@ class ModelDraft(Draft):
             use_images=not self.text_only,
             lean=self.lean,
             share=self.share_prefill,
+            like=self.runner,
         )
         if good:
             taken = [rows[i] for i in good]

@@ -123,11 +123,13 @@ def prefill(
     use_images: bool = True,
     lean: LeanLlama | None = None,
     share: bool = False,
+    like: ModelRunner | None = None,
 ) -> tuple[ModelRunner, list[int], dict[int, str]]:
     """Cache every prompt but its last token (the first decode step feeds that one, like every later last token).
 
     prompts[i] is what the model reads for requests[i] (the request's ids, or a draft's own view of them).
     share: requests with the same image and leading tokens prefill them once (prefix.py).
+    like: the runner the rows go to; the prefill runs through its forms (lean, compiled) and cache layout.
     Returns a runner whose rows [0, len(good)) hold the good requests, row j holding requests[good[j]], and an
     error message for each of the others.
     """
@@ -140,9 +142,9 @@ def prefill(
         found = shared_prefixes([requests[i] for i in good], [prompts[i] for i in good], token, use_images)
         groups = [SharedPrefix(tuple(good[k] for k in g.members), g.length) for g in found]
     if groups:
-        runner, good = _prefill_shared(model, prompts, features, good, groups, capacity, lean)
+        runner, good = _prefill_shared(model, prompts, features, good, groups, capacity, lean, like)
         return runner, good, errors
-    runner = ModelRunner(model, max(1, len(good)), capacity, lean=lean)
+    runner = _scratch(model, max(1, len(good)), capacity, lean, like)
     if good:
         _cache(model, runner, [prompts[i][:-1] for i in good], [features[i] for i in good])
     return runner, good, errors
@@ -156,13 +158,14 @@ def _prefill_shared(
     groups: list[SharedPrefix],
     capacity: int,
     lean: LeanLlama | None,
+    like: ModelRunner | None,
 ) -> tuple[ModelRunner, list[int]]:
     """Two passes: each group's prefix once (one row per group) beside the requests that share nothing (their whole
     prompts), then the rest of each grouped prompt in rows that start from a copy of their group's prefix. Returns
     the runner and the requests its rows hold: the grouped ones first, then the others."""
     grouped = [i for g in groups for i in g.members]
     alone = [i for i in good if i not in set(grouped)]
-    first = ModelRunner(model, len(groups) + len(alone), capacity, lean=lean)
+    first = _scratch(model, len(groups) + len(alone), capacity, lean, like)
     _cache(
         model,
         first,
@@ -173,7 +176,7 @@ def _prefill_shared(
     rest = [prompts[i][g.length : -1] for g in groups for i in g.members]
     starts = [g.length for g in groups for _ in g.members]
     width = max(map(len, rest))
-    runner = ModelRunner(model, len(grouped) + len(alone), max(capacity, max(starts) + width), lean=lean)
+    runner = _scratch(model, len(grouped) + len(alone), max(capacity, max(starts) + width), lean, like)
     sources = [k for k, g in enumerate(groups) for _ in g.members] + [len(groups) + k for k in range(len(alone))]
     runner.take_rows(list(range(len(sources))), first, sources)
     tokens = torch.zeros(len(rest), width, dtype=torch.long, device=model.device)
@@ -181,6 +184,12 @@ def _prefill_shared(
         tokens[row, : len(suffix)] = torch.tensor(suffix, dtype=torch.long, device=model.device)
     runner.extend(tokens, [len(suffix) for suffix in rest])
     return runner, grouped + alone
+
+
+def _scratch(
+    model: torch.nn.Module, rows: int, capacity: int, lean: LeanLlama | None, like: ModelRunner | None
+) -> ModelRunner:
+    return ModelRunner(model, rows, capacity, lean=lean) if like is None else like.scratch(rows, capacity)
 
 
 def _cache(

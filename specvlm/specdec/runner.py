@@ -181,9 +181,10 @@ class ModelRunner:
         """lean: the model's LeanLlama, to run text-only forwards through (drafts only: the target's Hugging Face
         forward is the reference for losslessness). capacity: slots per row the caller may use; the cache holds
         one more, the trash slot that padded queries write to (and a spare row). compiler: compiles decode
-        forwards (prefill and forwards over image embeddings stay eager)."""
+        forwards, and prompt forwards (`prefill`, `extend`) apart once the cache is allocated (see `scratch`)."""
         self.model = model
         self.device = model.device
+        self.forms = dict(lean=lean, shapes=shapes, compiler=compiler, role=role)
         self.windows = attention_windows(model)
         if len(self.windows) > 1 and not _takes_mask_per_layer_type(type(model.get_decoder())):
             raise UnsupportedModel(
@@ -195,6 +196,7 @@ class ModelRunner:
         self.shapes = shapes
         self.eager = DecodeForward(model, lean, self.windows)
         self.compiled = compiler.wrap(self.eager, role) if compiler is not None else None
+        self.compiled_prompt = compiler.wrap(self.eager, role, prompt=True) if compiler is not None else None
         # One slot per row more than the caller's capacity, the trash slot padded queries write to; and one row
         # more than the caller's, so that a forward's rows are always fewer than the cache's (a compiled graph then
         # meets one case of slicing the cache, not "all rows" and "some rows" as two).
@@ -248,14 +250,19 @@ class ModelRunner:
         device = self.device
         if offsets is None:
             offsets = torch.arange(q, device=device).expand(n, q)
-        run, shapes, cache = self.compiled, self.shapes, None
-        if run is None or inputs_embeds is not None or not self.cache.allocated:
-            # Prefill, and the first forward (it allocates the cache), run eagerly at their own size.
+        prompt = prompt_lengths is not None
+        # Prompt forwards run at their exact size: each admission brings its own prompt lengths.
+        run, shapes, cache = (self.compiled_prompt, EXACT, None) if prompt else (self.compiled, self.shapes, None)
+        if prompt and n == 1:
+            # Compiled graphs treat a size of 1 as a constant. A one-row decode forward is padded to two rows below
+            # (cheap: one query); a one-row prompt is not, it would double the prompt's work.
+            run = None
+        if run is None or not self.cache.allocated:
+            # The first forward allocates the cache, so it runs eagerly.
             run, cache = self.eager, self.cache
-            shapes = self.shapes if inputs_embeds is None else EXACT
         rows, width = shapes.rows(n, self.rows), shapes.window(q)
         if run is self.compiled and rows == 1 and self.rows > 1:
-            rows = 2  # compiled graphs treat a size of 1 as a constant: batch 1 shares the graph of batches >= 2
+            rows = 2  # batch 1 shares the graph of batches >= 2
         read_len = shapes.read_len(need, self.capacity)
         if (rows, width) != (n, q):
             tokens, attend, offsets, depth = _pad(tokens, attend, offsets, depth, rows, width)
@@ -304,6 +311,13 @@ class ModelRunner:
             whole = self.kv_len[:n] + on_device + 1
             self.forward(tokens, attend, logits_to_keep=1, inputs_embeds=inputs_embeds, prompt_lengths=whole)
         self.advance(n, on_device, np.asarray(lengths, dtype=np.int64))
+
+    def scratch(self, rows: int, capacity: int) -> ModelRunner:
+        """A runner of the same model and forms with its cache allocated already (where this one's is), so that
+        its first forward (a prefill) may run compiled; its rows are then taken over by this one (take_rows)."""
+        runner = ModelRunner(self.model, rows, capacity, **self.forms)
+        runner.cache.allocate_like(self.cache)
+        return runner
 
     def resize(self, rows: int, capacity: int) -> None:
         self.cache.resize(rows + 1, capacity + 1)
