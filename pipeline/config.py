@@ -75,7 +75,7 @@ class InputConfig(Section):
     split: str | None = None  # scienceqa, hf: the split to read
     # Task fields taken from a record's metadata under another name, e.g. {question: mc_question}.
     fields: dict[Literal["caption", "question", "choices", "answer", "references"], str] = Field(default_factory=dict)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec settings (endpoint_url, ...), no credentials
     # How long a shard's reads keep retrying object-storage faults (with backoff) before the shard is given up as
     # failed: the job finishes the others, then exits non-zero naming it, and a rerun retries it.
     retry_for_s: float = Field(60.0, ge=0)
@@ -91,8 +91,8 @@ class InputConfig(Section):
 
 
 class OutputConfig(Section):
-    uri: str
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    uri: str  # the folder of Parquet files and _manifest.json, any fsspec URI
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec settings (endpoint_url, ...), no credentials
     max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)  # the job fails above this fraction of error rows
     retry_for_s: float = Field(60.0, ge=0)  # how long a shard's file write keeps retrying before the shard fails
     _check_secrets = field_validator("storage_options")(_no_secrets)
@@ -100,8 +100,8 @@ class OutputConfig(Section):
 
 
 class TaskConfig(Section):
-    kind: Literal["caption", "vqa", "mc"] = "caption"
-    caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION
+    kind: Literal["caption", "vqa", "mc"] = "caption"  # vqa: the record's question; mc: its question and choices
+    caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION  # what a caption prompt asks for
     mc_suffix: str = ""  # appended to a multiple-choice prompt, e.g. " think step by step."
     # How a multiple-choice prompt asks. cot: the question and its choices, the model reasons before it names a
     # letter (the demo family answers so). direct: the same plus "Answer with the option's letter from the given
@@ -154,7 +154,7 @@ class ComputeConfig(Section):
     # these shards, plus the batches queued at each actor, are all a crash can lose (README, Fault behaviour).
     shards_per_actor: int = Field(2, ge=1)
     num_gpus: float | Literal["auto"] = "auto"  # per actor; auto: 1 when the cluster has GPUs, else 0 (CPU)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)  # CPUs Ray reserves for each decode actor
     # Intra-op threads of each decode actor (default: its cpus_per_actor, as Ray sets it). More than that can
     # pay when the CPU stages are light, as on a small machine running the demo.
     torch_threads: int | None = Field(None, ge=1)

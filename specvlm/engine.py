@@ -31,9 +31,9 @@ class TargetSettings:
     __pydantic_config__: ClassVar[dict] = {"extra": "forbid"}  # unknown keys in a job config are errors
 
     target: str  # local directory, Hugging Face model id (already in the local cache), or fsspec URI
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    device: str = "auto"  # auto: cuda when available, else cpu; or "cpu", "cuda:0", ...
+    trust_remote_code: bool = False  # run code a checkpoint ships (off: only the classes transformers has)
     storage_options: dict[str, Any] = field(default_factory=dict)  # settings only, never credentials
 
 
@@ -41,6 +41,8 @@ class TargetSettings:
 class DraftSettings:
     __pydantic_config__: ClassVar[dict] = {"extra": "forbid"}  # unknown keys in a job config are errors
 
+    # none: plain decoding; text: a small LM on the target's tokenizer, fed the prompt's text; vlm: a small VLM that
+    # sees the image; prompt_lookup: continuations of n-grams already in the prompt (no model).
     kind: Literal["none", "text", "vlm", "prompt_lookup"] = "none"
     path: str | None = None  # text and vlm drafts
     mode: Literal["chain", "tree"] = "chain"  # tree: model drafts only
@@ -50,8 +52,8 @@ class DraftSettings:
     adaptive: bool = True
     min_confidence: float = 0.0  # chain: stop drafting where the draft is less sure than this
     tree: TreeSettings = field(default_factory=TreeSettings)
-    max_ngram: int = 3  # prompt lookup
-    min_ngram: int = 1
+    max_ngram: int = 3  # prompt lookup: the longest n-gram it matches
+    min_ngram: int = 1  # prompt lookup: the shortest n-gram it matches
 
     def __post_init__(self):
         if self.gamma != "auto" and not 1 <= self.gamma <= MAX_DEPTH:
