@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import json
 import posixpath
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,18 +42,10 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
 from specvlm.data.error_kinds import tagged
+from specvlm.data.listing import expand, file_ids, to_uri
 from specvlm.data.prompts import LETTERS
+from specvlm.data.records import Record, Shard, SourceError, record
 from specvlm.data.retry import with_retries
-from specvlm.data.sources import (
-    Record,
-    Shard,
-    SourceError,
-    _expand,
-    _record,
-    _relative,
-    _to_uri,
-    _unique_ids,
-)
 
 ANNOTATION_FORMATS = ("coco", "vqav2", "scienceqa", "jsonl")
 BENCHMARK_FORMATS = (*ANNOTATION_FORMATS, "hf")
@@ -79,7 +70,7 @@ def list_benchmark_shards(
     if format == "hf":
         return _hf_shards(fs, path, split, images)
     if format == "jsonl":
-        root, paths = _expand(fs, path)
+        root, paths = expand(fs, path)
         paths = [p for p in paths if p.lower().endswith(".jsonl")]
     elif fs.isfile(path):
         root, paths = posixpath.dirname(path), [path]
@@ -88,8 +79,8 @@ def list_benchmark_shards(
     if not paths:
         raise SourceError(f"{uri} matches no .jsonl files; check the path and the glob")
     shards = []
-    for p, prefix in zip(paths, _file_ids(paths, root)):
-        file_uri = _to_uri(fs, p)
+    for p, prefix in zip(paths, file_ids(paths, root)):
+        file_uri = to_uri(fs, p)
         answers = _answers_file(fs, file_uri, annotations) if format == "vqav2" else ""
         image_root = images or _default_image_root(file_uri, format)
         keys = list(_samples(format, file_uri, answers, split, storage_options))
@@ -108,12 +99,6 @@ def list_benchmark_shards(
             for n, start in enumerate(range(0, len(keys), files_per_shard))
         ]
     return shards
-
-
-def _file_ids(paths: list[str], root: str) -> list[str]:
-    """Filesystem-safe ids from the paths below root, without suffix: stable when other files are added."""
-    stems = [posixpath.splitext(_relative(p, root))[0] for p in paths]
-    return _unique_ids([re.sub(r"[^A-Za-z0-9._-]", "_", s.replace("/", "__")) for s in stems], stems)
 
 
 def read_benchmark_shard(shard: Shard, storage_options: dict) -> Iterator[Record]:
@@ -142,7 +127,7 @@ def _to_record(shard: Shard, key: str, sample: dict, image: bytes | str | None) 
     fields = {name: sample.get(name) for name in _TASK_FIELDS}
     meta = json.dumps(sample["meta"], ensure_ascii=False, sort_keys=True, default=str) if sample.get("meta") else None
     error = sample.get("error") or (image if isinstance(image, str) else None)
-    return _record(shard, key, image=image if isinstance(image, bytes) else None, meta=meta, error=error, **fields)
+    return record(shard, key, image=image if isinstance(image, bytes) else None, meta=meta, error=error, **fields)
 
 
 def _fetch_image(shard: Shard, storage_options: dict, location: str | None) -> bytes | str | None:
@@ -324,14 +309,14 @@ def _hf_shards(fs: AbstractFileSystem, path: str, split: str | None, images: str
             state = json.loads(fs.cat_file(posixpath.join(path, "state.json")))
             files = [posixpath.join(path, f["filename"]) for f in state["_data_files"]]
         else:
-            files = [p for p in _expand(fs, path)[1] if p.endswith((".arrow", ".parquet"))]
+            files = [p for p in expand(fs, path)[1] if p.endswith((".arrow", ".parquet"))]
             if split:  # the Hub's Parquet layout: data/{split}-00000-of-00001.parquet
                 files = [p for p in files if posixpath.basename(p).startswith(f"{split}-")]
     if not files:
         raise SourceError(f"{path} has no .arrow or .parquet files" + (f" of split {split!r}" if split else ""))
-    root = images or _to_uri(fs, folder)
+    root = images or to_uri(fs, folder)
     return [
-        Shard(uri=_to_uri(fs, p), format="hf", shard_id=i, images=root) for p, i in zip(files, _file_ids(files, folder))
+        Shard(uri=to_uri(fs, p), format="hf", shard_id=i, images=root) for p, i in zip(files, file_ids(files, folder))
     ]
 
 
