@@ -11,8 +11,10 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 
-def expand(fs: AbstractFileSystem, path: str) -> tuple[str, list[str]]:
-    """(root, sorted file paths) of a directory, a file or a glob. Keys and shard ids are relative to root."""
+def expand(fs: AbstractFileSystem, path: str) -> tuple[str, dict[str, dict]]:
+    """(root, {file path: its fsspec info}, sorted by path) of a directory, a file or a glob, hidden files
+    included (see `is_hidden`). Keys and shard ids are relative to root. The infos come with the listing itself (no
+    request per file): sizes and versions (`version`) for the shards' identities."""
     if any(c in path for c in "*?["):
         parts = path.split("/")
         static = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
@@ -22,12 +24,39 @@ def expand(fs: AbstractFileSystem, path: str) -> tuple[str, list[str]]:
         root, matches = path, {path: {"type": "directory"}}
     else:
         root, matches = posixpath.dirname(path), {path: fs.info(path)}
-    files = set()
+    files = {}
     for match, info in matches.items():
-        files.update(fs.find(match) if info["type"] == "directory" else [match])
-    # Hidden files and folders are tool litter (macOS "._x.jpg" forks, .ipynb_checkpoints/), not data.
-    hidden = {f for f in files if any(part.startswith(".") for part in relative(f, root).split("/"))}
-    return root, sorted(files - hidden)
+        files.update(fs.find(match, detail=True) if info["type"] == "directory" else {match: info})
+    return root, dict(sorted(files.items()))
+
+
+def is_hidden(path: str, root: str) -> bool:
+    """A file under a name starting with "." (macOS "._x.jpg" forks and .DS_Store, .ipynb_checkpoints/): tool
+    litter, not data."""
+    return any(part.startswith(".") for part in relative(path, root).split("/"))
+
+
+def visible(fs: AbstractFileSystem, path: str) -> tuple[str, dict[str, dict]]:
+    """`expand` without the hidden files."""
+    root, files = expand(fs, path)
+    return root, {p: info for p, info in files.items() if not is_hidden(p, root)}
+
+
+# What changes when a file is replaced, by store: S3 and Azure give an ETag, GCS a generation, local disks and most
+# others a modification time.
+_VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
+
+
+def version(info: dict) -> str:
+    """The file's version as its listing gives it: its ETag, generation or modification time, whichever the store
+    has ("" where it has none, and then the size alone tells versions apart)."""
+    return next((str(info[name]) for name in _VERSION_FIELDS if info.get(name) is not None), "")
+
+
+def identity(entries: list[tuple[str, int, str]]) -> str:
+    """A digest of (name, size, version) entries: what a shard was made from. Equal digests, equal inputs."""
+    lines = sorted(f"{name}\t{size}\t{ver}\n" for name, size, ver in entries)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
 
 
 def file_ids(paths: list[str], root: str, suffix: str = "") -> list[str]:

@@ -7,15 +7,26 @@ The layouts (image folders, WebDataset tars, Parquet files, the benchmark layout
 from __future__ import annotations
 
 import json
+import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, TypedDict
 
+from fsspec.core import url_to_fs
+
 from specvlm.data.error_kinds import tagged
-from specvlm.data.retry import describe
+from specvlm.data.retry import describe, with_retries
 
 ShardFormat = Literal["images", "webdataset", "parquet", "coco", "vqav2", "scienceqa", "jsonl", "hf"]
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+# A file or member with one of these extensions is a sample. The first line's formats are those the decoder reads;
+# the second's are images it does not read (HEIC, JPEG XL, SVG, camera raw): samples all the same, which become
+# error rows saying the image cannot be read, rather than files skipped as if they were not images.
+IMAGE_EXTENSIONS = frozenset(
+    {"jpg", "jpeg", "jfif", "png", "apng", "webp", "gif", "bmp", "tif", "tiff", "avif"}
+    | {"heic", "heif", "jxl", "svg", "dng", "cr2", "cr3", "nef", "arw", "raf"}
+)
 SIDECAR_EXTENSIONS = frozenset({"txt", "json"})
 
 
@@ -39,6 +50,9 @@ class Shard:
     format: ShardFormat
     shard_id: str  # unique within a listing, filesystem-safe; names the output file
     files: tuple[str, ...] = field(default=())  # image folders: image and sidecar URIs; annotation layouts: sample ids
+    # What the shard was made from: a digest of its files' names, sizes and versions (ETag or modification time);
+    # "" where the listing does not know (benchmark layouts). An image folder's shard id ends with it.
+    identity: str = ""
     images: str = ""  # benchmark layouts: the root that image paths in the annotations are relative to
     annotations: str = ""  # vqav2: the answers file
     split: str = ""  # scienceqa: the split kept
@@ -47,7 +61,7 @@ class Shard:
 class Record(TypedDict):
     key: str  # unique within the shard
     shard_id: str
-    source: str  # the shard's uri
+    source: str  # the file the sample came from: the shard's uri, or an image folder's image file
     image: bytes | None
     caption: str | None
     question: str | None
@@ -77,17 +91,15 @@ def record(shard: Shard, key: str, **fields) -> Record:
     return made
 
 
-def sample_record(shard: Shard, key: str, members: dict[str, bytes]) -> Record:
-    """The record for one sample given its members by extension (image folders and tars alike)."""
-    images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
-    if len(images) != 1:
-        problem = "no image member" if not images else f"several image members ({', '.join(images)})"
-        kind = "image_missing" if not images else "record_invalid"
-        problem = f"{problem} for key {key!r} in {shard.uri}; expected exactly one"
-        return record(shard, key, error=tagged(kind, problem))
-    made = record(shard, key, image=members[images[0]])
-    if "json" in members:
-        made["meta"] = members["json"].decode("utf-8", errors="replace")
+def sample_record(
+    shard: Shard, key: str, image: bytes, sidecars: dict[str, bytes], *, source: str | None = None
+) -> Record:
+    """A sample's record from its image and its sidecars by extension: "txt" the caption, "json" the task fields
+    (caption, question, choices, answer) and metadata. `source`: the image file's URI, where that is not the
+    shard's (image folders)."""
+    made = record(shard, key, image=image, **({"source": source} if source else {}))
+    if "json" in sidecars:
+        made["meta"] = sidecars["json"].decode("utf-8", errors="replace")
         try:
             fields = json.loads(made["meta"])
             if not isinstance(fields, dict):
@@ -96,12 +108,50 @@ def sample_record(shard: Shard, key: str, members: dict[str, bytes]) -> Record:
             if choices is not None and not isinstance(choices, list):
                 raise ValueError("'choices' is not a list")
         except ValueError as e:
-            made["error"] = tagged("record_invalid", f"bad {key}.json in {shard.uri} ({e}); fix or remove it")
+            problem = f"bad .json sidecar of {key!r} in {shard.uri} ({e}); fix or remove it"
+            made["error"] = tagged("record_invalid", problem)
             return made
         for name in ("caption", "question", "answer"):
             if fields.get(name) is not None:
                 made[name] = str(fields[name])
         made["choices"] = None if choices is None else [str(c) for c in choices]
-    if "txt" in members:
-        made["caption"] = members["txt"].decode("utf-8", errors="replace").strip()
+    if "txt" in sidecars:
+        made["caption"] = sidecars["txt"].decode("utf-8", errors="replace").strip()
     return made
+
+
+TASK_FIELDS = ("caption", "question", "choices", "answer", "references")
+
+
+def task_fields(row: dict) -> dict:
+    """A sample from a row's own names (the row is emptied of them): the task's fields; a list caption or answer
+    is several references (the first caption, or the consensus answer, is the reference); the rest is metadata."""
+    sample = {name: row.pop(name) for name in ("question", "choices", "caption", "answer") if name in row}
+    for name, pick in (("caption", lambda refs: refs[0]), ("answer", lambda refs: Counter(refs).most_common(1)[0][0])):
+        if isinstance(sample.get(name), list) and sample[name]:
+            sample["references"] = [str(r) for r in sample[name]]
+            sample[name] = pick(sample["references"])
+    if "references" in row:
+        sample["references"] = [str(r) for r in row.pop("references")]
+    sample["meta"] = row
+    return sample
+
+
+def fields_record(shard: Shard, key: str, sample: dict, image: bytes | str | None) -> Record:
+    """The record of a sample (task_fields' form, plus an optional `error`). image: the bytes, None where the
+    sample has none, or a message saying why they could not be read."""
+    fields = {name: sample.get(name) for name in TASK_FIELDS}
+    meta = json.dumps(sample["meta"], ensure_ascii=False, sort_keys=True, default=str) if sample.get("meta") else None
+    error = sample.get("error") or (image if isinstance(image, str) else None)
+    return record(shard, key, image=image if isinstance(image, bytes) else None, meta=meta, error=error, **fields)
+
+
+def fetch_image(location: str, root: str, storage_options: dict, advice: str) -> bytes | str:
+    """The bytes of the image at `location`, a URI or a path relative to `root`; or, where it cannot be read, the
+    error message, ending with `advice`. Transient faults are retried (retry.with_retries)."""
+    uri = location if "://" in location or location.startswith("/") else posixpath.join(root, location)
+    try:
+        fs, path = url_to_fs(uri, **storage_options)
+        return with_retries(partial(fs.cat_file, path))
+    except OSError as e:
+        return tagged("read_failed", f"cannot read image {uri} ({type(e).__name__}: {e}); {advice}")
