@@ -16,8 +16,6 @@ LAYERS = ("specvlm", "pipeline", "jobs")  # lowest first: a layer imports only t
 # Edges the graph still holds that a change under way removes; each says what removes it. An allowance that no
 # longer matches any edge is harmless, and is deleted with the change that removes the edge.
 KNOWN_EDGES = {
-    # The demo world's quality check moves from specvlm/evaluation/ under specvlm/demo/.
-    ("specvlm.demo.make", "specvlm.evaluation.demo_quality"),
     # The demo's distillation outputs are made by running the caption/vqa/mc jobs; that step belongs to
     # jobs/make_demo.py (which may import the pipeline), handing specvlm/demo/make.py the output globs.
     ("specvlm.demo.make", "pipeline.config"),
