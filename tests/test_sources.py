@@ -204,6 +204,34 @@ def test_image_folder_of_img2dataset_files_layout_is_read_as_images(tmp_path):
     ]
 
 
+def test_image_folder_of_img2dataset_files_layout_with_format_images_has_no_error_rows(tmp_path):
+    store = Store(str(tmp_path), {})
+    for name, data in [("00000/000000000.jpg", BLUE), ("00000.parquet", _parquet(pa.table({"key": ["0"]})))]:
+        store.put(f"out/{name}", data)
+    store.put("out/00000_stats.json", b'{"count": 1}')
+    listing = list_input(store.uri("out"), "images")
+    assert listing.skipped == ("00000.parquet", "00000_stats.json")
+    assert [(r["key"], r["error"]) for r in store.read(listing.shards[0])] == [("00000/000000000.jpg", None)]
+
+
+def test_empty_image_bytes_are_one_kind_of_error_from_every_layout(tmp_path):
+    """An empty file, tar member or Parquet value reaches the decoder as empty bytes, which it refuses as
+    image_unreadable; a Parquet row with no value at all is image_missing."""
+    from specvlm.data.images import ImageError, decode_image
+
+    store = Store(str(tmp_path), {})
+    store.put("folder/a.png", b"")
+    store.put("tars/000.tar", _tar([("a.png", b"")]))
+    store.put("tables/000.parquet", _parquet(pa.table({"key": ["a", "b"], "image": [b"", None]})))
+    empty = [store.read(store.list(layout)[0])[0] for layout in ("folder", "tars", "tables")]
+    assert [(r["image"], r["error"]) for r in empty] == [(b"", None)] * 3
+    with pytest.raises(ImageError) as refused:
+        decode_image(b"")
+    assert refused.value.kind == "image_unreadable"
+    (missing,) = store.read(store.list("tables")[0])[1:]
+    assert missing["error"].startswith("image_missing: row 1 has no image")
+
+
 # ---------------------------------------------------------------- webdataset
 
 
