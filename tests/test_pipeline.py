@@ -103,7 +103,8 @@ def check_against_inputs(family, tables, input_uri, endpoint=None, files_per_sha
         assert [r["key"] for r in rows] == [r["key"] for r in records]  # every input row once, in order
         for row, record in zip(rows, records):
             assert row["error"] is None and row["stop_reason"] in ("eos", "max_tokens")
-            assert (row["shard_id"], row["source"], row["task"]) == (shard.shard_id, shard.uri, "caption")
+            # source: the tar or Parquet file; for an image folder the image file itself.
+            assert (row["shard_id"], row["source"], row["task"]) == (shard.shard_id, record["source"], "caption")
             assert row["output_ids"] == expected_tokens(family, record, row["prompt"])
             assert row["text"] == family.tokenizer.decode(row["output_ids"], skip_special_tokens=True).strip()
             check_metric_identities(row, family)
@@ -302,13 +303,11 @@ def test_bad_files_become_error_rows_and_the_job_goes_on(models, tmp_path, ray_l
     (tmp_path / "in").mkdir()
     expected = {}  # key -> expected error substring, None for an image that must decode
     for name, outcome in corpus.items():
-        key = name.replace(".", "_")  # stems must be unique: truncated.jpg and truncated.png are two samples
-        (tmp_path / "raw" / name).rename(tmp_path / "in" / f"{key}.{name.rsplit('.', 1)[1]}")
-        expected[key] = outcome
-    # A file that is not an image is an error row too, as in a tar; hidden files are tool litter, skipped.
+        (tmp_path / "raw" / name).rename(tmp_path / "in" / name)  # keyed by file name: a.jpg and a.png are two
+        expected[name] = outcome
+    # Files that are not images are skipped and listed, not error rows; hidden files are tool litter, skipped too.
     (tmp_path / "in" / "notes.md").write_text("# not an image")
     (tmp_path / "in" / ".DS_Store").write_bytes(b"\0" * 16)
-    expected["notes"] = "no image for key 'notes' (notes.md)"
     config = config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "output.max_error_fraction=1")
     summary = run_job(config, log=lambda *_: None)
     rows = {r["key"]: r for t in read_output(f"{tmp_path}/out").values() for r in t.to_pylist()}
@@ -322,13 +321,14 @@ def test_bad_files_become_error_rows_and_the_job_goes_on(models, tmp_path, ray_l
     assert summary.errors == sum(o is not None for o in expected.values())
     # Each error row names its kind first; the manifest groups the rows by it.
     kinds = {
-        key: "image_too_large" if key == "bomb_png" else "image_missing" if key == "notes" else "image_unreadable"
+        key: "image_too_large" if key.startswith("bomb") else "image_unreadable"
         for key, outcome in expected.items()
         if outcome is not None
     }
     assert {key: kind_of(rows[key]["error"]) for key in kinds} == kinds
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["summary"]["error_breakdown"] == dict(Counter(kinds.values()))
+    assert manifest["skipped_files"] == {"count": 2, "files": [".DS_Store", "notes.md"]}
 
     strict = config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "output.max_error_fraction=0.1")
     with pytest.raises(JobFailed, match="max_error_fraction"):
