@@ -67,7 +67,9 @@ class InputConfig(Section):
     uri: str  # directory, file or glob, any fsspec URI; for a benchmark layout its annotation file
     # Shards (auto: tars, else parquet, else images), or a benchmark layout (specvlm/data/benchmarks.py).
     format: Literal["auto", "images", "webdataset", "parquet", "coco", "vqav2", "scienceqa", "jsonl", "hf"] = "auto"
-    files_per_shard: int = Field(1000, ge=1)  # image folders and benchmark layouts: samples per shard
+    # Image folders and benchmark layouts: samples per shard (one output file each). A folder's may change between
+    # runs of one job: the files written before are kept, only new images are cut anew (pipeline/resume.py).
+    files_per_shard: int = Field(1000, ge=1)
     max_shards: int | None = Field(None, ge=1)  # only the first N shards (in sorted order): trials, evaluations
     image_column: str = "image"  # parquet only
     images: str | None = None  # benchmark layouts: root of the image files (default: beside the annotations)

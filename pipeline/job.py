@@ -9,6 +9,7 @@ The same code runs on a laptop (embedded local Ray, CPU) and on a cluster (RAY_A
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import itertools
 import json
@@ -25,10 +26,12 @@ import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.console import Progress, quiet_ray
+from pipeline.resume import ShardPlan, plan_shards
 from pipeline.sink import MANIFEST, PARTIAL, OutputDir, ShardCollector
 from specvlm.data.error_kinds import kind_of
 from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient
-from specvlm.data.sources import ShardError, SourceError, list_shards, read_shard
+from specvlm.data.sources import ShardError, SourceError, list_input, read_shard
+from specvlm.data.tables import check_image_column
 from specvlm.specdec.metrics import Pooled
 
 FAILED_SHARDS_LISTED = 10  # in the error message; the manifest lists them all
@@ -94,19 +97,20 @@ class Summary:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
 
 
-def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
+def preflight(config: JobConfig) -> tuple[OutputDir, ShardPlan, str]:
     """Everything that can be checked before Ray starts: input listing, output writability, models. Returns the
-    output directory, the shards and the hash that output written by this job carries.
+    output directory, the plan of shards (pipeline/resume.py: for an image folder, which shards the output holds
+    still match the folder) and the hash that output written by this job carries.
 
     Object storage is asked with short timeouts here (specvlm.data.retry.filesystem): a store that refuses, is
     unreachable or never answers ends the job within seconds, with the config field named. The stores come
     before the models, whose checks import transformers (seconds on their own)."""
     i, o = config.input, config.output
-    shards = _storage_check(
+    listing = _storage_check(
         "input",
         i.uri,
         i.storage_options,
-        lambda: list_shards(
+        lambda: list_input(
             i.uri,
             i.format,
             storage_options=i.storage_options,
@@ -114,7 +118,7 @@ def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
             preflight=True,
             **i.model_dump(include={"images", "annotations", "split"}),
         ),
-    )[: i.max_shards]
+    )
 
     def writable_output() -> OutputDir:
         output = OutputDir(o.uri, o.storage_options, RetryPolicy(budget_s=o.retry_for_s))
@@ -122,7 +126,9 @@ def preflight(config: JobConfig) -> tuple[OutputDir, list, str]:
         return output
 
     output = _storage_check("output", o.uri, o.storage_options, writable_output)
-    return output, shards, config.output_hash(check_models(config))
+    config_hash = config.output_hash(check_models(config))
+    plan = plan_shards(listing, output, config_hash, i.files_per_shard, prompt_rows=bool(config.task.prompts))
+    return output, dataclasses.replace(plan, shards=plan.shards[: i.max_shards]), config_hash
 
 
 def _storage_check(section: str, uri: str, options: dict, check):
@@ -179,11 +185,20 @@ def check_models(config: JobConfig) -> dict[str, str]:
 SAMPLE_RECORDS = 16
 
 
-def check_task_fields(config: JobConfig, shard) -> None:
-    """The task's prompt fields (vqa: a question; mc: a question and choices) are in at least one of the shard's
-    first records: a job whose every row would be an error row fails now, not after decoding everything."""
+def check_first_shard(config: JobConfig, shard) -> None:
+    """The first shard to decode holds what the job reads, checked in seconds before Ray starts: a Parquet file's
+    image column (its schema alone), and the task's prompt fields (vqa: a question; mc: a question and choices)
+    in at least one of its first records. A job whose every row would be an error row fails now, not after
+    decoding everything."""
     from specvlm.data.prompts import PromptError, instruction, task_fields
 
+    if shard.format == "parquet":
+        try:
+            check_image_column(shard, config.input.storage_options, config.input.image_column)
+        except SourceError as exc:
+            raise ConfigError(f"input.image_column: {exc}") from None
+        except (OSError, ValueError):
+            pass  # a file that cannot be read, or is no Parquet: the job names it after finishing the others
     if config.task.kind == "caption":
         return
     records, problems = [], []
@@ -288,14 +303,18 @@ def run_job(
     rows are decoded again (and their files replaced), as if they had not been written. verbose=False: Ray's
     progress bars and log lines stay off the console (pipeline/console.py); `log` gets a progress line instead.
     messages: where the process's other output goes (the command line's run log), named once Ray starts."""
-    output, shards, config_hash = preflight(config)
+    output, plan, config_hash = preflight(config)
+    shards = plan.shards
     done = output.finished(config_hash) & {s.shard_id for s in shards}
     redo = output.shards_with_errors(done) if retry_errors else set()
     pending = [s for s in shards if s.shard_id not in done - redo]
     if pending:
-        check_task_fields(config, pending[0])
+        check_first_shard(config, pending[0])
     again = f" ({len(redo)} with error rows, redone)" if retry_errors else ""
     log(f"{len(shards)} shards, {len(done)} already written{again}, {len(pending)} to do")
+    for line in plan.report(output.uri):
+        log(line)
+    plan.set_aside_superseded(output)
 
     started = time.perf_counter()
     collector = ShardCollector(output, config_hash, output.partial_shards() if pending else set())
@@ -328,7 +347,7 @@ def run_job(
     elapsed = time.perf_counter() - started
 
     summary = _summarise(output, shards, len(done - redo), collector, elapsed)
-    output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points, compile_reason))
+    output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points, compile_reason, plan))
     output.clean_staging()
     log(summary.table())
     log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
@@ -402,6 +421,7 @@ def _manifest(
     collector: ShardCollector,
     operating_points: dict,
     compile_reason: str,
+    plan: ShardPlan,
 ) -> dict:
     import ray
     import torch
@@ -418,6 +438,7 @@ def _manifest(
         "input": config.input.uri,
         "shards_written_this_run": collector.written,
         "failed_shards": collector.failed,  # shard id -> why; a rerun retries exactly these
+        **plan.manifest(),
         "most_shards_held_at_once": collector.peak_open,  # what a driver crash at the worst moment would have lost
         # Per decode actor: the running batch it settled on, the speculation controller's measured costs, and
         # what compiling cost it (under "compile": graphs, warm-up seconds, a fall-back to eager if any).

@@ -67,10 +67,10 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def _bomb_png() -> bytes:
-    # A valid PNG header claiming 100000x100000 8-bit grey pixels, with almost no pixel data:
-    # 69 bytes on disk, 10 GB if a decoder believed it.
-    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+def header_only_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height 8-bit grey pixels, with almost no pixel data: 69 bytes on disk;
+    10 GB at 100000x100000 if a decoder believed it."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + _png_chunk(b"IHDR", header)
@@ -124,7 +124,7 @@ _CASES = {
     "truncated.jpg": lambda: (_truncated("JPEG"), CORRUPT),
     "truncated.png": lambda: (_truncated("PNG"), CORRUPT),
     "corrupt_header.png": lambda: (_corrupt_header_png(), NOT_AN_IMAGE),
-    "bomb.png": lambda: (_bomb_png(), BOMB),
+    "bomb.png": lambda: (header_only_png(100_000, 100_000), BOMB),
     "rgb.bmp": lambda: (_encode(_noise_rgb(16), "BMP"), None),
     "rgb.tiff": lambda: (_encode(_noise_rgb(16), "TIFF"), None),
     "rgb.webp": lambda: (_encode(_noise_rgb(16), "WEBP"), None),

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from specvlm.data.images import ImageError, decode_image
-from tests.badfiles import BOMB, CORPUS_NAMES, write_bad_image_corpus
+from tests.badfiles import BOMB, CORPUS_NAMES, header_only_png, write_bad_image_corpus
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_animated_image_gives_first_frame(corpus, name):
 
 def test_bomb_rejected_from_header_even_with_pil_limit_disabled(corpus, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    with pytest.raises(ImageError, match=r"100000x100000.*over max_pixels"):
+    with pytest.raises(ImageError, match=r"100000x100000.*over compute\.max_pixels"):
         _decode(corpus, "bomb.png")
 
 
@@ -114,10 +114,25 @@ def test_max_pixels_and_min_side_are_enforced():
 
 
 @pytest.mark.parametrize("pil_limit", [3000, 1000])  # PIL warns over its limit, raises over twice it
-def test_pil_bomb_warning_and_error_become_image_error(pil_limit, monkeypatch):
+def test_max_pixels_is_the_one_limit_over_pils_own(pil_limit, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pil_limit)
-    with pytest.raises(ImageError, match=BOMB):
-        decode_image(_png(Image.new("RGB", (64, 64))))
+    image = _png(Image.new("RGB", (64, 64)))  # 4096 pixels: over PIL's limit, under max_pixels
+    assert decode_image(image, max_pixels=5000).size == (64, 64)
+    with pytest.raises(ImageError, match=r"over compute\.max_pixels=4000 .*raise compute\.max_pixels") as refused:
+        decode_image(image, max_pixels=4000)
+    assert refused.value.kind == "image_too_large"
+
+
+def test_a_108_megapixel_image_passes_both_limits_when_max_pixels_allows_it(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    header = header_only_png(12_000, 9_000)
+    with pytest.raises(ImageError) as default:
+        decode_image(header)
+    assert default.value.kind == "image_too_large" and "compute.max_pixels=40000000" in str(default.value)
+    # Allowed, it gets past PIL's default limit (twice 89 Mpx) to the pixels, which this header does not have.
+    with pytest.raises(ImageError, match="corrupt or truncated") as allowed:
+        decode_image(header, max_pixels=200_000_000)
+    assert allowed.value.kind == "image_unreadable"
 
 
 def test_truncated_file_fails_and_pil_stays_strict(corpus):

@@ -103,7 +103,8 @@ def check_against_inputs(family, tables, input_uri, endpoint=None, files_per_sha
         assert [r["key"] for r in rows] == [r["key"] for r in records]  # every input row once, in order
         for row, record in zip(rows, records):
             assert row["error"] is None and row["stop_reason"] in ("eos", "max_tokens")
-            assert (row["shard_id"], row["source"], row["task"]) == (shard.shard_id, shard.uri, "caption")
+            # source: the tar or Parquet file; for an image folder the image file itself.
+            assert (row["shard_id"], row["source"], row["task"]) == (shard.shard_id, record["source"], "caption")
             assert row["output_ids"] == expected_tokens(family, record, row["prompt"])
             assert row["text"] == family.tokenizer.decode(row["output_ids"], skip_special_tokens=True).strip()
             check_metric_identities(row, family)
@@ -302,13 +303,11 @@ def test_bad_files_become_error_rows_and_the_job_goes_on(models, tmp_path, ray_l
     (tmp_path / "in").mkdir()
     expected = {}  # key -> expected error substring, None for an image that must decode
     for name, outcome in corpus.items():
-        key = name.replace(".", "_")  # stems must be unique: truncated.jpg and truncated.png are two samples
-        (tmp_path / "raw" / name).rename(tmp_path / "in" / f"{key}.{name.rsplit('.', 1)[1]}")
-        expected[key] = outcome
-    # A file that is not an image is an error row too, as in a tar; hidden files are tool litter, skipped.
+        (tmp_path / "raw" / name).rename(tmp_path / "in" / name)  # keyed by file name: a.jpg and a.png are two
+        expected[name] = outcome
+    # Files that are not images are skipped and listed, not error rows; hidden files are tool litter, skipped too.
     (tmp_path / "in" / "notes.md").write_text("# not an image")
     (tmp_path / "in" / ".DS_Store").write_bytes(b"\0" * 16)
-    expected["notes"] = "no image for key 'notes' (notes.md)"
     config = config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "output.max_error_fraction=1")
     summary = run_job(config, log=lambda *_: None)
     rows = {r["key"]: r for t in read_output(f"{tmp_path}/out").values() for r in t.to_pylist()}
@@ -322,13 +321,14 @@ def test_bad_files_become_error_rows_and_the_job_goes_on(models, tmp_path, ray_l
     assert summary.errors == sum(o is not None for o in expected.values())
     # Each error row names its kind first; the manifest groups the rows by it.
     kinds = {
-        key: "image_too_large" if key == "bomb_png" else "image_missing" if key == "notes" else "image_unreadable"
+        key: "image_too_large" if key.startswith("bomb") else "image_unreadable"
         for key, outcome in expected.items()
         if outcome is not None
     }
     assert {key: kind_of(rows[key]["error"]) for key in kinds} == kinds
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["summary"]["error_breakdown"] == dict(Counter(kinds.values()))
+    assert manifest["skipped_files"] == {"count": 2, "files": [".DS_Store", "notes.md"]}
 
     strict = config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "output.max_error_fraction=0.1")
     with pytest.raises(JobFailed, match="max_error_fraction"):
@@ -399,28 +399,87 @@ def test_a_task_field_missing_from_every_record_fails_before_ray_starts(models, 
     with pytest.raises(ConfigError) as error:
         run_job(config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", f"task.kind={kind}"), log=lambda *_: None)
     message = str(error.value)
-    assert message.startswith(f"task.kind={kind}: none of the first 5 records of shard images-00000")
+    assert message.startswith(f"task.kind={kind}: none of the first 5 records of shard images-")
     assert f"task {kind!r} needs a question" in message and "input.fields" in message
+
+
+def test_a_parquet_image_column_that_is_not_there_fails_before_ray_starts(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(job_module, "init_ray", lambda *_: pytest.fail("Ray started despite a wrong column"))
+    write_parquet_shards(str(tmp_path / "in"), seed=SEED, num_shards=1, per_shard=2)
+    table = pq.read_table(tmp_path / "in" / "00000.parquet")
+    pq.write_table(
+        table.rename_columns(["picture" if n == "image" else n for n in table.column_names]),
+        tmp_path / "in" / "00000.parquet",
+    )
+    with pytest.raises(ConfigError) as error:
+        run_job(config_for(models, f"{tmp_path}/in", f"{tmp_path}/out"), log=lambda *_: None)
+    message = str(error.value)
+    assert message.startswith("input.image_column: ") and "has no image column 'image'" in message
+    assert f"its columns are {', '.join(['picture' if n == 'image' else n for n in table.column_names])}" in message
+
+
+def _shard_files_by_key(out: Path) -> dict[str, str]:
+    """key -> the name of the output file holding its row."""
+    return {key: name for name, table in read_output(str(out)).items() for key in table["key"].to_pylist()}
 
 
 def test_retry_errors_redoes_only_the_shards_holding_error_rows(models, tmp_path, ray_local):
     _write_image_folder(fsspec.filesystem("file", auto_mkdir=True), f"{tmp_path}/in")  # img0 ... img4, in shards of 2
-    (tmp_path / "in" / "img3.png").write_bytes(b"not a png")  # the second shard (img2, img3) gets an error row
+    make_scene(SEED, 3, image_size=128).image.save(tmp_path / "in" / "img3.png")  # over the first run's max_pixels
     config = config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "input.files_per_shard=2")
+    small = config.model_copy(update={"compute": config.compute.model_copy(update={"max_pixels": 64 * 64})})
     with pytest.raises(JobFailed, match="run the same command with --retry-errors"):
-        run_job(config, log=lambda *_: None)
-    first = (tmp_path / "out" / "images-00000.parquet").stat().st_mtime_ns
+        run_job(small, log=lambda *_: None)
+    files = _shard_files_by_key(tmp_path / "out")
+    first = (tmp_path / "out" / files["img0.png"]).stat().st_mtime_ns
 
-    make_scene(SEED, 3).image.save(tmp_path / "in" / "img3.png")  # the data fixed
-    with pytest.raises(JobFailed):  # a plain rerun keeps the finished shards, error rows and all
+    # The limit raised (compute settings do not shape the text, so the output resumes), the data unchanged: a plain
+    # rerun keeps the finished shards, error rows and all.
+    with pytest.raises(JobFailed):
         run_job(config, log=lambda *_: None)
     lines = []
     summary = run_job(config, log=lines.append, retry_errors=True)
     assert lines[0] == "3 shards, 3 already written (1 with error rows, redone), 1 to do"
     assert (summary.shards_skipped, summary.shards_written, summary.errors, summary.rows) == (2, 1, 0, 5)
-    assert (tmp_path / "out" / "images-00000.parquet").stat().st_mtime_ns == first  # not redone
+    assert (tmp_path / "out" / files["img0.png"]).stat().st_mtime_ns == first  # not redone
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-    assert manifest["summary"]["errors"] == 0 and manifest["shards_written_this_run"] == {"images-00001": 2}
+    redone = files["img3.png"][: -len(".parquet")]
+    assert manifest["summary"]["errors"] == 0 and manifest["shards_written_this_run"] == {redone: 2}
+
+
+def test_image_folder_rerun_after_changes_holds_every_image_once(models, tmp_path, ray_local):
+    """Images added, one replaced, one removed, clutter beside them, and files_per_shard changed between runs: the
+    second run decodes only what changed, and the output holds each image of the folder once, as it is now."""
+    fs = fsspec.filesystem("file", auto_mkdir=True)
+    _write_image_folder(fs, f"{tmp_path}/in")  # img0 ... img4 with captions
+    (tmp_path / "in" / "Thumbs.db").write_bytes(b"\0\0")
+    run_job(config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "input.files_per_shard=2"), log=lambda *_: None)
+    files = _shard_files_by_key(tmp_path / "out")
+
+    make_scene(SEED, 7).image.save(tmp_path / "in" / "img1.png")  # replaced: its shard (img0, img1) is redone
+    (tmp_path / "in" / "img4.png").unlink()  # removed: its shard (img4 alone) goes, its caption is skipped
+    for i in (5, 6):
+        make_scene(SEED, i).image.save(tmp_path / "in" / f"img{i}.png")
+    lines = []
+    summary = run_job(
+        config_for(models, str(tmp_path / "in"), f"{tmp_path}/out", "input.files_per_shard=3"), log=lines.append
+    )
+    keys = sorted(key for table in read_output(f"{tmp_path}/out").values() for key in table["key"].to_pylist())
+    assert keys == ["img0.png", "img1.png", "img2.png", "img3.png", "img5.png", "img6.png"]
+    assert (summary.shards_skipped, summary.shards_written, summary.rows) == (1, 2, 6)  # (img2, img3) kept
+    assert _shard_files_by_key(tmp_path / "out")["img2.png"] == files["img2.png"]
+    superseded = {files["img0.png"][:-8], files["img4.png"][:-8]}
+    assert (
+        lines[1]
+        == "2 files skipped as not images (Thumbs.db, img4.txt; all are listed under skipped_files in "
+        + f"{tmp_path}/out/_manifest.json)"
+    )
+    assert lines[2].startswith("2 shards written by an earlier run no longer match the folder")
+    assert {p.stem for p in (tmp_path / "out" / "_superseded").glob("*.parquet")} == superseded
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert set(manifest["shards_superseded_this_run"]) == superseded
+    assert manifest["skipped_files"] == {"count": 2, "files": ["Thumbs.db", "img4.txt"]}
+    assert sorted(manifest["shard_identities"]) == sorted(f[:-8] for f in read_output(f"{tmp_path}/out"))
 
 
 def _draft_checkpoint(family, models, root: Path, which: str) -> Path:

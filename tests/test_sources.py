@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import posixpath
@@ -17,7 +18,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 
 from specvlm.data.retry import RetryPolicy
-from specvlm.data.sources import Shard, ShardError, SourceError, list_shards, read_shard
+from specvlm.data.sources import Shard, ShardError, SourceError, list_input, list_shards, read_shard
 
 
 @dataclass
@@ -87,6 +88,12 @@ def _parquet(table: pa.Table, row_group_size: int = 2) -> bytes:
     return buffer.getvalue()
 
 
+def _named(shard: Shard) -> Shard:
+    """The shard without its identity (a digest of its files' sizes and versions, checked apart)."""
+    assert re.fullmatch("[0-9a-f]{16}", shard.identity), shard
+    return dataclasses.replace(shard, identity="")
+
+
 def _record(shard: Shard, key: str, **fields) -> dict:
     empty = dict.fromkeys(["image", "caption", "question", "choices", "answer", "references", "meta", "error"])
     return {"key": key, "shard_id": shard.shard_id, "source": shard.uri, **empty, **fields}
@@ -95,7 +102,7 @@ def _record(shard: Shard, key: str, **fields) -> dict:
 # ---------------------------------------------------------------- image folders
 
 
-def test_image_folder_records_with_sidecars_and_an_error_for_every_file_that_is_not_an_image(store):
+def test_image_folder_records_with_sidecars_and_clutter_skipped_and_named(store):
     vqa = json.dumps({"question": "What colour?", "choices": ["red", "green"], "answer": "green", "id": 7})
     for rel, data in [
         ("imgs/a/cat.png", RED),
@@ -105,59 +112,124 @@ def test_image_folder_records_with_sidecars_and_an_error_for_every_file_that_is_
         ("imgs/fish.png", GREEN),
         ("imgs/notes.txt", b"not a caption: no image called notes"),
         ("imgs/README.md", b"# readme"),
+        ("imgs/Thumbs.db", b"windows thumbnails"),
+        ("imgs/.DS_Store", b"finder"),
         ("imgs/._fish.png", b"macOS resource fork"),
         ("imgs/.ipynb_checkpoints/fish-checkpoint.png", GREEN),
     ]:
         store.put(rel, data)
 
-    (shard,) = store.list("imgs")
-    listed = ["README.md", "a/cat.png", "a/cat.txt", "dog.JPG", "dog.json", "fish.png", "notes.txt"]
-    assert shard == Shard(
-        uri=store.uri("imgs"),
-        format="images",
-        shard_id="images-00000",
-        files=tuple(store.uri(f"imgs/{f}") for f in listed),
+    listing = list_input(store.uri("imgs"), storage_options=store.storage_options)
+    (shard,) = listing.shards
+    # The images first, then their sidecars; the shard is named by what it holds.
+    files = ["a/cat.png", "dog.JPG", "fish.png", "a/cat.txt", "dog.json"]
+    assert shard.files == tuple(store.uri(f"imgs/{f}") for f in files)
+    assert shard.uri == store.uri("imgs") and shard.shard_id == f"images-{shard.identity}" and shard.identity
+    assert listing.skipped == (
+        ".DS_Store",
+        "._fish.png",
+        ".ipynb_checkpoints/fish-checkpoint.png",
+        "README.md",
+        "Thumbs.db",
+        "notes.txt",
     )
     records = store.read(shard)
-    errors = {r["key"]: r["error"] for r in records if r["error"]}
-    assert [{**r, "error": None} for r in records] == [
-        _record(shard, "README"),
-        _record(shard, "a/cat", image=RED, caption="a red square"),
-        _record(shard, "dog", image=BLUE, question="What colour?", choices=["red", "green"], answer="green", meta=vqa),
-        _record(shard, "fish", image=GREEN),
-        _record(shard, "notes"),
+
+    def image(rel: str, **fields) -> dict:
+        return {**_record(shard, rel, **fields), "source": store.uri(f"imgs/{rel}")}
+
+    assert records == [
+        image("a/cat.png", image=RED, caption="a red square"),
+        image("dog.JPG", image=BLUE, question="What colour?", choices=["red", "green"], answer="green", meta=vqa),
+        image("fish.png", image=GREEN),
     ]
-    # Hidden files and sidecars give no record of their own; a file that is not an image gives an error record.
-    assert sorted(errors) == ["README", "notes"]
-    assert "no image for key 'README' (README.md)" in errors["README"] and "notes.txt" in errors["notes"]
 
 
-def test_image_folder_chunks_in_sorted_order_with_stable_ids(tmp_path):
+def test_image_folder_chunks_in_sorted_order_with_ids_from_contents(tmp_path):
     store = Store(str(tmp_path), {})
     for name in ["e.png", "c.png", "a.png", "d/b.png", "b.png"]:
         store.put(f"imgs/{name}", RED)
     shards = store.list("imgs", files_per_shard=2)
-    assert [s.shard_id for s in shards] == ["images-00000", "images-00001", "images-00002"]
     assert [[posixpath.relpath(f, store.uri("imgs")) for f in s.files] for s in shards] == [
         ["a.png", "b.png"],
         ["c.png", "d/b.png"],
         ["e.png"],
     ]
+    assert len({s.shard_id for s in shards}) == 3 and all(s.shard_id.startswith("images-") for s in shards)
     assert store.list("imgs", files_per_shard=2) == shards
-    assert [r["key"] for r in store.read(shards[1])] == ["c", "d/b"]
+    assert [r["key"] for r in store.read(shards[1])] == ["c.png", "d/b.png"]
+    # A replaced file renames its shard, and only its shard.
+    store.put("imgs/c.png", GREEN + b"x")
+    again = store.list("imgs", files_per_shard=2)
+    assert [s.shard_id == t.shard_id for s, t in zip(shards, again)] == [True, False, True]
 
 
-def test_image_folder_missing_file_and_ambiguous_stem_become_error_records(tmp_path):
+def test_image_folder_two_images_of_one_stem_are_two_rows_and_a_vanished_file_an_error(tmp_path):
     store = Store(str(tmp_path), {})
-    for name, data in [("a.png", RED), ("b.png", GREEN), ("b.jpg", BLUE), ("c.png", RED)]:
+    for name, data in [("a.png", RED), ("b.png", GREEN), ("b.jpg", BLUE), ("b.txt", b"shared"), ("c.png", RED)]:
         store.put(f"imgs/{name}", data)
     (shard,) = store.list("imgs")
     store.rm("imgs/c.png")
     records = store.read(shard)
-    assert [r["key"] for r in records] == ["a", "b", "c"]
-    assert records[0]["image"] == RED and records[0]["error"] is None
-    assert "several image members (jpg, png)" in records[1]["error"] and records[1]["image"] is None
-    assert "FileNotFoundError" in records[2]["error"] and records[2]["image"] is None
+    assert [(r["key"], r["image"], r["caption"]) for r in records] == [
+        ("a.png", RED, None),
+        ("b.jpg", BLUE, "shared"),
+        ("b.png", GREEN, "shared"),
+        ("c.png", None, None),
+    ]
+    assert records[3]["error"].startswith("read_failed:") and "FileNotFoundError" in records[3]["error"]
+
+
+def test_image_folder_of_img2dataset_files_layout_is_read_as_images(tmp_path):
+    # img2dataset's output_format="files": 00000/000000001.jpg + .txt + .json, and 00000.parquet and
+    # 00000_stats.json beside the folder.
+    store = Store(str(tmp_path), {})
+    for name, data in [
+        ("00000/000000000.jpg", BLUE),
+        ("00000/000000000.txt", b"blue"),
+        ("00000/000000000.json", b'{"url": "http://x/0.jpg"}'),
+        ("00000/000000001.png", RED),
+        ("00000.parquet", _parquet(pa.table({"key": ["000000000", "000000001"], "status": ["success"] * 2}))),
+        ("00000_stats.json", b'{"count": 2}'),
+    ]:
+        store.put(f"out/{name}", data)
+    listing = list_input(store.uri("out"))
+    assert listing.skipped == ("00000.parquet", "00000_stats.json")
+    (shard,) = listing.shards
+    assert shard.format == "images"
+    records = store.read(shard)
+    assert [(r["key"], r["image"], r["caption"], r["error"]) for r in records] == [
+        ("00000/000000000.jpg", BLUE, "blue", None),
+        ("00000/000000001.png", RED, None, None),
+    ]
+
+
+def test_image_folder_of_img2dataset_files_layout_with_format_images_has_no_error_rows(tmp_path):
+    store = Store(str(tmp_path), {})
+    for name, data in [("00000/000000000.jpg", BLUE), ("00000.parquet", _parquet(pa.table({"key": ["0"]})))]:
+        store.put(f"out/{name}", data)
+    store.put("out/00000_stats.json", b'{"count": 1}')
+    listing = list_input(store.uri("out"), "images")
+    assert listing.skipped == ("00000.parquet", "00000_stats.json")
+    assert [(r["key"], r["error"]) for r in store.read(listing.shards[0])] == [("00000/000000000.jpg", None)]
+
+
+def test_empty_image_bytes_are_one_kind_of_error_from_every_layout(tmp_path):
+    """An empty file, tar member or Parquet value reaches the decoder as empty bytes, which it refuses as
+    image_unreadable; a Parquet row with no value at all is image_missing."""
+    from specvlm.data.images import ImageError, decode_image
+
+    store = Store(str(tmp_path), {})
+    store.put("folder/a.png", b"")
+    store.put("tars/000.tar", _tar([("a.png", b"")]))
+    store.put("tables/000.parquet", _parquet(pa.table({"key": ["a", "b"], "image": [b"", None]})))
+    empty = [store.read(store.list(layout)[0])[0] for layout in ("folder", "tars", "tables")]
+    assert [(r["image"], r["error"]) for r in empty] == [(b"", None)] * 3
+    with pytest.raises(ImageError) as refused:
+        decode_image(b"")
+    assert refused.value.kind == "image_unreadable"
+    (missing,) = store.read(store.list("tables")[0])[1:]
+    assert missing["error"].startswith("image_missing: row 1 has no image")
 
 
 # ---------------------------------------------------------------- webdataset
@@ -185,7 +257,7 @@ def test_webdataset_records(store):
         ),
     )
     (shard,) = store.list("wds")
-    assert shard == Shard(uri=store.uri("wds/000.tar"), format="webdataset", shard_id="000")
+    assert _named(shard) == Shard(uri=store.uri("wds/000.tar"), format="webdataset", shard_id="000")
     records = store.read(shard)
     bad_json = records[4].pop("error")
     assert records == [
@@ -200,13 +272,11 @@ def test_webdataset_records(store):
             answer="0",
             meta=meta1,
         ),
-        _record(
-            shard, "002", error=f"image_missing: no image member for key '002' in {shard.uri}; expected exactly one"
-        ),
+        _record(shard, "002", error=f"image_missing: no image member for key '002' in {shard.uri}; expected one"),
         _record(shard, "sub/003", image=RED),
         {k: v for k, v in _record(shard, "004", image=RED, meta="{not json").items() if k != "error"},
     ]
-    assert "bad 004.json" in bad_json
+    assert bad_json.startswith("record_invalid: bad .json sidecar of '004'")
 
 
 def _truncated_tar(cut: str) -> bytes:
@@ -249,9 +319,9 @@ def test_parquet_records(store):
     )
     store.put("pq/part-0.parquet", _parquet(table))
     (shard,) = store.list("pq")
-    assert shard == Shard(uri=store.uri("pq/part-0.parquet"), format="parquet", shard_id="part-0")
+    assert _named(shard) == Shard(uri=store.uri("pq/part-0.parquet"), format="parquet", shard_id="part-0")
     assert store.read(shard) == [
-        _record(shard, "k0", image=RED, caption="red", meta='{"width": 4, "url": "u0"}'),
+        _record(shard, "k0", image=RED, caption="red", meta='{"url": "u0", "width": 4}'),
         _record(
             shard,
             "k1",
@@ -259,41 +329,63 @@ def test_parquet_records(store):
             question="Which?",
             choices=["a", "b"],
             answer="b",
-            meta='{"width": 4, "url": "u1"}',
+            meta='{"url": "u1", "width": 4}',
         ),
         _record(
             shard,
             "k2",
             caption="nothing",
-            meta='{"width": null, "url": "u2"}',
-            error="image_missing: row 2 has no image bytes in column 'image'",
+            meta='{"url": "u2", "width": null}',
+            error="image_missing: row 2 has no image in column 'image'",
         ),
     ]
 
 
-def test_parquet_hugging_face_struct_image_column(store):
+def test_parquet_hugging_face_struct_image_column_and_id_keys(store):
     images = pa.array(
-        [{"bytes": RED, "path": "r.png"}, {"bytes": GREEN, "path": None}, {"bytes": None, "path": "only/a/path.png"}],
+        [{"bytes": RED, "path": "r.png"}, {"bytes": GREEN, "path": None}, {"bytes": None, "path": "pics/a.jpg"}],
         pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
     )
-    store.put("hf/train-00000-of-00001.parquet", _parquet(pa.table({"img": images, "label": [1, 2, 3]})))
-    (shard,) = store.list("hf")
+    table = pa.table({"id": ["q7", "q8", "q9"], "img": images, "label": [1, 2, 3]})
+    store.put("hf/train-00000-of-00001.parquet", _parquet(table))
+    store.put("hf/pics/a.jpg", BLUE)  # a path is relative to the Parquet file's folder
+    (shard,) = store.list("hf", "parquet")
     assert shard.shard_id == "train-00000-of-00001"
     assert store.read(shard, image_column="img") == [
-        _record(shard, "00000000", image=RED, meta='{"label": 1}'),
-        _record(shard, "00000001", image=GREEN, meta='{"label": 2}'),
-        _record(
-            shard, "00000002", meta='{"label": 3}', error="image_missing: row 2 has no image bytes in column 'img'"
-        ),
+        _record(shard, "q7", image=RED, meta='{"label": 1}'),
+        _record(shard, "q8", image=GREEN, meta='{"label": 2}'),
+        _record(shard, "q9", image=BLUE, meta='{"label": 3}'),
     ]
 
 
-def test_parquet_without_the_image_column_is_a_shard_failure(tmp_path):
+def test_parquet_column_of_paths_reads_them_and_names_a_missing_one(tmp_path):
     store = Store(str(tmp_path), {})
-    store.put("pq/a.parquet", _parquet(pa.table({"picture": [RED]})))
+    store.put("pq/a.parquet", _parquet(pa.table({"image": ["x/red.png", "gone.png", str(tmp_path / "blue.jpg")]})))
+    store.put("pq/x/red.png", RED)
+    store.put("blue.jpg", BLUE)
+    (shard,) = store.list("pq", "parquet")
+    records = store.read(shard)
+    assert [(r["key"], r["image"]) for r in records] == [("00000000", RED), ("00000001", None), ("00000002", BLUE)]
+    assert records[1]["error"].startswith("read_failed: cannot read image " + store.uri("pq/gone.png"))
+    assert "check the paths in column 'image'" in records[1]["error"]
+
+
+def test_parquet_without_the_image_column_names_the_setting_and_the_columns(tmp_path):
+    store = Store(str(tmp_path), {})
+    store.put("pq/a.parquet", _parquet(pa.table({"picture": [RED], "caption": ["red"]})))
     (shard,) = store.list("pq")
     records, failure = store.read_until_failure(shard)
-    assert records == [] and failure.read == 0 and "no column 'image'" in str(failure)
+    assert records == [] and failure.read == 0
+    assert "no image column 'image'; its columns are picture, caption" in str(failure)
+    assert "input.image_column" in str(failure)
+
+
+def test_parquet_image_column_that_holds_no_images_is_refused(tmp_path):
+    store = Store(str(tmp_path), {})
+    store.put("pq/a.parquet", _parquet(pa.table({"image": [1, 2]})))
+    (shard,) = store.list("pq")
+    _, failure = store.read_until_failure(shard)
+    assert "column 'image'" in str(failure) and "holds int64, not images" in str(failure)
 
 
 def test_duplicate_keys_become_error_records(tmp_path):
@@ -322,7 +414,7 @@ def test_glob_listing_gives_sorted_unique_stable_ids(store):
     assert store.list("shards") == deep  # a directory: tars win over img2dataset-style metadata parquet
     assert [s.shard_id for s in store.list("shards", "parquet")] == ["000"]
     (single,) = store.list("shards/sub/000.tar")
-    assert single == Shard(uri=store.uri("shards/sub/000.tar"), format="webdataset", shard_id="000")
+    assert _named(single) == Shard(uri=store.uri("shards/sub/000.tar"), format="webdataset", shard_id="000")
 
 
 def test_ids_stay_unique_when_sanitised_names_collide(tmp_path):

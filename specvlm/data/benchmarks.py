@@ -31,37 +31,24 @@ from __future__ import annotations
 import functools
 import json
 import posixpath
-import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
 from specvlm.data.error_kinds import tagged
+from specvlm.data.listing import file_ids, to_uri, visible
 from specvlm.data.prompts import LETTERS
+from specvlm.data.records import Record, Shard, SourceError, fetch_image, fields_record, task_fields
 from specvlm.data.retry import with_retries
-from specvlm.data.sources import (
-    Record,
-    Shard,
-    SourceError,
-    _expand,
-    _record,
-    _relative,
-    _to_uri,
-    _unique_ids,
-)
 
 ANNOTATION_FORMATS = ("coco", "vqav2", "scienceqa", "jsonl")
 BENCHMARK_FORMATS = (*ANNOTATION_FORMATS, "hf")
 _IMAGE_SUBFOLDER = {"scienceqa": "images"}  # where the images sit beside the annotations by default
-_TASK_FIELDS = ("caption", "question", "choices", "answer", "references")
 _FETCH_THREADS = 16  # concurrent image GETs: object stores have high latency per file
-_HF_BATCH_ROWS = 64
 
 
 def list_benchmark_shards(
@@ -79,7 +66,7 @@ def list_benchmark_shards(
     if format == "hf":
         return _hf_shards(fs, path, split, images)
     if format == "jsonl":
-        root, paths = _expand(fs, path)
+        root, paths = visible(fs, path)
         paths = [p for p in paths if p.lower().endswith(".jsonl")]
     elif fs.isfile(path):
         root, paths = posixpath.dirname(path), [path]
@@ -88,8 +75,8 @@ def list_benchmark_shards(
     if not paths:
         raise SourceError(f"{uri} matches no .jsonl files; check the path and the glob")
     shards = []
-    for p, prefix in zip(paths, _file_ids(paths, root)):
-        file_uri = _to_uri(fs, p)
+    for p, prefix in zip(paths, file_ids(paths, root)):
+        file_uri = to_uri(fs, p)
         answers = _answers_file(fs, file_uri, annotations) if format == "vqav2" else ""
         image_root = images or _default_image_root(file_uri, format)
         keys = list(_samples(format, file_uri, answers, split, storage_options))
@@ -110,16 +97,8 @@ def list_benchmark_shards(
     return shards
 
 
-def _file_ids(paths: list[str], root: str) -> list[str]:
-    """Filesystem-safe ids from the paths below root, without suffix: stable when other files are added."""
-    stems = [posixpath.splitext(_relative(p, root))[0] for p in paths]
-    return _unique_ids([re.sub(r"[^A-Za-z0-9._-]", "_", s.replace("/", "__")) for s in stems], stems)
-
-
 def read_benchmark_shard(shard: Shard, storage_options: dict) -> Iterator[Record]:
-    if shard.format == "hf":
-        yield from _read_hf(shard, storage_options)
-        return
+    """An annotation layout's shard (a Hugging Face dataset's files are tables: tables.read_table)."""
     samples = _samples(shard.format, shard.uri, shard.annotations, shard.split or None, storage_options)
     missing = [key for key in shard.files if key not in samples]
     if missing:
@@ -127,33 +106,17 @@ def read_benchmark_shard(shard: Shard, storage_options: dict) -> Iterator[Record
             f"{len(missing)} samples of this shard (e.g. {missing[0]!r}) are no longer in {shard.uri}; the annotations"
             " changed since the job listed them: write to a new output"
         )
-    fetch = partial(_fetch_image, shard, storage_options)
+
+    def fetch(location: str | None) -> bytes | str | None:
+        return None if location is None else fetch_image(location, shard.images, storage_options, "check input.images")
+
     keys = list(shard.files)
     # map() keeps the order; a bounded batch at a time caps how many images sit in memory.
     with ThreadPoolExecutor(_FETCH_THREADS) as pool:
         for start in range(0, len(keys), _FETCH_THREADS):
             batch = keys[start : start + _FETCH_THREADS]
             for key, image in zip(batch, pool.map(fetch, [samples[k]["image"] for k in batch])):
-                yield _to_record(shard, key, samples[key], image)
-
-
-def _to_record(shard: Shard, key: str, sample: dict, image: bytes | str | None) -> Record:
-    """image: the bytes, None for a text-only sample, or a message saying why they could not be read."""
-    fields = {name: sample.get(name) for name in _TASK_FIELDS}
-    meta = json.dumps(sample["meta"], ensure_ascii=False, sort_keys=True, default=str) if sample.get("meta") else None
-    error = sample.get("error") or (image if isinstance(image, str) else None)
-    return _record(shard, key, image=image if isinstance(image, bytes) else None, meta=meta, error=error, **fields)
-
-
-def _fetch_image(shard: Shard, storage_options: dict, location: str | None) -> bytes | str | None:
-    if location is None:
-        return None
-    uri = location if "://" in location or location.startswith("/") else posixpath.join(shard.images, location)
-    try:
-        fs, path = url_to_fs(uri, **storage_options)
-        return with_retries(partial(fs.cat_file, path))
-    except OSError as e:
-        return tagged("read_failed", f"cannot read image {uri} ({type(e).__name__}: {e}); check input.images")
+                yield fields_record(shard, key, samples[key], image)
 
 
 # ---------------------------------------------------------------- annotation layouts
@@ -287,22 +250,8 @@ def _jsonl(text: str, uri: str) -> dict[str, dict]:
             samples[f"line{number}"] = {"image": None, "error": problem}
             continue
         key = row.pop("key") if "key" in row else row.pop("id", None)
-        samples[str(number - 1 if key is None else key)] = {"image": row.pop("image", None), **_task_fields(row)}
+        samples[str(number - 1 if key is None else key)] = {"image": row.pop("image", None), **task_fields(row)}
     return samples
-
-
-def _task_fields(row: dict) -> dict:
-    """Task fields from a row's own names; a list caption or answer is several references (the consensus answer,
-    or the first caption, is the reference). The rest is metadata."""
-    sample = {name: row.pop(name) for name in ("question", "choices", "caption", "answer") if name in row}
-    for name, pick in (("caption", lambda refs: refs[0]), ("answer", lambda refs: Counter(refs).most_common(1)[0][0])):
-        if isinstance(sample.get(name), list) and sample[name]:
-            sample["references"] = [str(r) for r in sample[name]]
-            sample[name] = pick(sample["references"])
-    if "references" in row:
-        sample["references"] = [str(r) for r in row.pop("references")]
-    sample["meta"] = row
-    return sample
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
@@ -324,48 +273,12 @@ def _hf_shards(fs: AbstractFileSystem, path: str, split: str | None, images: str
             state = json.loads(fs.cat_file(posixpath.join(path, "state.json")))
             files = [posixpath.join(path, f["filename"]) for f in state["_data_files"]]
         else:
-            files = [p for p in _expand(fs, path)[1] if p.endswith((".arrow", ".parquet"))]
+            files = [p for p in visible(fs, path)[1] if p.endswith((".arrow", ".parquet"))]
             if split:  # the Hub's Parquet layout: data/{split}-00000-of-00001.parquet
                 files = [p for p in files if posixpath.basename(p).startswith(f"{split}-")]
     if not files:
         raise SourceError(f"{path} has no .arrow or .parquet files" + (f" of split {split!r}" if split else ""))
-    root = images or _to_uri(fs, folder)
+    root = images or to_uri(fs, folder)
     return [
-        Shard(uri=_to_uri(fs, p), format="hf", shard_id=i, images=root) for p, i in zip(files, _file_ids(files, folder))
+        Shard(uri=to_uri(fs, p), format="hf", shard_id=i, images=root) for p, i in zip(files, file_ids(files, folder))
     ]
-
-
-def hf_image_column(schema: pa.Schema) -> str:
-    """The column the dataset's features declare as an Image, else "image"."""
-    stored = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
-    features = stored.get("info", {}).get("features", {})
-    declared = [
-        name for name, feature in features.items() if isinstance(feature, dict) and feature.get("_type") == "Image"
-    ]
-    return declared[0] if declared else "image"
-
-
-def _read_hf(shard: Shard, storage_options: dict) -> Iterator[Record]:
-    fs, path = url_to_fs(shard.uri, **storage_options)
-    with fs.open(path, "rb") as f:
-        if path.endswith(".parquet"):
-            parquet = pq.ParquetFile(f)
-            schema, batches = parquet.schema_arrow, parquet.iter_batches(batch_size=_HF_BATCH_ROWS)
-        else:
-            stream = pa.ipc.open_stream(f)
-            schema, batches = stream.schema, stream
-        column = hf_image_column(schema)
-        if column not in schema.names:
-            raise SourceError(f"{shard.uri} has no image column {column!r} (columns: {schema.names})")
-        row = 0
-        for batch in batches:
-            for values in batch.to_pylist():
-                image = values.pop(column)
-                if isinstance(image, dict):  # the Image feature: {"bytes", "path"}; bytes win, as in datasets
-                    image = image.get("bytes") or image.get("path")
-                key = values.pop("key") if "key" in values else values.pop("id", None)
-                sample = _task_fields(values)
-                if isinstance(image, str):
-                    image = _fetch_image(shard, storage_options, image)
-                yield _to_record(shard, f"{row:08d}" if key is None else str(key), sample, image)
-                row += 1

@@ -26,13 +26,14 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1
 
     Animated images give their first frame; EXIF orientation is applied; transparency is
     composited onto white; 16-bit and float images are scaled to 8 bits.
-    The size limit is checked from the header, before any pixel is decoded. PIL's own
-    decompression-bomb limit (from `Image.MAX_IMAGE_PIXELS`) still applies on top of it.
+    The size limit, `max_pixels` (a job's `compute.max_pixels`), is checked from the header, before any pixel is
+    decoded; it is the one limit: PIL's own decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) is raised to
+    allow it where it is lower.
     """
     if not data:
         raise ImageError("empty image data (0 bytes): the source file is empty; re-export or drop it")
     try:
-        img = _open(data)
+        img = _open(data, max_pixels)
         _check_size(img.size, max_pixels, min_side)
         # load() decodes every pixel now, so a truncated file fails here rather than in a later stage.
         img.load()
@@ -45,11 +46,15 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000, min_side: int = 1
         ) from e
 
 
-def _open(data: bytes) -> Image.Image:
-    # Image.open reads only the header. PIL reports its own bomb limit as a warning (over the limit)
-    # or an error (over twice the limit); both become ImageError rather than a log line.
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    # Image.open reads only the header. PIL warns of an image over its limit and raises over twice it. The warning
+    # is ignored, since _check_size refuses by max_pixels next; the limit is raised (process-wide, and only ever
+    # upwards) so that PIL's error can never refuse an image max_pixels allows: users raise compute.max_pixels for
+    # large scans and panoramas (a 108 Mpx photo is over PIL's default of twice 89 Mpx).
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             return Image.open(io.BytesIO(data))
         except UnidentifiedImageError as e:
@@ -57,18 +62,22 @@ def _open(data: bytes) -> Image.Image:
                 f"not a recognised image (unknown format or corrupt header; starts with {data[:8]!r}); "
                 "check that the file really is a jpg/png/webp/gif/bmp/tiff image"
             ) from e
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"image over PIL's size limit, possible decompression bomb: {e}", "image_too_large") from e
+        except Image.DecompressionBombError as e:
+            raise ImageError(
+                f"image over compute.max_pixels={max_pixels} (possible decompression bomb; {e}); raise "
+                "compute.max_pixels if images this large are expected",
+                "image_too_large",
+            ) from e
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, min_side: int) -> None:
-    # Checked here as well as by PIL, because PIL's limit is a process-wide global that other code
+    # Checked here rather than left to PIL, because PIL's limit is a process-wide global that other code
     # (often ML code) sets to None.
     width, height = size
     if width * height > max_pixels:
         raise ImageError(
-            f"image is {width}x{height} = {width * height} pixels, over max_pixels={max_pixels} "
-            "(possible decompression bomb); raise max_pixels if images this large are expected",
+            f"image is {width}x{height} = {width * height} pixels, over compute.max_pixels={max_pixels} "
+            "(possible decompression bomb); raise compute.max_pixels if images this large are expected",
             "image_too_large",
         )
     if min(width, height) < min_side:

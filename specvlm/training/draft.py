@@ -30,9 +30,9 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from specvlm.demo.target import save_checkpoint
 from specvlm.models.build import build_text_lm
 from specvlm.models.loading import ModelLoadError, check_vocabulary, load_target, resolve_model_dir
+from specvlm.models.saving import save_checkpoint
 from specvlm.specdec.drafts import strip_image_tokens
 from specvlm.training.examples import Example
 from specvlm.training.loop import TrainConfig, last_step, train
