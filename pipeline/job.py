@@ -253,10 +253,12 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=Non
     from pipeline.stages import decode_stage
 
     c = config.compute
-    # One read task per shard (pipeline/reader.py says why a datasource); at most shards_per_actor of them per
-    # decode actor at once, which bounds the shards in flight, and so what a crash can lose.
+    # Read tasks over groups of shards (pipeline/reader.py says why a datasource, and why groups); at most
+    # shards_per_actor of them per decode actor at once, each reading one shard at a time, which bounds the shards
+    # in flight, and so what a crash can lose.
     reading = min(len(shards), c.actors * c.shards_per_actor)
-    ds = ray.data.read_datasource(ShardDatasource(shards, config), concurrency=reading, override_num_blocks=len(shards))
+    source = ShardDatasource(shards, config, readers=reading)
+    ds = ray.data.read_datasource(source, concurrency=reading, override_num_blocks=len(source.groups))
     # Blocks of BLOCK_ROWS rows, whatever the size of a row or a shard: each decode actor holds a fixed number of
     # blocks, so the rows in flight, and what a crash can lose, are bounded in rows (reader.py).
     ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)

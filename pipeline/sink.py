@@ -111,7 +111,12 @@ class OutputDir:
             metadata[FAILURE_METADATA_KEY] = failure.encode()
         table = table.replace_schema_metadata(metadata)
         path = self.shard_path(shard_id) if failure is None else self.partial_path(shard_id)
-        self.write_atomic(path, lambda f: pq.write_table(table, f))
+        # Encoded in memory, then written in one call: pyarrow writes a Python file object in a hundred small
+        # pieces, each a call through fsspec, and an object store takes one body as one request.
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        payload = buffer.getvalue()
+        self.write_atomic(path, lambda f: f.write(payload))
 
     def partial_shards(self) -> set[str]:
         """Ids of shards with rows kept from a failed read (a rerun that completes one removes its partial file)."""
@@ -177,35 +182,44 @@ class ShardCollector:
         self.peak_open = 0  # most shards held at once: what a driver crash at the worst moment would lose
 
     def add(self, batch: pa.Table) -> None:
-        for shard in pc.unique(batch["shard_id"]).to_pylist():
-            rows = batch.filter(pc.equal(batch["shard_id"], shard))
-            for marker in rows.filter(rows["is_end"]).select(["row_index", "error"]).to_pylist():
-                self.markers[shard] = marker
-            self._add_rows(shard, rows.filter(pc.invert(rows["is_end"])))
+        # One pass over the batch's small columns in Python, then one `take` per shard: a batch of tiny shards
+        # holds dozens of them, and a filter per shard and column cost more than writing the shard.
+        ids, ends = batch["shard_id"].to_pylist(), batch["is_end"].to_pylist()
+        rows_of: dict[str, list[int]] = {}  # shard id -> positions of its rows in the batch
+        markers: dict[str, int] = {}  # shard id -> position of its end marker
+        for position, (shard, end) in enumerate(zip(ids, ends)):
+            if shard in self.written or shard in self.failed:
+                continue  # a retried read task delivers a finished shard again
+            rows_of.setdefault(shard, [])
+            if end:
+                markers[shard] = position
+            else:
+                rows_of[shard].append(position)
+        indexes = batch["row_index"].to_pylist()
+        for shard, positions in rows_of.items():
+            if shard in markers:
+                error = batch["error"][markers[shard]].as_py()
+                self.markers[shard] = {"row_index": indexes[markers[shard]], "error": error}
+            seen = self.indexes.setdefault(shard, set())
+            fresh = [p for p in positions if indexes[p] not in seen]  # a retried task may deliver rows again
+            if fresh:
+                seen.update(indexes[p] for p in fresh)
+                self.parts.setdefault(shard, []).append(batch.take(fresh))
             self.peak_open = max(self.peak_open, len(self.open))
             marker = self.markers.get(shard)
-            if marker is not None and len(self.indexes.get(shard, ())) == marker["row_index"]:
+            if marker is not None and len(seen) == marker["row_index"]:
                 self._finish(shard)
-
-    def _add_rows(self, shard: str, rows: pa.Table) -> None:
-        if rows.num_rows == 0:
-            return
-        seen = self.indexes.setdefault(shard, set())
-        fresh = [i not in seen for i in rows["row_index"].to_pylist()]
-        if not all(fresh):  # a retried task may deliver rows again: each row is kept once
-            rows = rows.filter(pa.array(fresh))
-        seen.update(rows["row_index"].to_pylist())
-        self.parts.setdefault(shard, []).append(rows)
 
     def _finish(self, shard: str) -> None:
         failure = self.markers.pop(shard)["error"]
         parts = self.parts.pop(shard, [])
         self.indexes.pop(shard, None)
         schema = pa.schema([*OUTPUT_SCHEMA, pa.field("row_index", pa.int64())])
-        table = (
-            pa.concat_tables([p.select(schema.names).cast(schema) for p in parts]) if parts else schema.empty_table()
-        )
-        table = with_error_kinds(table.sort_by("row_index").select(OUTPUT_SCHEMA.names))
+        table = pa.concat_tables(parts).select(schema.names).cast(schema) if parts else schema.empty_table()
+        order = table["row_index"].to_pylist()
+        if order != sorted(order):  # rows arrive in shard order unless actors finished them out of it
+            table = table.sort_by("row_index")
+        table = with_error_kinds(table.select(OUTPUT_SCHEMA.names))
         try:
             self.output.write_shard(shard, table, self.config_hash, failure)
             if failure is None and shard in self.stale_partials:
