@@ -2,10 +2,11 @@
 block size into decoding.
 
 A read task streams its shards' records one shard after another, prepares them for the decode actors (image
-decoding, prompt, the processor) and yields them in blocks; after each shard's rows comes its end-marker row:
-its row_index is the number of rows sent, its error says why the shard could not be read to its end (None when
-it was). Rows of consecutive shards share blocks, so a shard's rows reach the driver, and its file lands, as
-soon as they are decoded, whatever else is in flight.
+decoding, prompt, the processor) and yields them in blocks. A shard's last row closes it: it carries the
+shard's row count and why the shard could not be read to its end (None when it was); a shard without rows gets
+an end-marker row (`is_end`) instead. Rows of consecutive shards share blocks, so a shard's rows reach the
+driver, and its file lands, as soon as they are decoded, whatever else is in flight. (A marker per shard would
+double the rows of one-image shards, and each marker takes a place among the rows a decode actor holds.)
 
 Why groups: a read task has a fixed cost (scheduling, its worker's turn, reporting its blocks), about 45 ms on a
 loaded 2-core machine. One task per shard paid it for every shard: 2,048 one-image shards ran at a third of the
@@ -74,11 +75,12 @@ class ShardDatasource(Datasource):
 
 
 def read_and_prepare(shards: list[Shard], config: JobConfig) -> Iterator[pa.Table]:
-    """One read task: each shard's prepared rows, numbered, then its end marker, in blocks of READ_BATCH_ROWS."""
+    """One read task: each shard's prepared rows, numbered, the last closing the shard, in blocks of
+    READ_BATCH_ROWS."""
     prepare = Preparer(config, load_processor(config.model))
     block = []
     for shard in shards:
-        sent, failure = 0, None
+        held, sent, failure = None, 0, None  # the newest row is held back: it may be the one closing the shard
         records = read_shard(
             shard,
             storage_options=config.input.storage_options,
@@ -87,20 +89,23 @@ def read_and_prepare(shards: list[Shard], config: JobConfig) -> Iterator[pa.Tabl
         )
         try:
             for record in records:
-                block.append(prepare({**record, "row_index": sent, "is_end": False}))
+                if held is not None:
+                    block.append(held)
+                    if len(block) >= READ_BATCH_ROWS:
+                        yield pa.Table.from_pylist(block, schema=PREPARED_SCHEMA)
+                        block = []
+                held = prepare({**record, "row_index": sent, "is_end": False})
                 sent += 1
-                if len(block) >= READ_BATCH_ROWS:
-                    yield pa.Table.from_pylist(block, schema=PREPARED_SCHEMA)
-                    block = []
         except ShardError as exc:
             failure = str(exc)
-        block.append(prepare(end_marker(shard, sent, failure)))
+        closing = held if held is not None else prepare(end_marker(shard, sent))
+        block.append({**closing, "shard_rows": sent, "shard_error": failure})
     if block:
         yield pa.Table.from_pylist(block, schema=PREPARED_SCHEMA)
 
 
-def end_marker(shard: Shard, rows: int, failure: str | None) -> dict:
-    """The record that closes a shard: `rows` rows came before it; `failure` says why the rest never will."""
-    empty = dict.fromkeys(["image", "caption", "question", "choices", "answer", "references", "meta"])
-    marker = {"key": "", "shard_id": shard.shard_id, "source": shard.uri, **empty, "error": failure}
+def end_marker(shard: Shard, rows: int) -> dict:
+    """The record that closes a shard without rows of its own: `rows` (0) rows came before it."""
+    empty = dict.fromkeys(["image", "caption", "question", "choices", "answer", "references", "meta", "error"])
+    marker = {"key": "", "shard_id": shard.shard_id, "source": shard.uri, **empty}
     return {**marker, "row_index": rows, "is_end": True}

@@ -163,21 +163,23 @@ def with_error_kinds(table: pa.Table) -> pa.Table:
 
 class ShardCollector:
     """Gathers decoded rows per shard as they stream in, in any order, and finishes each shard once it is complete:
-    its end marker has arrived, and so has every row the marker counts (each row_index once).
+    the row closing it has arrived with the shard's row count (schema.ROW_FIELDS), and so has every row it
+    counts (each row_index once).
 
-    A complete shard is written as done output; one whose marker carries a failure goes to _partial/ and into
-    `failed`. A shard whose file cannot be written (the store's outage outlasting output.retry_for_s) fails too,
-    so the job carries on with the others."""
+    A complete shard is written as done output; one that could not be read to its end keeps the rows it did
+    yield in _partial/ and goes into `failed`. A shard whose file cannot be written (the store's outage outlasting
+    output.retry_for_s) fails too, so the job carries on with the others."""
 
     def __init__(self, output: OutputDir, config_hash: str, stale_partials: set[str] = frozenset()):
         self.output = output
         self.config_hash = config_hash
         self.parts: dict[str, list[pa.Table]] = {}  # shard id -> its rows received so far
         self.indexes: dict[str, set[int]] = {}  # shard id -> the row_index values among them
-        self.markers: dict[str, dict] = {}  # shard id -> its end marker: {"row_index": rows, "error": failure}
+        self.closing: dict[str, dict] = {}  # shard id -> {"rows": its row count, "error": why it was cut short}
         self.stale_partials = set(stale_partials)  # partial files left by earlier runs
         self.written: dict[str, int] = {}  # shard id -> rows
         self.failed: dict[str, str] = {}  # shard id -> why
+        self.kept_partial: set[str] = set()  # failed shards whose rows so far were written to _partial/
         self.tokens = 0  # generated tokens in the shards written
         self.peak_open = 0  # most shards held at once: what a driver crash at the worst moment would lose
 
@@ -185,33 +187,33 @@ class ShardCollector:
         # One pass over the batch's small columns in Python, then one `take` per shard: a batch of tiny shards
         # holds dozens of them, and a filter per shard and column cost more than writing the shard.
         ids, ends = batch["shard_id"].to_pylist(), batch["is_end"].to_pylist()
+        counts = batch["shard_rows"].to_pylist()
         rows_of: dict[str, list[int]] = {}  # shard id -> positions of its rows in the batch
-        markers: dict[str, int] = {}  # shard id -> position of its end marker
-        for position, (shard, end) in enumerate(zip(ids, ends)):
+        closing: dict[str, int] = {}  # shard id -> position of the row that closes it
+        for position, (shard, end, count) in enumerate(zip(ids, ends, counts)):
             if shard in self.written or shard in self.failed:
                 continue  # a retried read task delivers a finished shard again
             rows_of.setdefault(shard, [])
-            if end:
-                markers[shard] = position
-            else:
+            if count is not None:
+                closing[shard] = position
+            if not end:
                 rows_of[shard].append(position)
         indexes = batch["row_index"].to_pylist()
         for shard, positions in rows_of.items():
-            if shard in markers:
-                error = batch["error"][markers[shard]].as_py()
-                self.markers[shard] = {"row_index": indexes[markers[shard]], "error": error}
+            if shard in closing:
+                p = closing[shard]
+                self.closing[shard] = {"rows": counts[p], "error": batch["shard_error"][p].as_py()}
             seen = self.indexes.setdefault(shard, set())
             fresh = [p for p in positions if indexes[p] not in seen]  # a retried task may deliver rows again
             if fresh:
                 seen.update(indexes[p] for p in fresh)
                 self.parts.setdefault(shard, []).append(batch.take(fresh))
             self.peak_open = max(self.peak_open, len(self.open))
-            marker = self.markers.get(shard)
-            if marker is not None and len(seen) == marker["row_index"]:
+            if shard in self.closing and len(seen) == self.closing[shard]["rows"]:
                 self._finish(shard)
 
     def _finish(self, shard: str) -> None:
-        failure = self.markers.pop(shard)["error"]
+        failure = self.closing.pop(shard)["error"]
         parts = self.parts.pop(shard, [])
         self.indexes.pop(shard, None)
         schema = pa.schema([*OUTPUT_SCHEMA, pa.field("row_index", pa.int64())])
@@ -221,7 +223,10 @@ class ShardCollector:
             table = table.sort_by("row_index")
         table = with_error_kinds(table.select(OUTPUT_SCHEMA.names))
         try:
-            self.output.write_shard(shard, table, self.config_hash, failure)
+            if failure is None or table.num_rows:  # a shard that failed before its first row has nothing to keep
+                self.output.write_shard(shard, table, self.config_hash, failure)
+                if failure is not None:
+                    self.kept_partial.add(shard)
             if failure is None and shard in self.stale_partials:
                 self.output.remove_partial(shard)
         except Exception as exc:  # the store's outage outlasted the retries: this shard fails, the job goes on
@@ -236,14 +241,14 @@ class ShardCollector:
 
     @property
     def open(self) -> set[str]:
-        """Shards with rows or a marker received but not yet finished."""
-        return set(self.parts) | set(self.markers)
+        """Shards with rows or their row count received but not yet finished."""
+        return set(self.parts) | set(self.closing)
 
     def close(self) -> None:
         """The stream has ended: a shard still open lost rows on the way, and fails."""
         for shard in sorted(self.open):
-            marker = self.markers.pop(shard, None)
+            closing = self.closing.pop(shard, None)
             got = len(self.indexes.pop(shard, ()))
             self.parts.pop(shard, None)
-            expected = "an unknown number (no end marker arrived)" if marker is None else marker["row_index"]
+            expected = "an unknown number (its last row never came)" if closing is None else closing["rows"]
             self.failed[shard] = f"only {got} of {expected} rows came back from decoding"
