@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    GPT2Config,
+    LlamaForCausalLM,
+    OPTConfig,
+)
 from transformers.utils import logging as hf_logging
 
 from specvlm.models.build import LlavaShape, build_llava, build_text_lm, build_tokenizer
@@ -124,6 +130,36 @@ class Family:
             **kwargs,
         )
         return out[0, len(request.input_ids) :].tolist()
+
+
+# Tiny text-only drafts of architectures outside the Llama family, on a family's tokenizer: GPT-2 (learned absolute
+# positions, fused qkv), OPT (learned positions offset by 2, asks its cache for a length) and BLOOM (ALiBi built from
+# a 2-D padding mask, which the engine's 4-D masks cannot feed).
+FOREIGN_DRAFTS = {
+    "gpt2": lambda vocab, special: GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=256, **special
+    ),
+    "opt": lambda vocab, special: OPTConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        **special,
+    ),
+    "bloom": lambda vocab, special: BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=2, **special),
+}
+
+
+def build_foreign_draft(tokenizer, architecture: str, seed: int = 0) -> torch.nn.Module:
+    """A random text-only causal LM of `architecture` (a key of FOREIGN_DRAFTS) over `tokenizer`'s vocabulary."""
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(FOREIGN_DRAFTS[architecture](len(tokenizer), special)).eval()
 
 
 def _language_model_copy(target) -> torch.nn.Module:

@@ -1,8 +1,8 @@
 """The speculation controller and the batch-size calibration, on costs and rates given outright: each picks what
 the numbers say pays."""
 
+import numpy as np
 import pytest
-import torch
 
 from specvlm.specdec.autobatch import START, WARMUP, WINDOW, AutoRows
 from specvlm.specdec.controller import DepthController
@@ -11,19 +11,17 @@ DEPTH, ROWS = 5, 32
 
 
 def controller(adaptive=True) -> DepthController:
-    return DepthController(
-        DEPTH, nodes=lambda d: d, calls=lambda d: d, rows=ROWS, device=torch.device("cpu"), adaptive=adaptive
-    )
+    return DepthController(DEPTH, nodes=lambda d: d, calls=lambda d: d, rows=ROWS, adaptive=adaptive)
 
 
 def decide(c: DepthController, verify, rate: float, draft_seconds=1e-3, steps: int = 40) -> int:
     """Steps over ROWS rows, each timed by the given costs (a pass over q tokens per row takes verify(q); a draft
     pass draft_seconds), in which every row accepts `rate` of the levels it is offered; the depth chosen last."""
-    drafted, left = torch.ones(ROWS, dtype=torch.bool), torch.full((ROWS,), 100)
+    drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 100)
     for _ in range(steps):
         depth = c.choose(ROWS, drafted, left, True, verify, lambda: draft_seconds)
         seconds = (depth * draft_seconds, verify(1 + depth), 0.0)
-        offered, accepted = torch.full((ROWS,), depth), torch.full((ROWS,), round(rate * depth))
+        offered, accepted = np.full((ROWS,), depth), np.full((ROWS,), round(rate * depth))
         c.observe(ROWS, depth, offered, accepted, seconds, draft_calls=depth)
     return depth
 
@@ -58,21 +56,21 @@ def test_costs_are_learned_from_real_steps_and_scratch_passes_only_without_draft
         raise AssertionError("a scratch pass while the draft holds rows")
 
     c = controller()
-    drafted, left = torch.ones(ROWS, dtype=torch.bool), torch.full((ROWS,), 100)
+    drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 100)
     # A new row count: a plain step, a depth-1 step and a step of half the full depth, each timed as it commits.
     half = (DEPTH + 1) // 2
     assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == 0
-    c.observe(ROWS, 0, torch.zeros(ROWS), torch.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
+    c.observe(ROWS, 0, np.zeros(ROWS), np.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
     assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == 1
-    c.observe(ROWS, 1, torch.ones(ROWS), torch.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
+    c.observe(ROWS, 1, np.ones(ROWS), np.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
     assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == half
-    c.observe(ROWS, half, torch.full((ROWS,), half), torch.full((ROWS,), half), (3e-3, 20e-3, 0.0), draft_calls=half)
+    c.observe(ROWS, half, np.full((ROWS,), half), np.full((ROWS,), half), (3e-3, 20e-3, 0.0), draft_calls=half)
     assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) > 1  # learned: cheap, accepted
     # Rows at another count that the draft does not hold: no drafted step is possible, scratch passes time them.
     timed = []
-    c.choose(8, torch.zeros(8, dtype=torch.bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
-    c.observe(8, 0, torch.zeros(8), torch.zeros(8), (0.0, 5e-3, 0.0), draft_calls=0)
-    c.choose(8, torch.zeros(8, dtype=torch.bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
+    c.choose(8, np.zeros(8, dtype=bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
+    c.observe(8, 0, np.zeros(8), np.zeros(8), (0.0, 5e-3, 0.0), draft_calls=0)
+    c.choose(8, np.zeros(8, dtype=bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
     assert sorted(timed) == [2, 1 + half]
 
 
@@ -85,19 +83,19 @@ def test_a_steep_first_extra_token_does_not_overprice_deep_windows():
 
 def test_learning_steps_stay_within_what_rows_can_use():
     c = controller()
-    drafted, left = torch.ones(ROWS, dtype=torch.bool), torch.full((ROWS,), 2)  # 1 draft token is all that fits
+    drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 2)  # 1 draft token is all that fits
     assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 0
-    c.observe(ROWS, 0, torch.zeros(ROWS), torch.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
+    c.observe(ROWS, 0, np.zeros(ROWS), np.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
     assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 1
-    c.observe(ROWS, 1, torch.ones(ROWS), torch.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
+    c.observe(ROWS, 1, np.ones(ROWS), np.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
     assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) <= 1  # learning is over
 
 
 def test_rows_close_to_their_limit_do_not_count_deep_drafts():
     c = controller()
     decide(c, lambda q: 20e-3, rate=1.0)
-    drafted = torch.ones(ROWS, dtype=torch.bool)
-    tokens, _ = c.expected_tokens(ROWS, drafted, torch.full((ROWS,), 2))  # 2 tokens left: at most 2 per step
+    drafted = np.ones(ROWS, dtype=bool)
+    tokens, _ = c.expected_tokens(ROWS, drafted, np.full((ROWS,), 2))  # 2 tokens left: at most 2 per step
     assert tokens[DEPTH] == pytest.approx(2 * ROWS, rel=0.05)
 
 

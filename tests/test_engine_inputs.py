@@ -134,10 +134,18 @@ def test_an_attention_rule_the_engine_cannot_reproduce_is_refused(tokenizer):
         engine(model)
 
 
-def test_a_sliding_window_shorter_than_a_verification_window_is_refused(tokenizer):
-    model = llava_with(tokenizer, MistralConfig(vocab_size=len(tokenizer), sliding_window=4, **TEXT))
-    with pytest.raises(ValueError, match="sliding window of 4"):
-        engine(model, noisy_draft(model))
+def test_a_sliding_window_shorter_than_a_verification_window_is_exact_for_chains_and_refused_for_trees(tokenizer):
+    """A chain's tokens sit at their positions, so a window of 3 (shorter than the chain's 4 verified tokens)
+    still decodes like generate; a tree's nodes sit past their positions, and such a window is refused."""
+    model = llava_with(tokenizer, MistralConfig(vocab_size=len(tokenizer), sliding_window=3, **TEXT))
+    requests = llava_requests(tokenizer)
+    results = engine(model, noisy_draft(model)).generate(requests)
+    assert [r.tokens for r in results] == [generate(model, r) for r in requests]
+    assert sum(r.metrics.accepted_tokens for r in results) > 0
+    tree = noisy_draft(model).model
+    common = dict(text_only=False, image_token_id=model.config.image_token_id, target_vocab=len(tokenizer))
+    with pytest.raises(ValueError, match="sliding window of 3"):
+        engine(model, TreeDraft(tree, tree=TreeSettings(), cost_ratio=1.0, name="tree", gamma=3, **common))
 
 
 @pytest.fixture(scope="module")

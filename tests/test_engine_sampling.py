@@ -127,3 +127,17 @@ def test_inverse_cdf_sampling_never_picks_a_zero_probability_token():
     tokens = sample_from(probs, torch.linspace(0, 0.9999, 1000))
     assert set(tokens.tolist()) == {0, 2}
     assert np.isclose((tokens == 0).float().mean().item(), 0.3, atol=0.01)
+
+
+def test_inverse_cdf_sampling_gives_every_tail_token_its_own_share():
+    """One confident distribution over 2^17 tokens: the top token holds 0.997, every other token 2.3e-8, below
+    the spacing of float32 numbers near 1 (6e-8), so a float32 cumulative sum gives many of them no width at all.
+    A uniform in the middle of a token's exact share of [0, 1) must draw that token."""
+    vocab = 2**17
+    probs = torch.full((vocab,), 0.003 / (vocab - 1))
+    probs[0] = 0.997
+    cdf = probs.double().cumsum(0)
+    tokens = torch.arange(1, vocab, 97)
+    middles = (cdf[tokens - 1] + cdf[tokens]) / 2 / cdf[-1]
+    drawn = sample_from(probs, middles)  # one distribution, a uniform per token
+    assert (drawn == tokens).all(), f"{int((drawn != tokens).sum())} of {len(tokens)} tail tokens not drawn"

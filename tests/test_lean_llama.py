@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.prefill import prefill
@@ -43,7 +52,7 @@ def _steps(model, prompt: torch.Tensor, lengths: torch.Tensor, lean: bool) -> li
     """Logits of a prefill, a ragged chain step and a tree step, with rows of different committed lengths."""
     runner = ModelRunner(model, prompt.shape[0], prompt.shape[1] + 16, lean=_lean(model, lean))
     out = [runner.forward(prompt, causal_attend(lengths, prompt.shape[1]))]
-    runner.kv_len[: prompt.shape[0]] = lengths
+    runner.set_lengths(slice(0, prompt.shape[0]), lengths, lengths.numpy())
     return out + _decode_steps(runner)
 
 
@@ -90,5 +99,6 @@ def test_architectures_it_does_not_reproduce_keep_hugging_face():
     scaled = LlamaForCausalLM(LlamaConfig(**SMALL, rope_scaling={"rope_type": "linear", "factor": 2.0}))
     gelu = LlamaForCausalLM(LlamaConfig(**SMALL, hidden_act="gelu"))
     windowed = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=4))
-    for model in (scaled, gelu, windowed):
+    other_family = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=4))  # no .model inside
+    for model in (scaled, gelu, windowed, other_family):
         assert LeanLlama.of(model) is None

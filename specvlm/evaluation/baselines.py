@@ -76,9 +76,10 @@ def forward_time(
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
+    advance = torch.full((len(rows),), q, device=model.device)
     for _ in range(steps):
         runner.forward(new, attend)
-        runner.kv_len += q
+        runner.advance(len(rows), advance, q)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps

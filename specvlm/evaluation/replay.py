@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from specvlm.specdec.drafts import Draft
+from specvlm.specdec.drafts import Draft, to_device
 from specvlm.specdec.proposal import Proposal
 
 
@@ -89,7 +89,7 @@ class ReplayDraft(Draft):
             lengths.append(len(upcoming))
         lengths = torch.tensor(lengths)
         if self.siblings == 1:
-            return Proposal.chain(tokens.to(self.device), lengths.to(self.device), None, draft_calls=0)
+            return Proposal.chain(to_device(tokens, self.device), to_device(lengths, self.device), None, draft_calls=0)
         return self._tree(tokens, lengths)
 
     def _tree(self, line: torch.Tensor, depths: torch.Tensor) -> Proposal:
@@ -104,19 +104,21 @@ class ReplayDraft(Draft):
         on_line = index % k == 0
         ancestry = (on_line[None, :] & (level[None, :] < level[:, None])) | torch.eye(depth * k, dtype=torch.bool)
         return Proposal(
-            tokens.to(self.device),
-            parents.to(self.device),
-            (depths * k).to(self.device),
+            to_device(tokens, self.device),
+            to_device(parents.contiguous(), self.device),
+            to_device(depths * k, self.device),
             None,
             0,
-            ancestry.expand(n, -1, -1).to(self.device),
+            to_device(ancestry.expand(n, -1, -1).contiguous(), self.device),
+            levels=depth,
+            children=k,
         )
 
     def calls(self, depth):
         return 0
 
-    def commit(self, tokens, counts):
-        for row, count in enumerate(counts.tolist()):
+    def commit(self, step):
+        for row, count in enumerate(step.host_counts.tolist()):
             if self.rows[row] is not None:
                 script, position, stream = self.rows[row]
                 self.rows[row] = (script, position + count, stream)

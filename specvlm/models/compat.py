@@ -52,10 +52,9 @@ def check_same_image_tokens(target: dict, draft: dict, location: str) -> None:
     t_vision, d_vision = target.get("vision_config", {}), draft.get("vision_config", {})
     facts = {
         "image_token_id": (_image_token(target), _image_token(draft)),
-        "vision_feature_select_strategy": (
-            target.get("vision_feature_select_strategy"),
-            draft.get("vision_feature_select_strategy"),
-        ),
+        # How many features an image becomes: which tower outputs are kept, and for anyres models (LLaVA-NeXT,
+        # OneVision) the crop grid an image size maps to and how far OneVision pools the crops.
+        **{f: (_plain(target.get(f)), _plain(draft.get(f))) for f in IMAGE_EXPANSION},
         **{f"vision_config.{f}": (t_vision.get(f), d_vision.get(f)) for f in ("image_size", "patch_size")},
     }
     differ = [name for name, (t, d) in facts.items() if t is not None and d is not None and t != d]
@@ -64,6 +63,15 @@ def check_same_image_tokens(target: dict, draft: dict, location: str) -> None:
             f"VLM draft {location!r} does not read images like the target ({', '.join(differ)} differ); "
             "use a draft built on the target's vision settings, or a text-only draft"
         )
+
+
+IMAGE_EXPANSION = ("vision_feature_select_strategy", "image_grid_pinpoints", "vision_aspect_ratio")
+
+
+def _plain(value):
+    """Tuples as lists (a config in memory may hold either; its JSON holds lists), so that equal values compare
+    equal."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _image_token(config: dict):

@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Auto
 
 from specvlm.models.checkpoints import ModelLoadError, resolve_model_dir
 from specvlm.models.compat import check_draft_kind, check_same_image_tokens
+from specvlm.specdec.lean_llama import LeanLlama
+from specvlm.specdec.runner import ModelRunner, causal_attend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -146,4 +148,39 @@ def load_draft_model(
     model = model.to(target.model.device).eval()
     if kind == "vlm":
         check_same_image_tokens(target.model.config.to_dict(), model.config.to_dict(), location)
+    check_runs_in_the_engine(model, location)
     return model
+
+
+# How far a draft's logits through the engine's cache may stray from its own forward's: rounding in its dtype.
+# A forward the engine's cache or masks do not drive (ALiBi from a 2-D mask, a recurrent state) is off by O(1).
+LOGIT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+@torch.inference_mode()
+def check_runs_in_the_engine(model: torch.nn.Module, location: str) -> None:
+    """The engine runs a draft of any architecture through its Hugging Face forward with the engine's own cache,
+    masks and positions (and Llama-family drafts through LeanLlama). Check now, on a few tokens, that this gives
+    the logits the model's own forward gives, so that an architecture it cannot drive is refused by name at load
+    instead of failing, or proposing nonsense, in the middle of a job."""
+    config = model.config.get_text_config()
+    image_token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+    ids = [t for t in range(config.vocab_size // 2, config.vocab_size) if t != image_token][:8]  # plain text
+    tokens = torch.tensor([ids], device=model.device)  # [1, 8]
+    prompt = 5
+    try:
+        expected = model(input_ids=tokens).logits[:, prompt:].float()
+        for lean in {None, LeanLlama.of(model)}:
+            runner = ModelRunner(model, 1, tokens.shape[1], lean=lean)
+            runner.prefill(tokens[:, :prompt], torch.tensor([prompt], device=model.device))
+            step = tokens.shape[1] - prompt
+            got = runner.forward(tokens[:, prompt:], causal_attend(torch.tensor([step], device=model.device), step))
+            error = (got.float() - expected).abs().max() / expected.abs().max().clamp(min=1e-6)
+            if not error <= LOGIT_TOLERANCE.get(model.dtype, 1e-3):
+                raise ValueError(f"its logits there differ from its own forward's by {float(error):.2g} (relative)")
+    except Exception as exc:
+        raise ModelLoadError(
+            f"draft {location!r} ({config.model_type}) cannot run in the engine, which drives a draft's forward "
+            f"through its own key/value cache and masks: {type(exc).__name__}: {exc}; use a draft of a decoder-only "
+            "architecture with rotary or learned positions (Llama, Mistral, Qwen2, GPT-2, OPT, ...)"
+        ) from None

@@ -49,7 +49,7 @@ import math
 import time
 from collections.abc import Callable
 
-import torch
+import numpy as np
 
 REFRESH_S = 60.0  # seconds between re-measurements of a bucket: a cost measured badly once cannot stick, and
 # the scratch passes stay a small share of the time (four passes a minute)
@@ -65,18 +65,6 @@ def rows_bucket(n: int) -> int:
     return round(math.log2(max(n, 1)))
 
 
-class Stopwatch:
-    """Wall time of the phases of a step; on a GPU it waits for the device, or it would time only the launches."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-
 class DepthController:
     def __init__(
         self,
@@ -84,7 +72,6 @@ class DepthController:
         nodes: Callable[[int], int],
         calls: Callable[[int], int],
         rows: int,
-        device: torch.device,
         adaptive: bool,
     ):
         self.max_depth = max_depth
@@ -92,7 +79,6 @@ class DepthController:
         self.nodes = nodes  # depth -> draft tokens verified per row
         self.calls = calls  # depth -> draft forward passes
         self.adaptive = adaptive
-        self.device = device
         # Seconds per row (see the docstring):
         self.verify_s: dict[int, dict[int, float]] = {}  # rows bucket -> tokens per row -> a target pass
         self.draft_s: dict[int, float] = {}  # rows bucket -> a draft pass
@@ -100,8 +86,9 @@ class DepthController:
         self.measured_at: dict[int, float] = {}  # rows bucket -> when its costs were last (re)learned
         self.learning: dict[int, set] = {}  # rows bucket -> what its steps have yet to time: token counts, "draft"
         self.level_acceptance: float | None = None  # running value over all rows
-        self.accepted = torch.zeros(rows, device=device)  # per row: levels accepted ...
-        self.tried = torch.zeros(rows, device=device)  # ... out of levels tried
+        # Per row, on the host (the controller never reads the device): levels accepted out of levels tried.
+        self.accepted = np.zeros(rows)
+        self.tried = np.zeros(rows)
         self.depths: dict[int, int] = {}  # how often each depth was chosen
         self.wants_drafting = True
 
@@ -109,29 +96,29 @@ class DepthController:
     def resize(self, rows: int) -> None:
         for name in ("accepted", "tried"):
             old = getattr(self, name)
-            new = torch.zeros(rows, device=self.device)
+            new = np.zeros(rows)
             new[: min(rows, len(old))] = old[:rows]
             setattr(self, name, new)
 
-    def reset_rows(self, rows: torch.Tensor) -> None:
+    def reset_rows(self, rows: list[int]) -> None:
         self.accepted[rows] = 0
         self.tried[rows] = 0
 
-    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def move_rows(self, dst: list[int], src: list[int]) -> None:
         self.accepted[dst] = self.accepted[src]
         self.tried[dst] = self.tried[src]
 
-    def expected_tokens(self, n: int, drafted: torch.Tensor, left: torch.Tensor) -> tuple[list[float], list[float]]:
+    def expected_tokens(self, n: int, drafted: np.ndarray, left: np.ndarray) -> tuple[list[float], list[float]]:
         """Expected tokens committed by a step of each depth 0..max_depth, summed over rows [0, n): as the rows
         are (only `drafted` rows can accept drafts), and were the draft to hold every row."""
         prior = 0.5 if self.level_acceptance is None else self.level_acceptance
         a = (self.accepted[:n] + PRIOR_WEIGHT * prior) / (self.tried[:n] + PRIOR_WEIGHT)  # [n]
-        depth = torch.arange(self.max_depth + 1, device=a.device)
-        cumulative = (a[:, None] ** depth).cumsum(1)  # [n, D+1]: 1 + a + ... + a^d
-        reach = torch.minimum(depth[None, :], (left - 1).clamp(min=0)[:, None])  # a row cannot pass its limit
-        per_row = cumulative.gather(1, reach)
-        actual = torch.where(drafted[:, None], per_row, 1.0).sum(0)
-        return torch.stack([actual, per_row.sum(0)]).tolist()
+        depth = np.arange(self.max_depth + 1)
+        cumulative = np.cumsum(a[:, None] ** depth, axis=1)  # [n, D+1]: 1 + a + ... + a^d
+        reach = np.minimum(depth[None, :], np.clip(left - 1, 0, None)[:, None])  # a row cannot pass its limit
+        per_row = np.take_along_axis(cumulative, reach, axis=1)
+        actual = np.where(drafted[:, None], per_row, 1.0).sum(0)
+        return actual.tolist(), per_row.sum(0).tolist()
 
     def _learn(self, bucket: int, reach: int) -> set:
         """What is left to time at this bucket before its costs are trusted; starts a (re)learning when due.
@@ -185,8 +172,8 @@ class DepthController:
     def choose(
         self,
         n: int,
-        drafted: torch.Tensor,
-        left: torch.Tensor,
+        drafted: np.ndarray,
+        left: np.ndarray,
         greedy: bool,
         probe_verify: Callable[[int], float],
         probe_draft: Callable[[], float],
@@ -199,7 +186,7 @@ class DepthController:
         # Never deeper than any row can use (the target adds one token of its own): such draft passes would only
         # be verified and thrown away. Greedy output is the same at any depth.
         reach = max(int(left.max()) - 1, 0)
-        any_drafted = bool(drafted.any())
+        any_drafted = bool(drafted.any())  # host arrays: no device read
         depth = self.max_depth if any_drafted else 0
         if self.adaptive:
             bucket = rows_bucket(n)
@@ -229,16 +216,16 @@ class DepthController:
         self,
         n: int,
         depth: int,
-        proposed: torch.Tensor,
-        accepted: torch.Tensor,
+        proposed: np.ndarray,
+        accepted: np.ndarray,
         seconds: tuple[float, float, float],
         draft_calls: int,
     ):
         """After a step over rows [0, n): proposed [n] the depth each row was offered (its proposal's depth),
         accepted [n] the depth it accepted; seconds = (draft, verify, rest) of the step."""
         # Levels tried: every accepted one, plus the one that failed unless the whole proposal was accepted.
-        tried = torch.minimum(accepted + 1, proposed).float()
-        self.accepted[:n] += accepted.float()
+        tried = np.minimum(accepted + 1, proposed)
+        self.accepted[:n] += accepted
         self.tried[:n] += tried
         total_tried = float(tried.sum())
         if total_tried > 0:

@@ -23,6 +23,11 @@ One step, for every row at once:
 Rejected drafts leave stale cache slots beyond kv_len that the next step overwrites: rollback is free. A row's
 output does not depend on which rows share its batch or when it joined: greedy output is the target's argmax at
 every position, and a sampled row draws its randomness from its own seed, the same count every step.
+
+A step reads the device once. Steps 1-4 are queued on the device without the host waiting for any of them; then
+one small tensor comes back (per row: the committed tokens, their count, the proposal's size), and everything
+the host decides (which rows finished, each row's metrics and output, the next step's depth and shapes, the
+draft's bookkeeping) is decided from that and from host copies of the lengths, kept in step with the device's.
 """
 
 from __future__ import annotations
@@ -32,17 +37,21 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from specvlm.specdec.autobatch import AutoRows
-from specvlm.specdec.controller import DepthController, Stopwatch
-from specvlm.specdec.drafts import Draft, append_tokens
+from specvlm.specdec.compiled import StepCompiler, cuda_graphs
+from specvlm.specdec.controller import DepthController
+from specvlm.specdec.drafts import Commit, Draft, append_tokens
 from specvlm.specdec.metrics import SampleMetrics
 from specvlm.specdec.prefill import prefill
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, Result, TargetSpec, validate
 from specvlm.specdec.runner import ModelRunner
 from specvlm.specdec.sampling import RowRandom, SamplingParams
+from specvlm.specdec.shapes import EXACT, STATIC, ShapeBuckets
+from specvlm.specdec.timing import StepTimer, seconds
 from specvlm.specdec.verify import Verdict, verify_greedy, verify_sampling
 
 CAPACITY_STEP = 64  # cache slots per row grow in these steps, so that a slightly longer prompt rarely reallocates
@@ -56,6 +65,9 @@ class DecodeConfig:
     max_rows: int | None = 8  # rows decoded together (None: found by measurement, autobatch.py)
     max_batch_tokens: int | None = None  # cache slots of all rows together (prompt + output + draft window)
     adaptive: bool = True  # greedy: choose each step's draft depth from measured costs (see controller.py)
+    compile: bool = False  # torch.compile the target's and the draft's decode forwards (compiled.py)
+    # Round shapes up to buckets (shapes.py); None: exactly when compiled forwards replay CUDA graphs.
+    static_shapes: bool | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -85,18 +97,21 @@ class Live:
     metrics: SampleMetrics
     start: float
     draft_refused: bool = False  # the draft could not take this request: it decodes without one
+    output: list[int] = field(default_factory=list)  # generated so far, on the host
 
 
 @dataclass
 class DecodeState:
     """The rows of the running batch (see the module docstring). Rows [0, n) are decoded; a row whose request
-    finished is a hole until a waiting request takes it or the batch is compacted, both before the next step."""
+    finished is a hole until a waiting request takes it or the batch is compacted, both before the next step.
+    Lengths live on the device and, in step with them, on the host (`host`: length, generated, limit)."""
 
     tokens: torch.Tensor  # [rows, capacity]
     length: torch.Tensor  # [rows]
     generated: torch.Tensor  # [rows]
     limit: torch.Tensor  # [rows]
-    drafted: torch.Tensor  # [rows] bool
+    drafted: np.ndarray  # [rows] bool, host only: the draft holds the row
+    host: dict[str, np.ndarray]  # "length", "generated", "limit": [rows] each
     target: ModelRunner
     rng: RowRandom | None
     live: list[Live | None]
@@ -109,6 +124,22 @@ class DecodeState:
     @property
     def capacity(self) -> int:
         return self.tokens.shape[1]
+
+    def left(self, n: int) -> np.ndarray:
+        """Tokens each of rows [0, n) may still generate."""
+        return self.host["limit"][:n] - self.host["generated"][:n]
+
+
+@dataclass
+class _Host:
+    """What a step's one read of the device brings back, for rows [0, n)."""
+
+    tokens: np.ndarray  # [n, k+1] the new tokens: d_1..d_a, t, then scratch
+    counts: np.ndarray  # [n] how many of them the row committed
+    nodes: np.ndarray  # [n] draft tokens it verified
+    row_depth: np.ndarray  # [n] depth of its deepest proposed node
+    draft_calls: int  # draft passes the step made
+    read_at: float = field(default_factory=time.perf_counter)
 
 
 class SpeculativeDecoder:
@@ -123,28 +154,37 @@ class SpeculativeDecoder:
         self.device = target.device
         eos = config.eos_token_ids if config.eos_token_ids is not None else generation_eos(target)
         self.eos = torch.tensor(list(eos) or [-1], device=self.device)
+        self.eos_host = frozenset(eos)
         self.max_depth = draft.max_depth if draft is not None else 0
+        self.compiler = StepCompiler(self.device) if config.compile else None
+        static = config.static_shapes
+        if static is None:
+            static = config.compile and cuda_graphs(self.device)
+        self.shapes: ShapeBuckets = STATIC if static else EXACT
         self.window = 1 + (draft.max_nodes(self.max_depth) if draft is not None else 0)  # verified tokens per row
         self.auto_rows = AutoRows() if config.max_rows is None else None
         self.controller = None
         if draft is not None:
             draft.reset()
-            self.controller = DepthController(
-                self.max_depth, draft.max_nodes, draft.calls, 1, self.device, config.adaptive
-            )
-        self.stopwatch = Stopwatch(self.device)
+            draft.use(self.shapes, self.compiler)
+            self.controller = DepthController(self.max_depth, draft.max_nodes, draft.calls, 1, config.adaptive)
+        self.timer = StepTimer(self.device)
         self.waiting: collections.deque[tuple[int, Request, int]] = collections.deque()  # (id, request, limit)
         self.ready: list[tuple[int, Result]] = []  # results not handed out yet
         self.state: DecodeState | None = None
         self.next_id = 0
+        self.last_step_tokens = 0
         # Where the time goes: admitting requests (prefill) against decoding steps, for reports and benchmarks.
         self.seconds = {"admission": 0.0, "decoding": 0.0}
-        # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow.
+        # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow. A
+        # chain's tokens sit in the slots of their positions, so its masks are exact under any window; a tree's
+        # nodes sit past their positions, which a window no longer than the tree could tell apart (runner.py).
         windows = [w for w in ModelRunner(target, 1, 1).windows.values() if w is not None]
-        if windows and min(windows) <= self.window:
+        tree = self.window - 1 > self.max_depth
+        if tree and windows and min(windows) <= self.window:
             raise ValueError(
-                f"the target's sliding window of {min(windows)} tokens is not longer than a verification window of "
-                f"{self.window}; use a shallower draft (draft.gamma, draft.tree.max_nodes)"
+                f"the target's sliding window of {min(windows)} tokens is not longer than a tree's verification "
+                f"window of {self.window}; use a smaller tree (draft.tree.max_nodes, draft.gamma) or draft.mode=chain"
             )
 
     # ---- the public interface -------------------------------------------------------------------------------
@@ -166,10 +206,9 @@ class SpeculativeDecoder:
 
     def step(self) -> list[tuple[int, Result]]:
         """Admit waiting requests, run one decoding step, and return (id, result) for every request finished."""
-        clock = self.stopwatch
-        started = clock()
+        started = time.perf_counter()
         self._admit()
-        admitted = clock()
+        admitted = time.perf_counter()
         self.seconds["admission"] += admitted - started
         finished, self.ready = self.ready, []
         state = self.state
@@ -178,7 +217,7 @@ class SpeculativeDecoder:
         rows, waiting = state.n, bool(self.waiting)
         with torch.inference_mode():
             finished += self._step(state)
-        ended = clock()
+        ended = time.perf_counter()  # the step's read of the device has waited for all of it
         self.seconds["decoding"] += ended - admitted
         if self.auto_rows is not None:
             self.auto_rows.observe(rows, waiting, self.last_step_tokens, ended - started)
@@ -203,25 +242,32 @@ class SpeculativeDecoder:
             "seconds": dict(self.seconds),
             "auto_rows": self.auto_rows.describe() if self.auto_rows else None,
             "controller": self.controller.describe() if self.controller else None,
+            "compile": self.compiler.describe() if self.compiler else None,
+            "static_shapes": self.shapes.static,
         }
 
     # ---- one step ---------------------------------------------------------------------------------------------
 
     def _step(self, state: DecodeState) -> list[tuple[int, Result]]:
         n = state.n
-        clock = self.stopwatch
-        started = clock()
+        timer = self.timer
+        timer.mark()
         depth = self._depth(state)
         proposal = self._draft(state, depth)
-        drafted = clock()
+        timer.mark()
         logits = self._verify(state, proposal)
-        verified = clock()
+        timer.mark()
         verdict = self._accept(state, proposal, logits)
-        done, hit_eos, accepted = self._commit(state, proposal, verdict)
-        finished = self._retire(state, done, hit_eos) if bool(done.any()) else []
+        step = self._commit(state, proposal, verdict)
+        timer.mark()
+        host = self._read_back(state, proposal, step)
+        finished = self._retire(state, host)
         if self.controller is not None:
-            times = (drafted - started, verified - drafted, clock() - verified)
-            self.controller.observe(n, depth, proposal.row_depth(), accepted, times, proposal.draft_calls)
+            draft_s, verify_s, queued_s = timer.phases()
+            rest_s = queued_s + time.perf_counter() - host.read_at
+            self.controller.observe(
+                n, depth, host.row_depth, host.counts - 1, (draft_s, verify_s, rest_s), proposal.draft_calls
+            )
         return finished
 
     def _depth(self, state: DecodeState) -> int:
@@ -231,22 +277,23 @@ class SpeculativeDecoder:
         return self.controller.choose(
             n,
             state.drafted[:n],
-            state.limit[:n] - state.generated[:n],
+            state.left(n),
             self.config.sampling.greedy,
             lambda q: self._probe(state, q),
             lambda: self.draft.probe(n),
         )
 
     def _probe(self, state: DecodeState, q: int) -> float:
-        """Seconds of a target pass over q tokens per row, at the current rows; writes only scratch slots."""
+        """Seconds of a target pass over q tokens per row, at the current rows; writes only scratch slots.
+        (Timing a pass on its own waits for the device: the controller asks for this rarely, see controller.py.)"""
         n = state.n
         tokens = state.tokens[:n].gather(1, (state.length[:n] - 1)[:, None]).expand(n, q)
         attend = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(n, q, q)
         best = math.inf
         for _ in range(2):  # the first pass of a new shape can pay one-off set-up costs
-            start = self.stopwatch()
+            start = seconds(self.device)
             state.target.forward(tokens, attend)
-            best = min(best, self.stopwatch() - start)
+            best = min(best, seconds(self.device) - start)
         return best
 
     def _draft(self, state: DecodeState, depth: int) -> Proposal:
@@ -275,9 +322,9 @@ class SpeculativeDecoder:
         chosen = torch.cat([uniforms[:, :k], uniforms[:, -1:]], 1)
         return verify_sampling(logits, proposal, self.config.sampling, chosen)
 
-    def _commit(self, state: DecodeState, proposal: Proposal, verdict: Verdict):
-        """Append the accepted path and the target's token. Returns finished rows [n], rows stopped on EOS [n],
-        and the draft tokens each row accepted [n]."""
+    def _commit(self, state: DecodeState, proposal: Proposal, verdict: Verdict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the accepted path and the target's token, on the device. Returns the new tokens [n, k+1]
+        (d_1..d_a, t, scratch) and how many of them each row committed [n] (fewer where an EOS came first)."""
         n, k = proposal.tokens.shape
         accepted = verdict.accepted
         path = verdict.path.clamp(min=0)
@@ -285,8 +332,7 @@ class SpeculativeDecoder:
         new.scatter_(1, accepted[:, None], verdict.next_token[:, None])  # [n, k+1]: d_1..d_a, t, scratch
         counts = accepted + 1
         is_eos = torch.isin(new, self.eos) & (torch.arange(k + 1, device=self.device)[None, :] < counts[:, None])
-        hit_eos = is_eos.any(1)
-        counts = torch.where(hit_eos, is_eos.long().argmax(1) + 1, counts)
+        counts = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, counts)
 
         if not proposal.is_chain:
             # Window slot 0 holds the last token, slot 1 + i node i: bring the path's entries to slots 1..a.
@@ -294,44 +340,58 @@ class SpeculativeDecoder:
         state.target.kv_len[:n] += counts  # the last token and the accepted drafts are now committed
         append_tokens(state.tokens, state.length, new, counts)
         state.generated[:n] += counts
+        return new, counts
+
+    def _read_back(self, state: DecodeState, proposal: Proposal, step: tuple[torch.Tensor, torch.Tensor]) -> _Host:
+        """The step's one read of the device; brings the host's copies of the lengths up to date and tells the
+        draft what was committed."""
+        new, counts = step
+        n, width = new.shape
+        packed = torch.cat([new, counts[:, None], proposal.lengths[:, None], proposal.row_depth()[:, None]], 1)
+        host = packed.cpu().numpy()
+        read = _Host(host[:, :width], host[:, width], host[:, width + 1], host[:, width + 2], proposal.draft_calls)
+        state.target.kv_host[:n] += read.counts
+        for name in ("length", "generated"):
+            state.host[name][:n] += read.counts
         if self.draft is not None:
-            self.draft.commit(new, counts)
-        accepted = accepted.clamp(max=counts - 1)
-        self.last_step_tokens = int(counts.sum())
-        self._account(state, proposal, accepted, counts)
-        return hit_eos | (state.generated[:n] >= state.limit[:n]), hit_eos, accepted
+            self.draft.commit(Commit(new, counts, read.tokens, read.counts))
+        self.last_step_tokens = int(read.counts.sum())
+        return read
 
-    @staticmethod
-    def _account(state: DecodeState, proposal: Proposal, accepted: torch.Tensor, counts: torch.Tensor) -> None:
-        calls = proposal.draft_calls
-        for row, (a, c, k) in enumerate(zip(accepted.tolist(), counts.tolist(), proposal.lengths.tolist())):
-            m = state.live[row].metrics
-            m.new_tokens += c
-            m.target_calls += 1
-            m.draft_calls += calls if k else 0
-            m.proposed_tokens += k
-            m.accepted_tokens += a
-            m.accepted_per_step.append(a)
-            m.nodes_per_step.append(k)
-
-    def _retire(self, state: DecodeState, done: torch.Tensor, hit_eos: torch.Tensor) -> list[tuple[int, Result]]:
-        """Hand back the results of finished rows; their rows become holes for waiting requests."""
+    def _retire(self, state: DecodeState, host: _Host) -> list[tuple[int, Result]]:
+        """Account the step to each row; hand back the results of finished rows, whose rows become holes."""
+        n = state.n
         now = time.perf_counter()
-        rows = [row for row, flag in enumerate(done.tolist()) if flag]
-        eos = hit_eos.tolist()
-        finished = []
-        for row in rows:
+        done = state.host["generated"][:n] >= state.host["limit"][:n]
+        finished, rows = [], []
+        for row in range(n):
             live = state.live[row]
-            live.metrics.latency_s = now - live.start
-            output = state.tokens[row, live.prompt_len : state.length[row]].tolist()
-            reason = "eos" if eos[row] else "max_positions" if live.position_limited else "max_tokens"
-            finished.append((live.id, Result(output, reason, metrics=live.metrics)))
-            state.live[row] = None
+            count = int(host.counts[row])
+            committed = host.tokens[row, :count].tolist()
+            live.output += committed
+            m = live.metrics
+            m.new_tokens += count
+            m.target_calls += 1
+            m.draft_calls += host.draft_calls if host.nodes[row] else 0
+            m.proposed_tokens += int(host.nodes[row])
+            m.accepted_tokens += count - 1
+            m.accepted_per_step.append(count - 1)
+            m.nodes_per_step.append(int(host.nodes[row]))
+            hit_eos = committed[-1] in self.eos_host
+            if hit_eos or done[row]:
+                m.latency_s = now - live.start
+                reason = "eos" if hit_eos else "max_positions" if live.position_limited else "max_tokens"
+                finished.append((live.id, Result(live.output, reason, metrics=m)))
+                state.live[row] = None
+                rows.append(row)
         self._release(state, rows)
         return finished
 
     def _release(self, state: DecodeState, rows: list[int]) -> None:
-        if self.draft is not None and rows:
+        if not rows:
+            return
+        state.target.release(rows)
+        if self.draft is not None:
             self.draft.release(rows)
             state.drafted[rows] = False
 
@@ -400,22 +460,28 @@ class SpeculativeDecoder:
         if not good:
             return
         now = time.perf_counter()
-        index = torch.tensor([rows[i] for i in good], device=self.device)
-        state.target.take_rows(index, scratch)
+        taken = [rows[i] for i in good]
+        state.target.take_rows(taken, scratch)
         cost = self.draft.cost_ratio if self.draft is not None else 0.0
+        lengths, limits = [], []
         for i in good:
             rid, request, limit, position_limited = chosen[i]
             row, prompt = rows[i], request.input_ids
             state.tokens[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
-            state.length[row], state.generated[row], state.limit[row] = len(prompt), 0, limit
             state.live[row] = Live(rid, request, len(prompt), position_limited, SampleMetrics(cost_ratio=cost), now)
+            lengths.append(len(prompt))
+            limits.append(limit)
             if state.rng is not None:
                 state.rng.seed_row(row, request.seed)
-        state.n = max(state.n, max(rows[i] for i in good) + 1)
+        index = torch.tensor(taken, device=self.device)
+        for name, values in (("length", lengths), ("generated", [0] * len(taken)), ("limit", limits)):
+            getattr(state, name)[index] = torch.tensor(values, device=self.device)
+            state.host[name][taken] = values
+        state.n = max(state.n, max(taken) + 1)
         if self.controller is not None:
-            self.controller.reset_rows(index)
+            self.controller.reset_rows(taken)
             if self.controller.wants_drafting or not self.config.sampling.greedy:
-                self._draft_rows(state, [rows[i] for i in good], [requests[i] for i in good])
+                self._draft_rows(state, taken, [requests[i] for i in good])
 
     def _draft_rows(self, state: DecodeState, rows: list[int], requests: list[Request]) -> None:
         """The draft starts holding these rows; a row it cannot serve decodes without it."""
@@ -432,20 +498,18 @@ class SpeculativeDecoder:
         if self.controller is None or not self.controller.wants_drafting or not self.config.sampling.greedy:
             return
         n = state.n
-        if bool(state.drafted[:n].all()):
-            return
-        left = (state.limit[:n] - state.generated[:n]).tolist()
-        drafted = state.drafted[:n].tolist()
+        left = state.left(n)
         rows = [
             row
             for row in range(n)
-            if not drafted[row] and not state.live[row].draft_refused and left[row] > 2 * self.max_depth
+            if not state.drafted[row] and not state.live[row].draft_refused and left[row] > 2 * self.max_depth
         ]
         if rows:
             requests = []
             for row in rows:
-                request = state.live[row].request
-                so_far = state.tokens[row, : state.length[row]].tolist()
+                live = state.live[row]
+                request = live.request
+                so_far = list(request.input_ids) + live.output
                 requests.append(Request(so_far, request.pixel_values, request.image_sizes, request.seed))
             self._draft_rows(state, rows, requests)
 
@@ -463,8 +527,9 @@ class SpeculativeDecoder:
                 length=torch.zeros(rows, dtype=torch.long, device=self.device),
                 generated=torch.zeros(rows, dtype=torch.long, device=self.device),
                 limit=torch.zeros(rows, dtype=torch.long, device=self.device),
-                drafted=torch.zeros(rows, dtype=torch.bool, device=self.device),
-                target=ModelRunner(self.target, rows, capacity),
+                drafted=np.zeros(rows, dtype=bool),
+                host={name: np.zeros(rows, dtype=np.int64) for name in ("length", "generated", "limit")},
+                target=ModelRunner(self.target, rows, capacity, shapes=self.shapes, compiler=self.compiler),
                 rng=None if greedy else RowRandom([0] * rows, self.device),
                 live=[None] * rows,
             )
@@ -474,11 +539,13 @@ class SpeculativeDecoder:
             tokens = torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
             tokens[:kept, : state.capacity] = state.tokens[:kept]
             state.tokens = tokens
-            for name in ("length", "generated", "limit", "drafted"):
+            for name in ("length", "generated", "limit"):
                 old = getattr(state, name)
                 new = old.new_zeros(rows)
                 new[:kept] = old[:kept]
                 setattr(state, name, new)
+                state.host[name] = _resized(state.host[name], rows)
+            state.drafted = _resized(state.drafted, rows)
             state.target.resize(rows, capacity)
             state.live = (state.live + [None] * rows)[:rows]
             if state.rng is not None:
@@ -499,12 +566,14 @@ class SpeculativeDecoder:
         pairs = [(d, s) for d, s in zip(holes, tail) if d < s]
         dst, src = [d for d, _ in pairs], [s for _, s in pairs]
         dst_t, src_t = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
-        for tensor in (state.tokens, state.length, state.generated, state.limit, state.drafted):
+        for tensor in (state.tokens, state.length, state.generated, state.limit):
             tensor[dst_t] = tensor[src_t]
-        state.target.move_rows(dst_t, src_t)
+        for array in (*state.host.values(), state.drafted):
+            array[dst] = array[src]
+        state.target.move_rows(dst, src)
         if self.draft is not None:
             self.draft.move_rows(dst, src)
-            self.controller.move_rows(dst_t, src_t)
+            self.controller.move_rows(dst, src)
         self._release(state, src)  # the moved rows' old places hold nothing now, for the draft neither
         if state.rng is not None:
             state.rng.move_rows(dst, src)
@@ -515,3 +584,9 @@ class SpeculativeDecoder:
 
 def _round_up(slots: int) -> int:
     return -(-slots // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def _resized(array: np.ndarray, rows: int) -> np.ndarray:
+    new = np.zeros(rows, dtype=array.dtype)
+    new[: min(rows, len(array))] = array[:rows]
+    return new

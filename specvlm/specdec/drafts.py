@@ -8,25 +8,42 @@ candidate generators:
   admit(rows, requests)          start drafting for these rows (a request may already carry generated tokens)
   release(rows)                  stop drafting for these rows; they propose nothing until admitted again
   propose(n, depth, ...)         every drafting step: up to `depth` tokens deep for each of rows [0, n)
-  commit(tokens, counts)         every step: what the target committed per row (accepted prefix + one token)
+  commit(step)                   every step: what the target committed per row (accepted prefix + one token)
   move_rows(dst, src)            follow the engine when it compacts its rows
 Rows the draft has not admitted propose nothing, and whatever their scratch holds is never read.
+
+A draft never reads the device inside a step: what it needs to know on the host (how many tokens each row
+committed) comes with `commit`, from the one read the decoder makes per step.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from specvlm.specdec.compiled import StepCompiler
 from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.prefill import prefill
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request
 from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams, probs_from_logits, sample_from
+from specvlm.specdec.shapes import EXACT, ShapeBuckets
+
+
+@dataclass
+class Commit:
+    """What the target committed in one step for rows [0, n): per row its first counts[row] tokens (the accepted
+    drafts, then the target's own token), on the device and, read back once, on the host."""
+
+    tokens: torch.Tensor  # [n, m]
+    counts: torch.Tensor  # [n]
+    host_tokens: np.ndarray  # [n, m]
+    host_counts: np.ndarray  # [n]
 
 
 class Draft(ABC):
@@ -45,6 +62,10 @@ class Draft(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Forget every row: a new decoder starts with this draft."""
+
+    def use(self, shapes: ShapeBuckets, compiler: StepCompiler | None) -> None:
+        """The shapes and the compiler the decoder runs its forwards with (drafts without a model ignore them)."""
+        return None
 
     def probe(self, n: int) -> float:
         """Seconds of one draft pass over rows [0, n), writing only scratch (0 for drafts without a model)."""
@@ -69,8 +90,8 @@ class Draft(ABC):
         the same number of uniforms whatever the other rows do."""
 
     @abstractmethod
-    def commit(self, tokens: torch.Tensor, counts: torch.Tensor) -> None:
-        """tokens [n, m]: per row the first counts[row] are now committed (accepted drafts + target token)."""
+    def commit(self, step: Commit) -> None:
+        """What rows [0, n) committed this step."""
 
     @abstractmethod
     def move_rows(self, dst: list[int], src: list[int]) -> None: ...
@@ -85,6 +106,14 @@ def _timed(run, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device without waiting for the device: from pageable memory a copy to a GPU waits
+    for the work queued before it, from pinned memory it is queued like any other."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def strip_image_tokens(ids: list[int], image_token_id: int | None) -> list[int]:
@@ -143,9 +172,13 @@ class ModelDraft(Draft):
         self.device = model.device
         self.runner: ModelRunner | None = None
         self.fed_drafts = 0
+        self.shapes, self.compiler = EXACT, None
 
     def reset(self):
         self.runner = None
+
+    def use(self, shapes, compiler):
+        self.shapes, self.compiler = shapes, compiler
 
     def scratch(self) -> int:
         """Cache slots needed past the committed tokens: a chain of max_depth after up to 2 pending tokens."""
@@ -154,10 +187,14 @@ class ModelDraft(Draft):
     def allocate(self, rows, capacity):
         capacity += self.scratch()
         if self.runner is None:
-            self.runner = ModelRunner(self.model, rows, capacity, lean=self.lean)
+            self.runner = ModelRunner(
+                self.model, rows, capacity, lean=self.lean, shapes=self.shapes, compiler=self.compiler, role="draft"
+            )
             self.tokens = torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
             self.length = torch.zeros(rows, dtype=torch.long, device=self.device)
             self.active = torch.zeros(rows, dtype=torch.bool, device=self.device)
+            self.host_length = np.zeros(rows, dtype=np.int64)  # `length` and `active`, on the host
+            self.host_active = np.zeros(rows, dtype=bool)
             return
         self.runner.resize(rows, capacity)
         kept = min(rows, len(self.length))
@@ -167,6 +204,8 @@ class ModelDraft(Draft):
         self.tokens = tokens
         self.length = torch.cat([self.length[:kept], self.length.new_zeros(rows - kept)])
         self.active = torch.cat([self.active[:kept], self.active.new_zeros(rows - kept)])
+        self.host_length = np.concatenate([self.host_length[:kept], np.zeros(rows - kept, dtype=np.int64)])
+        self.host_active = np.concatenate([self.host_active[:kept], np.zeros(rows - kept, dtype=bool)])
 
     def probe(self, n):
         tokens = self.tokens[:n, :1]
@@ -183,17 +222,25 @@ class ModelDraft(Draft):
             self.model, requests, prompts, max(map(len, prompts)), use_images=not self.text_only, lean=self.lean
         )
         if good:
-            index = torch.tensor([rows[i] for i in good], device=self.device)
-            self.runner.take_rows(index, scratch)
+            taken = [rows[i] for i in good]
+            self.runner.take_rows(taken, scratch)
             for i in good:
                 self.tokens[rows[i], : len(prompts[i])] = torch.tensor(prompts[i], device=self.device)
-            self.length[index] = torch.tensor([len(prompts[i]) for i in good], device=self.device)
+            lengths = [len(prompts[i]) for i in good]
+            index = torch.tensor(taken, device=self.device)
+            self.length[index] = torch.tensor(lengths, device=self.device)
             self.active[index] = True
+            self.host_length[taken] = lengths
+            self.host_active[taken] = True
         return {i: f"draft {self.name}: {e}" for i, e in errors.items()}
 
     def release(self, rows):
-        self.active[rows] = False
-        self.length[rows] = 0
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.active[index] = False
+        self.length[index] = 0
+        self.host_active[rows] = False
+        self.host_length[rows] = 0
+        self.runner.release(rows)
 
     def _feed_pending(self, n: int) -> torch.Tensor:
         """Feed the committed tokens the draft's cache lacks; return the draft's logits after them [n, V]."""
@@ -201,11 +248,12 @@ class ModelDraft(Draft):
         # 1 token, or 2 when the last chain was fully accepted; up to depth + 1 after a tree; more after steps
         # the engine took without drafting. Released rows feed nothing.
         pending = torch.where(self.active[:n], self.length[:n] - runner.kv_len[:n], 0)  # [n]
-        width = max(1, int(pending.max()))
+        host_pending = np.where(self.host_active[:n], self.host_length[:n] - runner.kv_host[:n], 0)
+        width = max(1, int(host_pending.max()))
         cols = (runner.kv_len[:n, None] + torch.arange(width, device=self.device)).clamp(max=self.tokens.shape[1] - 1)
         feed = self.tokens[:n].gather(1, cols)  # [n, width]; past a row's pending count it is scratch
         logits = runner.forward(feed, causal_attend(pending.clamp(min=1), width))
-        runner.kv_len[:n] += pending
+        runner.advance(n, pending, host_pending)
         return self._align_vocab(logits[torch.arange(n, device=self.device), (pending - 1).clamp(min=0)])
 
     def propose(self, n, depth, params, rng):
@@ -213,7 +261,8 @@ class ModelDraft(Draft):
         uniforms = rng.uniforms(n, self.max_depth) if rng is not None else None
         last = self._feed_pending(n)
         lengths = torch.where(self.active[:n], depth, 0)
-        tokens, probs, calls = [], [], 1
+        one = torch.ones(n, dtype=torch.long, device=self.device)
+        tokens, probs = [], []
         for i in range(depth):
             if params.greedy:
                 p = last.softmax(-1) if self.min_confidence > 0 else None  # only the stopping rule needs it
@@ -223,21 +272,21 @@ class ModelDraft(Draft):
                 tokens.append(sample_from(p, uniforms[:, i]))
                 probs.append(p)
             if i > 0 and self.min_confidence > 0:
-                # Decided from p, which the draft computed before drawing token i: sampling stays exact.
+                # Decided from p, which the draft computed before drawing token i: sampling stays exact. Rows
+                # that stopped keep being fed (a whole batch stopping early would have to be read back).
                 unsure = p.max(-1).values < self.min_confidence
                 lengths = torch.where(unsure & (lengths > i), i, lengths)
-            if i == depth - 1 or not bool((lengths > i + 1).any()):
+            if i == depth - 1:
                 break  # the last proposal is never fed: nothing would use its logits
-            step = runner.forward(tokens[-1][:, None], causal_attend(torch.ones_like(lengths), 1))
+            step = runner.forward(tokens[-1][:, None], causal_attend(one, 1))
             last = self._align_vocab(step[:, -1])
-            runner.kv_len[:n] += 1
-            calls += 1
-        self.fed_drafts = calls - 1
+            runner.advance(n, one, 1)
+        self.fed_drafts = depth - 1
         return Proposal.chain(
             torch.stack(tokens, 1),
             lengths.clamp(max=len(tokens)),
             torch.stack(probs, 1) if probs else None,
-            draft_calls=calls,
+            draft_calls=depth,
         )
 
     def _align_vocab(self, logits: torch.Tensor) -> torch.Tensor:
@@ -249,20 +298,23 @@ class ModelDraft(Draft):
             return torch.nn.functional.pad(logits, (0, self.target_vocab - width), value=float("-inf"))
         return logits
 
-    def commit(self, tokens, counts):
-        n = counts.shape[0]
-        active = self.active[:n]
+    def commit(self, step):
+        n = step.counts.shape[0]
         # Drafts fed into the cache stay valid up to the first rejected one; released rows keep none.
-        kept = torch.where(active, (counts - 1).clamp(min=0, max=self.fed_drafts), 0)
-        self.runner.kv_len[:n] -= self.fed_drafts - kept
+        kept = torch.where(self.active[:n], (step.counts - 1).clamp(min=0, max=self.fed_drafts), 0)
+        host_kept = np.where(self.host_active[:n], np.clip(step.host_counts - 1, 0, self.fed_drafts), 0)
+        self.runner.advance(n, kept - self.fed_drafts, host_kept - self.fed_drafts)
         self.fed_drafts = 0
-        append_tokens(self.tokens, self.length, tokens, torch.where(active, counts, 0))
+        append_tokens(self.tokens, self.length, step.tokens, torch.where(self.active[:n], step.counts, 0))
+        self.host_length[:n] += np.where(self.host_active[:n], step.host_counts, 0)
 
     def move_rows(self, dst, src):
+        self.runner.move_rows(dst, src)
         dst_t, src_t = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
-        self.runner.move_rows(dst_t, src_t)
         for state in (self.tokens, self.length, self.active):
             state[dst_t] = state[src_t]
+        self.host_length[dst] = self.host_length[src]
+        self.host_active[dst] = self.host_active[src]
 
 
 class PromptLookupDraft(Draft):
@@ -325,16 +377,15 @@ class PromptLookupDraft(Draft):
         for row, cont in enumerate(found):
             tokens[row, : len(cont)] = torch.from_numpy(cont)
         lengths = torch.tensor([len(c) for c in found])
-        return Proposal.chain(tokens.to(self.device), lengths.to(self.device), probs=None, draft_calls=0)
+        return Proposal.chain(to_device(tokens, self.device), to_device(lengths, self.device), None, draft_calls=0)
 
     def calls(self, depth):
         return 0
 
-    def commit(self, tokens, counts):
-        tokens, counts = tokens.cpu().numpy(), counts.cpu().tolist()
-        for row, count in enumerate(counts):
+    def commit(self, step):
+        for row, count in enumerate(step.host_counts.tolist()):
             if self.history[row] is not None:
-                self.history[row] = np.concatenate([self.history[row], tokens[row, :count]])
+                self.history[row] = np.concatenate([self.history[row], step.host_tokens[row, :count]])
 
     def move_rows(self, dst, src):
         for d, s in zip(dst, src):

@@ -20,68 +20,69 @@ caller keeps the Hugging Face forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
-@dataclass
-class _Layer:
-    input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
-    qkv_bias: torch.Tensor | None
-    out: torch.Tensor
-    out_bias: torch.Tensor | None
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+def _hold(module: torch.nn.Module, **weights: torch.Tensor | None) -> None:
+    """Keep the weights as buffers of the module (views of the model's own where nothing is fused), so that a
+    compiled forward with frozen weights treats them as the constants they are."""
+    for name, weight in weights.items():
+        module.register_buffer(name, None if weight is None else weight.detach(), persistent=False)
 
 
-class LeanLlama:
+class _Layer(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        biases = [p.bias for p in projections]
+        _hold(
+            self,
+            input_norm=layer.input_layernorm.weight,
+            qkv=torch.cat([p.weight for p in projections]),  # [(heads + 2 * kv_heads) * head_dim, hidden]
+            qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+            out=attn.o_proj.weight,
+            out_bias=attn.o_proj.bias,
+            post_norm=layer.post_attention_layernorm.weight,
+            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),  # [2 * intermediate, hidden]
+            down=mlp.down_proj.weight,
+        )
+
+
+class LeanLlama(torch.nn.Module):
     def __init__(self, decoder: torch.nn.Module, lm_head: torch.nn.Module, config):
+        super().__init__()
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        self.embed = decoder.embed_tokens.weight
-        self.final_norm = decoder.norm.weight
-        self.lm_head = lm_head.weight
         inv_freq = decoder.rotary_emb.inv_freq.float()
-        self.inv_freq = torch.cat([inv_freq, inv_freq])  # one angle per head dimension, as HF lays them out
         half = self.head_dim // 2
-        # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: one op instead of slicing and concatenating.
-        self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.inv_freq.device)
-        self.layers = []
-        for layer in decoder.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-            biases = [p.bias for p in projections]
-            self.layers.append(
-                _Layer(
-                    input_norm=layer.input_layernorm.weight,
-                    qkv=torch.cat([p.weight for p in projections]),
-                    qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-                    out=attn.o_proj.weight,
-                    out_bias=attn.o_proj.bias,
-                    post_norm=layer.post_attention_layernorm.weight,
-                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    down=mlp.down_proj.weight,
-                )
-            )
+        _hold(
+            self,
+            embed=decoder.embed_tokens.weight,
+            final_norm=decoder.norm.weight,
+            lm_head=lm_head.weight,
+            inv_freq=torch.cat([inv_freq, inv_freq]),  # one angle per head dimension, as HF lays them out
+            # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: one op instead of slicing and concatenating.
+            sin_sign=torch.cat([-torch.ones(half), torch.ones(half)]).to(inv_freq.device),
+        )
+        self.layers = torch.nn.ModuleList(_Layer(layer) for layer in decoder.layers)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> LeanLlama | None:
         """The lean forward of a causal LM or of a VLM's language model; None when the architecture is one
         this module does not reproduce exactly."""
         config = model.config.get_text_config()
+        if config.model_type not in SUPPORTED:
+            return None  # checked first: other architectures lay their modules out otherwise (GPT-2 has no .model)
         decoder = getattr(model.model, "language_model", model.model)
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         if (
-            config.model_type not in SUPPORTED
-            or config.hidden_act != "silu"
+            config.hidden_act != "silu"
             or rope.get("rope_type", "default") != "default"
             or (getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True))
             or getattr(config, "mlp_bias", False)
@@ -94,7 +95,7 @@ class LeanLlama:
         # As Hugging Face's RMSNorm: normalise in float32, scale in the model's dtype.
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
-    def __call__(
+    def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache, logits_to_keep: int = 0
     ) -> torch.Tensor:
         """tokens, positions [n, q]; mask [n, 1, q, read_len] additive; cache: the runner's SlotKVCache with

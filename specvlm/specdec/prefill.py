@@ -124,8 +124,8 @@ def prefill(
     runner = ModelRunner(model, max(1, len(good)), capacity, lean=lean)
     if not good:
         return runner, good, errors
-    lengths = torch.tensor([len(prompts[i]) for i in good], device=model.device)
-    width = int(lengths.max()) - 1
+    lengths = [len(prompts[i]) for i in good]
+    width = max(lengths) - 1
     tokens = torch.zeros(len(good), width, dtype=torch.long, device=model.device)
     for row, i in enumerate(good):
         prompt = torch.tensor(prompts[i][:width], device=model.device)
@@ -134,11 +134,12 @@ def prefill(
     images = [features[i] for i in good if features[i] is not None]
     if images:
         token = image_token_id(model)
-        prompt_part = torch.arange(width, device=model.device)[None, :] < (lengths - 1)[:, None]
+        cached = torch.tensor(lengths, device=model.device) - 1
+        prompt_part = torch.arange(width, device=model.device)[None, :] < cached[:, None]
         placeholders = (tokens == token) & prompt_part
         table = model.get_input_embeddings()
         # Placeholder ids may lie outside the embedding table; their embeddings are replaced anyway.
         embeds = table(tokens.masked_fill(placeholders, 0) if token >= table.num_embeddings else tokens)
         embeds[placeholders] = torch.cat(images).to(embeds.dtype)
-    runner.prefill(tokens, lengths - 1, inputs_embeds=embeds)
+    runner.prefill(tokens, [length - 1 for length in lengths], inputs_embeds=embeds)
     return runner, good, errors

@@ -30,13 +30,22 @@ class Proposal:
     draft_calls: int  # draft forward passes spent on it
     ancestry: torch.Tensor  # [n, k, k] bool
     is_chain: bool = False  # parents[:, i] == i - 1: the accepted path is always a prefix
+    # Bounds on the tree's shape, known without reading the device: how many levels deep it can be, and how
+    # many children a node can have (sampling verification loops over them). None: k, as for any k nodes.
+    levels: int | None = None
+    children: int | None = None
+
+    def __post_init__(self):
+        k = self.tokens.shape[1]
+        self.levels = k if self.levels is None else min(self.levels, k)
+        self.children = k if self.children is None else min(self.children, k)
 
     @classmethod
     def chain(cls, tokens: torch.Tensor, lengths: torch.Tensor, probs: torch.Tensor | None, draft_calls: int):
         n, k = tokens.shape
         parents = (torch.arange(k, device=tokens.device) - 1).expand(n, k)
         causal = torch.ones(k, k, dtype=torch.bool, device=tokens.device).tril().expand(n, k, k)
-        return cls(tokens, parents, lengths, probs, draft_calls, causal, is_chain=True)
+        return cls(tokens, parents, lengths, probs, draft_calls, causal, is_chain=True, children=1)
 
     @classmethod
     def empty(cls, n: int, device: torch.device) -> Proposal:

@@ -9,6 +9,11 @@ level by level). The runner never advances kv_len by itself: the caller commits 
 
 The masks are the whole attention pattern (Hugging Face applies a 4-D mask as given), so every attention rule
 the model has must be in them: a sliding window is, per layer type; anything else is refused at construction.
+
+Nothing here reads the device. Committed lengths live twice: `kv_len` on the device, where masks, positions
+and write slots are computed from it, and `kv_host` on the host, where the read length (a shape) is chosen; the
+caller advances both from what it already knows. The part of a forward that runs on the device (masks, then the
+model) is one function of tensors, `decode_forward`, which `compiled.py` can compile and a CUDA graph capture.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from __future__ import annotations
 import functools
 import inspect
 
+import numpy as np
 import torch
 
 from specvlm.specdec.cache import SlotKVCache
+from specvlm.specdec.compiled import StepCompiler
 from specvlm.specdec.lean_llama import LeanLlama
+from specvlm.specdec.shapes import EXACT, ShapeBuckets
 
 
 class UnsupportedModel(ValueError):
@@ -74,23 +82,120 @@ def attention_windows(model: torch.nn.Module) -> dict[str, int | None]:
     return {t: (window if t == "sliding_attention" else None) for t in types}
 
 
-class ModelRunner:
-    def __init__(self, model: torch.nn.Module, rows: int, capacity: int, lean: LeanLlama | None = None):
-        """lean: the model's LeanLlama, to run text-only forwards through (drafts only: the
-        target's Hugging Face forward is the reference for losslessness)."""
+def _additive(model: torch.nn.Module) -> bool:
+    """Whether the model's attention adds the mask to its scores (a float mask) rather than selecting with it.
+    SDPA and FlexAttention take a boolean mask as is, which is cheaper to build; the eager path adds it."""
+    implementation = getattr(model.config.get_text_config(), "_attn_implementation", None) or "eager"
+    return implementation == "eager"
+
+
+class DecodeForward:
+    """The device half of a forward: masks from committed lengths, then the model. Only tensors go in, so that
+    compiling it (compiled.py) specialises on nothing that changes from step to step.
+
+    Inputs, for nb rows of qb queries each, reading R slots:
+        tokens, positions, write_slots [nb, qb]; kv_len [nb]; attend [nb, qb, W]; valid [nb, qb] (real queries);
+        read_slots [R] (0..R-1: its length is the read length); keys, values: the cache's per-layer buffers.
+    """
+
+    def __init__(self, model: torch.nn.Module, lean: LeanLlama | None, windows: dict[str, int | None]):
         self.model = model
         self.lean = lean
+        self.windows = windows
+        self.additive = _additive(model)
         self.cache_kwarg = _cache_kwarg(type(model))
-        self.device = model.device
         self.dtype = model.dtype
+
+    def masks(self, kv_len, attend, valid, positions, read_slots):
+        """[nb, 1, qb, R] per layer type: the committed prefix, the window slots `attend` allows; a padded query
+        sees slot 0 only."""
+        window = attend.shape[2]
+        rel = read_slots[None, None, :] - kv_len[:, None, None]  # [nb, 1, R]: slot's offset into the window
+        in_window = (rel >= 0) & (rel < window)
+        pattern = attend.gather(2, rel.clamp(0, window - 1).expand(-1, attend.shape[1], -1))  # [nb, qb, R]
+        allowed = (rel < 0) | (in_window & pattern)
+        allowed = torch.where(valid[:, :, None], allowed, read_slots[None, None, :] == 0)
+        masks = {}
+        for layer_type, size in self.windows.items():
+            keep = allowed
+            if size is not None:
+                # A sliding window shows keys at positions > p - size. Slot s holds position s, except tree nodes,
+                # which sit at or beyond their position, all within one tree's depth of the root: a window longer
+                # than a tree shows every one of them either way.
+                keep = allowed & (read_slots[None, None, :] > positions[:, :, None] - size)
+            keep = keep[:, None]
+            if self.additive:
+                keep = torch.zeros(keep.shape, dtype=self.dtype, device=keep.device).masked_fill_(
+                    ~keep, torch.finfo(self.dtype).min
+                )
+            masks[layer_type] = keep
+        return masks if len(masks) > 1 else next(iter(masks.values()))
+
+    def __call__(
+        self,
+        tokens,
+        positions,
+        write_slots,
+        kv_len,
+        attend,
+        valid,
+        read_slots,
+        keys,
+        values,
+        logits_to_keep: int = 0,
+        inputs_embeds=None,
+        cache: SlotKVCache | None = None,
+    ):
+        """cache: the runner's own, for a forward that may allocate its buffers (eager only); else a view of
+        keys and values is made here, so that a compiled forward takes nothing but tensors."""
+        mask = self.masks(kv_len, attend, valid, positions, read_slots)
+        cache = SlotKVCache.view(keys, values) if cache is None else cache
+        cache.write_slots, cache.read_len = write_slots, read_slots.shape[0]
+        if self.lean is not None and inputs_embeds is None:
+            return self.lean(tokens, positions, mask, cache, logits_to_keep)
+        inputs = {"input_ids": tokens} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        out = self.model(
+            **inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self.cache_kwarg: cache},
+        )
+        return out.logits
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        rows: int,
+        capacity: int,
+        lean: LeanLlama | None = None,
+        *,
+        shapes: ShapeBuckets = EXACT,
+        compiler: StepCompiler | None = None,
+        role: str = "target",
+    ):
+        """lean: the model's LeanLlama, to run text-only forwards through (drafts only: the target's Hugging Face
+        forward is the reference for losslessness). capacity: slots per row the caller may use; the cache holds
+        one more, the trash slot that padded queries write to. compiler: compiles decode forwards (prefill and
+        forwards over image embeddings stay eager)."""
+        self.model = model
+        self.device = model.device
         self.windows = attention_windows(model)
         if len(self.windows) > 1 and not _takes_mask_per_layer_type(type(model.get_decoder())):
             raise UnsupportedModel(
                 f"{type(model).__name__} mixes sliding-window and full-attention layers but takes one mask for all"
             )
-        num_layers = model.config.get_text_config().num_hidden_layers
-        self.cache = SlotKVCache(num_layers, rows, capacity)
+        text = model.config.get_text_config()
+        self.max_positions = getattr(text, "max_position_embeddings", None) or 1 << 30
+        self.shapes = shapes
+        self.eager = DecodeForward(model, lean, self.windows)
+        self.compiled = compiler.wrap(self.eager, role) if compiler is not None else None
+        self.cache = SlotKVCache(text.num_hidden_layers, rows, capacity + 1)
         self.kv_len = torch.zeros(rows, dtype=torch.long, device=self.device)  # committed tokens per row
+        self.kv_host = np.zeros(rows, dtype=np.int64)  # the same, on the host
 
     @property
     def rows(self) -> int:
@@ -98,11 +203,26 @@ class ModelRunner:
 
     @property
     def capacity(self) -> int:
-        return self.cache.capacity
+        return self.cache.capacity - 1
 
-    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:  # [n, q, read_len] bool -> additive [n, 1, q, read_len]
-        mask = torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=self.dtype, device=self.device)
-        return mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
+    @property
+    def trash_slot(self) -> int:
+        return self.cache.capacity - 1
+
+    # ---- committed lengths, on the device and the host together ------------------------------------------------
+
+    def set_lengths(self, rows: list[int] | slice, lengths: torch.Tensor | int, host: np.ndarray | list[int] | int):
+        """Rows `rows` (host indices) hold lengths (on the device) = host (the same, on the host)."""
+        index = rows if isinstance(rows, slice) else torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.kv_len[index] = lengths
+        self.kv_host[rows] = host
+
+    def advance(self, n: int, counts: torch.Tensor, host: np.ndarray) -> None:
+        """Rows [0, n) committed counts[row] more tokens (host: the same counts, already on the host)."""
+        self.kv_len[:n] += counts
+        self.kv_host[:n] += host
+
+    # ---- forwards ------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(
@@ -116,73 +236,92 @@ class ModelRunner:
     ) -> torch.Tensor:  # [n, q or logits_to_keep, vocab]
         n, q = tokens.shape
         window = attend.shape[2]
-        kv_len = self.kv_len[:n]
+        need = int(self.kv_host[:n].max()) + window
+        if need > self.capacity:
+            raise RuntimeError(f"KV cache overflow: need {need} slots, have {self.capacity}")
+        device = self.device
         if offsets is None:
-            offsets = torch.arange(q, device=self.device).expand(n, q)
-        write_slots = kv_len[:, None] + offsets  # [n, q]
+            offsets = torch.arange(q, device=device).expand(n, q)
+        run, shapes, cache = self.compiled, self.shapes, None
+        if run is None or inputs_embeds is not None or not self.cache.allocated:
+            # Prefill, and the first forward (it allocates the cache), run eagerly at their own size.
+            run, cache = self.eager, self.cache
+            shapes = self.shapes if inputs_embeds is None else EXACT
+        rows, width = shapes.rows(n, self.rows), shapes.window(q)
+        read_len = shapes.read_len(need, self.capacity)
+        if (rows, width) != (n, q):
+            tokens, attend, offsets, depth = _pad(tokens, attend, offsets, depth, rows, width)
+        valid = torch.zeros(rows, width, dtype=torch.bool, device=device)
+        valid[:n, :q] = True
+        kv_len = self.kv_len[:rows]
+        write_slots = torch.where(valid, kv_len[:, None] + offsets, self.trash_slot)
+        # Padding never carries a position past the model's: rotary embeddings that rescale by a forward's
+        # longest position must see what each real row alone would give them.
         positions = kv_len[:, None] + (offsets if depth is None else depth)
-        read_len = int(kv_len.max()) + window
-        if read_len > self.cache.capacity:
-            raise RuntimeError(f"KV cache overflow: need {read_len} slots, have {self.cache.capacity}")
-
-        # allowed[b, j, s]: query j of row b may attend to slot s: the committed prefix, plus its window slots.
-        slots = torch.arange(read_len, device=self.device)
-        allowed = (slots[None, :] < kv_len[:, None])[:, None, :].repeat(1, q, 1)
-        window_slots = kv_len[:, None] + torch.arange(window, device=self.device)  # [n, W]
-        allowed.scatter_(2, window_slots[:, None, :].expand(n, q, window), attend)
-        masks = {}
-        for layer_type, size in self.windows.items():
-            if size is not None:
-                # A sliding window shows keys at positions > p - size. Slot s holds position s, except tree nodes,
-                # which sit at or beyond their position, all within one tree's depth of the root: a window longer
-                # than a tree shows every one of them either way.
-                masks[layer_type] = self._mask(allowed & (slots[None, None, :] > positions[:, :, None] - size))
-            else:
-                masks[layer_type] = self._mask(allowed)
-        mask = masks if len(masks) > 1 else next(iter(masks.values()))
-
-        self.cache.write_slots = write_slots
-        self.cache.read_len = read_len
-        if self.lean is not None and inputs_embeds is None:
-            return self.lean(tokens, positions, mask, self.cache, logits_to_keep)
-        inputs = {"input_ids": tokens} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-        out = self.model(
-            **inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            **{self.cache_kwarg: self.cache},
+        positions = torch.where(valid, positions.clamp(max=self.max_positions - 1), 0)
+        read_slots = torch.arange(read_len, device=device)
+        logits = run(
+            tokens,
+            positions,
+            write_slots,
+            kv_len,
+            attend,
+            valid,
+            read_slots,
+            self.cache.keys,
+            self.cache.values,
+            logits_to_keep,
+            inputs_embeds,
+            cache,
         )
-        return out.logits
+        return logits[:n] if logits_to_keep else logits[:n, :q]
 
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> None:
+    def prefill(self, tokens: torch.Tensor, lengths: list[int], inputs_embeds: torch.Tensor | None = None) -> None:
         """Fill the cache with each row's first lengths[row] tokens (right-padded [n, L]) and commit them."""
         n, width = tokens.shape
-        self.kv_len[:n] = 0
+        self.set_lengths(slice(0, n), 0, 0)
+        on_device = torch.tensor(lengths, dtype=torch.long, device=self.device)
         if width > 0:
             # Only the cache matters here; keep one logit so the LM head costs nothing.
-            self.forward(tokens, causal_attend(lengths, width), logits_to_keep=1, inputs_embeds=inputs_embeds)
-        self.kv_len[:n] = lengths
+            self.forward(tokens, causal_attend(on_device, width), logits_to_keep=1, inputs_embeds=inputs_embeds)
+        self.set_lengths(slice(0, n), on_device, lengths)
 
     def resize(self, rows: int, capacity: int) -> None:
-        self.cache.resize(rows, capacity)
+        self.cache.resize(rows, capacity + 1)
+        kept = min(rows, len(self.kv_host))
         kv_len = torch.zeros(rows, dtype=torch.long, device=self.device)
-        kept = min(rows, len(self.kv_len))
         kv_len[:kept] = self.kv_len[:kept]
         self.kv_len = kv_len
+        self.kv_host = np.concatenate([self.kv_host[:kept], np.zeros(rows - kept, dtype=np.int64)])
 
-    def take_rows(self, rows: torch.Tensor, source: ModelRunner) -> None:
+    def take_rows(self, rows: list[int], source: ModelRunner) -> None:
         """Rows `rows` take over source's rows [0, len(rows)): their committed cache entries and lengths."""
         m = len(rows)
-        self.cache.take_rows(rows, source.cache, int(source.kv_len[:m].max()))
-        self.kv_len[rows] = source.kv_len[:m]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.cache.take_rows(index, source.cache, int(source.kv_host[:m].max()))
+        self.set_lengths(rows, source.kv_len[:m], source.kv_host[:m])
 
-    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self.cache.move_rows(dst, src)
-        self.kv_len[dst] = self.kv_len[src]
+    def move_rows(self, dst: list[int], src: list[int]) -> None:
+        src_index = torch.tensor(src, dtype=torch.long, device=self.device)
+        self.cache.move_rows(torch.tensor(dst, dtype=torch.long, device=self.device), src_index)
+        self.set_lengths(dst, self.kv_len[src_index], self.kv_host[src])
+
+    def release(self, rows: list[int]) -> None:
+        """These rows hold nothing now."""
+        self.set_lengths(rows, 0, 0)
 
     def compact_window(self, n: int, src: torch.Tensor) -> None:
         """Per row, move window slots src [n, a] to the window's first a slots (an accepted tree path)."""
         start = self.kv_len[:n, None]
         self.cache.move_slots(n, start + src, start + torch.arange(src.shape[1], device=self.device))
+
+
+def _pad(tokens, attend, offsets, depth, rows: int, width: int):
+    """Inputs of n rows and q queries padded to rows x width (see shapes.py: padding is computed, not used)."""
+    n, q = tokens.shape
+    grow = (0, width - q, 0, rows - n)
+    tokens = torch.nn.functional.pad(tokens, grow)
+    offsets = torch.nn.functional.pad(offsets, grow)
+    depth = None if depth is None else torch.nn.functional.pad(depth, grow)
+    attend = torch.nn.functional.pad(attend, (0, 0, 0, width - q, 0, rows - n))
+    return tokens, attend, offsets, depth

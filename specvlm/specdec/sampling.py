@@ -52,16 +52,24 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 
 def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: [..., V] probabilities (need not sum to 1) and [...] uniforms -> [...] token ids."""
-    cdf = probs.cumsum(-1)
-    target = uniforms.unsqueeze(-1) * cdf[..., -1:]
+    """Inverse-CDF sampling: [..., V] probabilities (need not sum to 1) and [...] uniforms -> [...] token ids.
+
+    The cumulative sum runs in float64: in float32, once it nears 1 a token below half its ulp (3e-8) adds nothing
+    to it and is never drawn, and in a vocabulary of 10^5 tokens such tokens can hold a visible share of the mass.
+    """
+    cdf = probs.double().cumsum(-1)
+    target = uniforms.double().unsqueeze(-1) * cdf[..., -1:]
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     # Guard against float round-off at the top end of the cdf.
     return tokens.clamp_(max=probs.shape[-1] - 1)
 
 
 class RowRandom:
-    """One seeded generator per row; every step each row draws the same count of uniforms."""
+    """One seeded generator per row; every step each row draws the same count of uniforms.
+
+    Uniforms are float64. A float32 uniform takes 2^24 values, which would quantise every acceptance test to 6e-8
+    and cap a Gumbel key (tree.py) at 16.6 nats, so that no token 19 nats below the top could ever be drawn first.
+    """
 
     def __init__(self, seeds: list[int], device: torch.device):
         self.device = device
@@ -80,7 +88,9 @@ class RowRandom:
         self.generators = (self.generators + [self._generator(0) for _ in range(rows)])[:rows]
 
     def uniforms(self, n: int, count: int) -> torch.Tensor:  # [n, count]
-        return torch.stack([torch.rand(count, generator=g, device=self.device) for g in self.generators[:n]])
+        return torch.stack(
+            [torch.rand(count, generator=g, device=self.device, dtype=torch.float64) for g in self.generators[:n]]
+        )
 
     def move_rows(self, dst: list[int], src: list[int]) -> None:
         for d, s in zip(dst, src):

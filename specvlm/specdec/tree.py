@@ -81,10 +81,9 @@ class TreeDraft(ModelDraft):
                 break  # sampling never prunes what it drew, so it only draws what fits
             chosen = level.start + scores[:, level].topk(width, dim=1).indices  # [n, width]
             chosen_scores = scores.gather(1, chosen)
-            # Greedy stops growing once no row has a node worth expanding. Sampling grows every level, so that a
-            # row draws the same uniforms whatever the other rows' trees look like.
-            if greedy and not bool((chosen_scores > t.min_score).any()):
-                break
+            # Every level is grown, also where no row has a node worth expanding: knowing that would take a read
+            # of the device. Sampling must grow every level anyway, so that a row draws the same uniforms whatever
+            # the other rows' trees look like.
             seen = ancestry.gather(1, chosen[..., None].expand(-1, -1, ancestry.shape[2]))  # [n, width, nodes]
             logits = self.runner.forward(
                 tokens.gather(1, chosen),
@@ -126,21 +125,27 @@ class TreeDraft(ModelDraft):
                 torch.arange(scores.shape[1], device=scores.device).expand_as(scores),
             )
             keep &= rank < t.max_nodes
-        return _compact(tokens, parents, ancestry, keep, torch.cat(node_dists, 1) if node_dists else None, calls)
+        dists = torch.cat(node_dists, 1) if node_dists else None
+        return _compact(
+            tokens, parents, ancestry, keep, dists, calls, width=min(keep.shape[1], t.max_nodes), children=t.topk
+        )
 
     def _distribution(self, logits: torch.Tensor, params) -> torch.Tensor:
         # Greedy ranks nodes by the draft's plain probabilities; sampling must use exactly the p it draws from.
         return logits.float().softmax(-1) if params.greedy else probs_from_logits(logits, params)
 
-    def _children(self, dist: torch.Tensor, k: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _children(dist: torch.Tensor, k: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
         """k children of each distribution [..., V]: its top-k (greedy), or k draws without replacement."""
         if rng is None:
             probs, tokens = dist.topk(k, dim=-1)
             return tokens, probs
         shape = dist.shape
-        uniforms = rng.uniforms(shape[0], dist[0].numel()).reshape(shape).clamp_(min=1e-12, max=1 - 1e-7)
-        # Gumbel top-k: the k largest log p + Gumbel noise are a sample without replacement from p.
-        keys = dist.log() - (-uniforms.log()).log()
+        # Gumbel top-k: the k largest log p + Gumbel noise are a sample without replacement from p. In float64 the
+        # noise reaches 36.7 nats (float32 stops at 16.6, so a token ~19 nats below the top could never come
+        # first); a uniform of exactly 0 (odds 2^-53) would give a key of -inf, hence the clamp.
+        uniforms = rng.uniforms(shape[0], dist[0].numel()).double().reshape(shape)
+        keys = dist.double().log() - (-uniforms.clamp_(min=torch.finfo(torch.float64).tiny).log()).log()
         tokens = keys.topk(k, dim=-1).indices
         probs = dist.gather(-1, tokens)
         # Where p has fewer than k tokens, the extra "children" have probability 0: mark them invalid.
@@ -151,8 +156,10 @@ def _identity(n: int, k: int, device) -> torch.Tensor:
     return torch.eye(k, dtype=torch.bool, device=device).expand(n, k, k)
 
 
-def _compact(tokens, parents, ancestry, keep, dists, calls) -> Proposal:
-    """Move the kept nodes of each row to the front (in their breadth-first order) and renumber parents."""
+def _compact(tokens, parents, ancestry, keep, dists, calls, width: int, children: int) -> Proposal:
+    """Move the kept nodes of each row to the front (in their breadth-first order) and renumber parents. The
+    proposal is `width` wide: the most nodes any row can keep, known without reading the device. A tree of
+    `calls` draft passes is that many levels deep, each node with at most `children` children."""
     order = torch.sort((~keep).long(), dim=1, stable=True).indices  # kept first, original order preserved
     new_index = torch.empty_like(order).scatter_(
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
@@ -160,10 +167,11 @@ def _compact(tokens, parents, ancestry, keep, dists, calls) -> Proposal:
     parents = parents.gather(1, order)
     parents = torch.where(parents >= 0, new_index.gather(1, parents.clamp(min=0)), -1)
     lengths = keep.sum(1)
-    width = int(lengths.max())
     if dists is not None:
         dists = dists.gather(1, order[:, :width, None].expand(-1, -1, dists.shape[-1]))
     kept = order[:, :width]
     k = ancestry.shape[1]
     ancestry = ancestry.gather(1, kept[..., None].expand(-1, -1, k)).gather(2, kept[:, None, :].expand(-1, width, -1))
-    return Proposal(tokens.gather(1, kept), parents[:, :width], lengths, dists, calls, ancestry)
+    return Proposal(
+        tokens.gather(1, kept), parents[:, :width], lengths, dists, calls, ancestry, levels=calls, children=children
+    )

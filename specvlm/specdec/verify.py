@@ -59,8 +59,13 @@ def verify_greedy(logits: torch.Tensor, proposal: Proposal) -> Verdict:
 
 
 def _normalise(p: torch.Tensor) -> torch.Tensor:
-    total = p.sum(-1, keepdim=True)
-    return torch.where(total > 0, p / total.clamp(min=torch.finfo(p.dtype).tiny), p)
+    """p / p.sum(-1), exact also where the total is subnormal: a very confident draft (a top-1 logit gap over
+    temperature of ~87-103 nats) leaves float32 tails below 1e-38 once its top token is removed, and dividing by
+    such a total loses it. Dividing by the largest entry first puts that entry at 1, so the sum is >= 1 (a
+    quotient of two subnormals is as exact as any float32 division); a row of zeros stays zeros."""
+    top = p.amax(-1, keepdim=True)
+    scaled = p / torch.where(top > 0, top, 1.0)
+    return scaled / scaled.sum(-1, keepdim=True).clamp(min=1.0)
 
 
 # The three rules of rejection sampling over siblings, named so that each is stated (and tested) once.
@@ -99,15 +104,15 @@ def verify_sampling(
     tries = torch.zeros(n, dtype=torch.long, device=device)  # uniforms used per row (keeps rows independent)
     q = q_nodes[:, 0]
     searching = torch.ones(n, dtype=torch.bool, device=device)
-    for _ in range(k):
+    # The loops run to the proposal's static bounds (levels, children per node), not to what this step's trees
+    # hold: a row with nothing left to try changes nothing, and nobody reads the device to stop early.
+    for _ in range(proposal.levels):
         children = (proposal.parents == node[:, None]) & proposal.valid & searching[:, None]  # [n, k]
-        if not bool(children.any()):
-            break
         rank = children.long().cumsum(1) - 1
         first = children.long().argmax(1)
         p = p_nodes[rows, first]  # siblings share their parent's distribution
         moved = torch.zeros(n, dtype=torch.bool, device=device)
-        for sibling in range(int(children.sum(1).max())):
+        for sibling in range(proposal.children):
             pick = children & (rank == sibling)
             trying = pick.any(1) & ~moved
             child = pick.long().argmax(1)
@@ -118,7 +123,8 @@ def verify_sampling(
             reject = trying & ~accept
             q = torch.where(reject[:, None], residual(q, p), q)
             p = torch.where(reject[:, None], without(p, x), p)
-            path[rows[accept], accepted[accept]] = child[accept]
+            at = accepted.clamp(max=k - 1)  # where this level's node goes on the path (rows that accept: < k)
+            path[rows, at] = torch.where(accept, child, path[rows, at])
             node = torch.where(accept, child, node)
             moved |= accept
         accepted += moved
