@@ -249,7 +249,7 @@ def _stop(signum, frame):
 def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
-    from pipeline.reader import BLOCK_ROWS, ShardDatasource
+    from pipeline.reader import BLOCK_ROWS, READ_TASK_CPUS, ShardDatasource
     from pipeline.stages import decode_stage
 
     c = config.compute
@@ -258,7 +258,17 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=Non
     # in flight, and so what a crash can lose.
     reading = min(len(shards), c.actors * c.shards_per_actor)
     source = ShardDatasource(shards, config, readers=reading)
-    ds = ray.data.read_datasource(source, concurrency=reading, override_num_blocks=len(source.groups))
+    # Ray Data's reservations split a small node's CPUs between the operators: beside a 1-CPU decode actor and the
+    # re-cutting below, a 2-CPU node gave the read a budget of one task however small (measured: 4 read tasks of
+    # 0.5 CPU, concurrency 2, ran one after another), so one read stuck on a slow store stalled the job. The
+    # read's `concurrency` and the actors' tasks in flight bound what each operator holds without them.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    ds = ray.data.read_datasource(
+        source,
+        concurrency=reading,
+        override_num_blocks=len(source.groups),
+        num_cpus=READ_TASK_CPUS,
+    )
     # Blocks of BLOCK_ROWS rows, whatever the size of a row or a shard: each decode actor holds a fixed number of
     # blocks, so the rows in flight, and what a crash can lose, are bounded in rows (reader.py).
     ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)

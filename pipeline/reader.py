@@ -38,12 +38,16 @@ from ray.data.datasource import Datasource, ReadTask
 from pipeline.config import JobConfig
 from pipeline.schema import PREPARED_SCHEMA
 from pipeline.stages import Preparer, load_processor
-from specvlm.data.retry import RetryPolicy
+from specvlm.data.retry import RetryPolicy, with_request_deadline
 from specvlm.data.sources import Shard, ShardError, read_shard
 
 READ_BATCH_ROWS = 32  # prepared rows per block: a shard is streamed, never held whole
 TASKS_PER_READER = 4
 MAX_SHARDS_PER_TASK = 64
+# A read task waits on storage much of its time. With a whole CPU each, a 2-CPU node beside a 1-CPU decode actor
+# ran one read task at a time (not compute.shards_per_actor), and a read stuck on a slow store stalled the job
+# (job.build_dataset says what else it took).
+READ_TASK_CPUS = 0.5
 # Rows per block into the decode actors: a few of their batches, so that each task keeps the engine fed
 # (stages.DecodeActor decodes up to 4 batches of a task at once) while tasks in flight stay small.
 BLOCK_ROWS = 64
@@ -78,14 +82,15 @@ def read_and_prepare(shards: list[Shard], config: JobConfig) -> Iterator[pa.Tabl
     """One read task: each shard's prepared rows, numbered, the last closing the shard, in blocks of
     READ_BATCH_ROWS."""
     prepare = Preparer(config, load_processor(config.model))
+    i = config.input
     block = []
     for shard in shards:
         held, sent, failure = None, 0, None  # the newest row is held back: it may be the one closing the shard
         records = read_shard(
             shard,
-            storage_options=config.input.storage_options,
-            image_column=config.input.image_column,
-            retry=RetryPolicy(budget_s=config.input.retry_for_s),
+            storage_options=with_request_deadline(shard.uri, i.storage_options, i.request_deadline_s),
+            image_column=i.image_column,
+            retry=RetryPolicy(budget_s=i.retry_for_s),
         )
         try:
             for record in records:
