@@ -85,7 +85,8 @@ def read_and_prepare(shards: list[Shard], config: JobConfig) -> Iterator[pa.Tabl
     i = config.input
     block = []
     for shard in shards:
-        held, sent, failure = None, 0, None  # the newest row is held back: it may be the one closing the shard
+        # The newest record's rows are held back: the last of them may be the row closing the shard.
+        held, sent, failure = [], 0, None
         records = read_shard(
             shard,
             storage_options=with_request_deadline(shard.uri, i.storage_options, i.request_deadline_s),
@@ -94,17 +95,17 @@ def read_and_prepare(shards: list[Shard], config: JobConfig) -> Iterator[pa.Tabl
         )
         try:
             for record in records:
-                if held is not None:
-                    block.append(held)
-                    if len(block) >= READ_BATCH_ROWS:
-                        yield pa.Table.from_pylist(block, schema=PREPARED_SCHEMA)
-                        block = []
-                held = prepare({**record, "row_index": sent, "is_end": False})
-                sent += 1
+                block += held
+                if len(block) >= READ_BATCH_ROWS:
+                    yield pa.Table.from_pylist(block, schema=PREPARED_SCHEMA)
+                    block = []
+                held = prepare.rows({**record, "row_index": sent, "is_end": False})  # one per prompt (task.prompts)
+                sent += len(held)
         except ShardError as exc:
             failure = str(exc)
-        closing = held if held is not None else prepare(end_marker(shard, sent))
-        block.append({**closing, "shard_rows": sent, "shard_error": failure})
+        held = held or [prepare(end_marker(shard, sent))]
+        block += held[:-1]
+        block.append({**held[-1], "shard_rows": sent, "shard_error": failure})
     if block:
         yield pa.Table.from_pylist(block, schema=PREPARED_SCHEMA)
 
