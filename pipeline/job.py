@@ -345,7 +345,7 @@ def run_job(
     log(summary.table())
     log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
     if collector.failed:
-        raise JobFailed(_failed_shards_message(collector.failed, output))
+        raise JobFailed(_failed_shards_message(collector.failed, collector.kept_partial, output))
     if summary.error_fraction > config.output.max_error_fraction:
         raise JobFailed(
             f"{summary.errors} of {summary.rows} rows failed ({summary.error_fraction:.1%}), over "
@@ -356,15 +356,21 @@ def run_job(
     return summary
 
 
-def _failed_shards_message(failed: dict[str, str], output: OutputDir) -> str:
+def _failed_shards_message(failed: dict[str, str], kept_partial: set[str], output: OutputDir) -> str:
+    """kept_partial: the failed shards whose rows read so far are in _partial/ (a shard that failed before its
+    first row, or whose rows could not be written, kept none)."""
     listed = sorted(failed)[:FAILED_SHARDS_LISTED]
     lines = [f"{len(failed)} shard(s) could not be finished and have no output file:"]
     lines += [f"  {shard}: {failed[shard]}" for shard in listed]
     if len(failed) > len(listed):
         lines.append(f"  ... and {len(failed) - len(listed)} more (all are listed in {output.uri}/_manifest.json)")
+    if kept_partial:
+        lines.append(
+            f"The rows {len(kept_partial)} of them did yield are kept apart in {output.uri}/{PARTIAL}/ (not part of "
+            "the output)."
+        )
     lines.append(
-        f"Rows they did yield are kept apart in {output.uri}/{PARTIAL}/ (not part of the output). Fix the cause, then "
-        "run the same command again: finished shards are skipped and only these are retried."
+        "Fix the cause, then run the same command again: finished shards are skipped and only these are retried."
     )
     return "\n".join(lines)
 

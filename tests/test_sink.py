@@ -133,6 +133,20 @@ def test_a_shard_that_failed_before_its_first_row_keeps_nothing(tmp_path):
     assert collector.kept_partial == set() and output.partial_shards() == set()
 
 
+def test_the_failed_shards_message_says_rows_are_kept_only_where_they_were(tmp_path):
+    from pipeline.job import _failed_shards_message
+
+    output = OutputDir(str(tmp_path), {})
+    collector = ShardCollector(output, HASH)
+    collector.add(_batch(_shard("empty", 0, failure="cannot open webdataset shard /in/empty.tar")))
+    nothing_kept = _failed_shards_message(collector.failed, collector.kept_partial, output)
+    assert "empty: cannot open" in nothing_kept and "_partial" not in nothing_kept
+
+    collector.add(_batch(_shard("cut", 2, failure="cannot read webdataset shard /in/cut.tar after 2 records")))
+    some_kept = _failed_shards_message(collector.failed, collector.kept_partial, output)
+    assert f"The rows 1 of them did yield are kept apart in {tmp_path}/_partial/" in some_kept
+
+
 def test_a_shard_whose_file_cannot_be_written_fails_and_the_others_go_on(tmp_path, monkeypatch):
     output = OutputDir(str(tmp_path), {})
     write = output.write_shard
