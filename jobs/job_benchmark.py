@@ -1,8 +1,9 @@
 """Throughput of whole jobs, as a user runs them: the default caption job against the best plain-decoding job
-and against the script a user would write instead, on the same held-out images, in one run.
+and against the script a user would write instead, on the same held-out images cut into shards of each size, in
+one run (a cost per shard shows as a default job slower at small shards than at large ones).
 
-    python -m jobs.job_benchmark                          # 2,048 held-out demo images, 2 rounds
-    python -m jobs.job_benchmark --images 512 --rounds 1  # quicker
+    python -m jobs.job_benchmark                                     # 2,048 images as shards of 1, 16, 128, 1,024
+    python -m jobs.job_benchmark --images 256 --sizes 1,16 --rounds 1  # quicker
 
 Every job is a fresh process, timed from start to exit (Ray's start-up and model loading included, as a user
 pays them); the settings take turns round by round and each keeps its best round. Also reported: what the
@@ -34,7 +35,10 @@ from specvlm.demo.shards import write_webdataset_shards
 from specvlm.engine import build_engine
 from specvlm.evaluation.throughput import HELD_OUT_SEED
 
-PER_SHARD = 128
+DEFAULT = "default (VLM draft, gamma auto, batch auto)"
+PLAIN = (8, 64, 256)  # plain decoding's batch sizes: the best of them is the bar
+PEER = (64, 256)
+SIZES = (1, 16, 128, 1024)  # images per shard
 
 
 def job(args: list[str]) -> list[str]:
@@ -86,89 +90,105 @@ def overhead_line(decoding: list[float | None], engine: float, rounds: int) -> s
     )
 
 
+def held_out_shards(work: Path, images: int, size: int) -> Path:
+    """The same held-out images as WebDataset shards of `size` images (shard i holds images i*size ... ), written
+    once per (images, size)."""
+    folder = work / "shards" / f"{images}x{size}"
+    if not (folder / "_complete").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        write_webdataset_shards(str(folder), seed=HELD_OUT_SEED, num_shards=images // size, per_shard=size)
+        (folder / "_complete").touch()
+    return folder
+
+
+def size_settings(work: Path, shards: Path, size: int, max_new_tokens: int) -> dict[str, list[str]]:
+    """The jobs run over one shard size: the default job, plain decoding at each batch size, the peer script."""
+    source = f"input.uri={shards}/*.tar"
+
+    def caption(name: str, *sets: str) -> list[str]:
+        overrides = [source, f"output.uri={work / 'runs' / f'{name}-{size}'}", *sets]
+        return job(["jobs.caption", *[f"--set={s}" for s in overrides]])
+
+    def peer(batch: int) -> list[str]:
+        # Ray's read_webdataset takes folders and files, not globs; the peer generates as many tokens as the job
+        # may, so both do the same work.
+        output = str(work / "runs" / f"peer-{batch}-{size}")
+        flags = ["--input", str(shards), "--output", output, "--batch-size", str(batch)]
+        return job(["jobs.peer_caption", *flags, "--max-new-tokens", str(max_new_tokens)])
+
+    return {
+        DEFAULT: caption("default"),
+        **{f"plain, batch {b}": caption(f"plain-{b}", "draft.kind=none", f"compute.batch_size={b}") for b in PLAIN},
+        **{f"peer script (HF generate), batch {b}": peer(b) for b in PEER},
+    }
+
+
+def ratio(value: float, bar: float) -> str:
+    return f"{value:.2f}x" + ("" if value >= bar else " **(below)**")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--images", type=int, default=2048, help="held-out images, the same at every shard size")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="images per shard, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("out/job-benchmark"))
     parser.add_argument("--out", type=Path, default=Path("out/job-benchmark.md"))
     args = parser.parse_args(argv)
+    sizes = sorted({int(s) for s in args.sizes.split(",")})
+    if args.images % max(sizes):
+        parser.error(f"--images {args.images} must be a multiple of every shard size ({args.sizes})")
 
-    shards = args.work / "shards"
-    if not shards.exists():
-        write_webdataset_shards(
-            str(shards), seed=HELD_OUT_SEED, num_shards=args.images // PER_SHARD, per_shard=PER_SHARD
-        )
-    images = args.images // PER_SHARD * PER_SHARD
-    source = f"input.uri={shards}/*.tar"
-    # The peer generates as many tokens as the job may, so both do the same work.
-    max_new_tokens = load_config("configs/demo.yaml", [source]).decode.max_new_tokens
-
-    def caption(name: str, *sets: str) -> list[str]:
-        overrides = [source, f"output.uri={args.work / 'runs' / name}", *sets]
-        return job(["jobs.caption", *[f"--set={s}" for s in overrides]])
-
-    settings = {
-        "default (VLM draft, gamma auto, batch auto)": caption("default"),
-        **{
-            f"plain, batch {b}": caption(f"plain-{b}", "draft.kind=none", f"compute.batch_size={b}")
-            for b in (8, 64, 256)
-        },
-        **{
-            f"peer script (HF generate), batch {b}": job(
-                [
-                    "jobs.peer_caption",
-                    "--input",
-                    str(shards),  # Ray's read_webdataset takes folders and files, not globs
-                    "--output",
-                    str(args.work / "runs" / f"peer-{b}"),
-                    "--batch-size",
-                    str(b),
-                    "--max-new-tokens",
-                    str(max_new_tokens),
-                ]
-            )
-            for b in (64, 256)
-        },
-    }
-    best: dict[str, float] = {}
-    decoding: list[float] = []  # the default job's tokens/s while decoding, per round
+    max_new_tokens = load_config("configs/demo.yaml", ["input.uri=unused"]).decode.max_new_tokens
+    folders = {size: held_out_shards(args.work, args.images, size) for size in sizes}
+    settings = {size: size_settings(args.work, folders[size], size, max_new_tokens) for size in sizes}
+    best: dict[tuple[int, str], float] = {}
+    decoding: dict[int, list[float | None]] = {size: [] for size in sizes}  # the default job's tokens/s, per round
+    manifest = {}
     for _ in range(args.rounds):
-        for name, command in settings.items():
-            shutil.rmtree(args.work / "runs", ignore_errors=True)  # every job starts from an empty output
-            seconds = timed(command)
-            best[name] = min(best.get(name, float("inf")), seconds)
-            print(f"{name}: {images / seconds:.1f} images/s", flush=True)
-            if name.startswith("default"):
-                manifest = json.loads((args.work / "runs" / "default" / "_manifest.json").read_text())
-                decoding.append(decoding_tokens_per_s(args.work / "runs" / "default"))
-    engine = max(engine_tokens_per_s([source]) for _ in range(args.rounds))
+        for size in sizes:
+            for name, command in settings[size].items():
+                shutil.rmtree(args.work / "runs", ignore_errors=True)  # every job starts from an empty output
+                seconds = timed(command)
+                best[size, name] = min(best.get((size, name), float("inf")), seconds)
+                print(f"{size} per shard, {name}: {args.images / seconds:.1f} images/s", flush=True)
+                if name == DEFAULT:
+                    output = args.work / "runs" / f"default-{size}"
+                    manifest = json.loads((output / "_manifest.json").read_text())
+                    decoding[size].append(decoding_tokens_per_s(output))
+    engine = max(engine_tokens_per_s([f"input.uri={folders[sizes[0]]}/*.tar"]) for _ in range(args.rounds))
 
-    rate = {name: images / seconds for name, seconds in best.items()}
-    best_plain = max((n for n in rate if n.startswith("plain")), key=rate.get)
-    best_peer = max((n for n in rate if n.startswith("peer")), key=rate.get)
-    default = next(n for n in rate if n.startswith("default"))
-    summary = manifest["summary"]
+    rate = {key: args.images / seconds for key, seconds in best.items()}
+    default_best = max(rate[size, DEFAULT] for size in sizes)
     lines = [
-        f"# Job throughput\n\n{images} held-out demo images (world seed {HELD_OUT_SEED}) in {images // PER_SHARD} "
-        f"shards; each job a fresh process timed from start to exit; best of {args.rounds} rounds, settings taking "
-        f"turns. Command: `python -m jobs.job_benchmark --images {args.images} --rounds {args.rounds}`.\n",
-        "| setting | images/s | vs best plain job | vs best peer |",
-        "|---|---:|---:|---:|",
+        f"# Job throughput by shard size\n\n{args.images} held-out demo images (world seed {HELD_OUT_SEED}) as "
+        f"shards of {', '.join(map(str, sizes))} images; each job a fresh process timed from start to exit; best "
+        f"of {args.rounds} rounds, jobs taking turns. Command: `python -m jobs.job_benchmark --images "
+        f"{args.images} --sizes {','.join(map(str, sizes))} --rounds {args.rounds}`.\n",
+        "Bars: the default job within 10% of its own best across sizes (>= 0.90x), and >= 1.0x both the best "
+        "plain-decoding job and the best peer at the same size.\n",
+        "| images per shard | shards | default images/s | vs its best size | best plain (images/s) | vs best plain "
+        "| best peer (images/s) | vs best peer |",
+        "|---:|---:|---:|---:|---|---:|---|---:|",
     ]
-    for name in settings:
+    for size in sizes:
+        mine = rate[size, DEFAULT]
+        plain = max((n for n in settings[size] if n.startswith("plain")), key=lambda n: rate[size, n])
+        peer = max((n for n in settings[size] if n.startswith("peer")), key=lambda n: rate[size, n])
         lines.append(
-            f"| {name} | {rate[name]:.1f} | {rate[name] / rate[best_plain]:.2f}x | "
-            f"{rate[name] / rate[best_peer]:.2f}x |"
+            f"| {size} | {args.images // size} | {mine:.1f} | {ratio(mine / default_best, 0.9)} | "
+            f"{plain.split(', ')[-1]} ({rate[size, plain]:.1f}) | {ratio(mine / rate[size, plain], 1.0)} | "
+            f"{peer.split(', ')[-1]} ({rate[size, peer]:.1f}) | {ratio(mine / rate[size, peer], 1.0)} |"
         )
+    lines += ["", "Every job, images/s (best round):", "", "| setting | " + " | ".join(map(str, sizes)) + " |"]
+    lines.append("|---|" + "---:|" * len(sizes))
+    for name in settings[sizes[0]]:
+        lines.append(f"| {name} | " + " | ".join(f"{rate[size, name]:.1f}" for size in sizes) + " |")
+    lines += [""] + [f"{size} per shard: {overhead_line(decoding[size], engine, args.rounds)}" for size in sizes]
+    summary = manifest["summary"]
     lines += [
         "",
-        f"The default job against the best plain job ({best_plain}): **{rate[default] / rate[best_plain]:.2f}x**; "
-        f"against the best peer ({best_peer}): **{rate[default] / rate[best_peer]:.2f}x**.",
-        "",
-        overhead_line(decoding, engine, args.rounds),
-        "",
-        "The default job's manifest (last round): "
+        f"The default job's manifest (last round, {sizes[-1]} per shard): "
         f"{summary['run_tokens']} tokens, tau {summary['block_efficiency']:.2f}; operating points:",
         "",
         "```",

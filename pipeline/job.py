@@ -281,14 +281,26 @@ def _stop(signum, frame):
 def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
-    from pipeline.reader import BLOCK_ROWS, ShardDatasource
+    from pipeline.reader import BLOCK_ROWS, READ_TASK_CPUS, ShardDatasource
     from pipeline.stages import decode_stage
 
     c = config.compute
-    # One read task per shard (pipeline/reader.py says why a datasource); at most shards_per_actor of them per
-    # decode actor at once, which bounds the shards in flight, and so what a crash can lose.
+    # Read tasks over groups of shards (pipeline/reader.py says why a datasource, and why groups); at most
+    # shards_per_actor of them per decode actor at once, each reading one shard at a time, which bounds the shards
+    # in flight, and so what a crash can lose.
     reading = min(len(shards), c.actors * c.shards_per_actor)
-    ds = ray.data.read_datasource(ShardDatasource(shards, config), concurrency=reading, override_num_blocks=len(shards))
+    source = ShardDatasource(shards, config, readers=reading)
+    # Ray Data's reservations split a small node's CPUs between the operators: beside a 1-CPU decode actor and the
+    # re-cutting below, a 2-CPU node gave the read a budget of one task however small (measured: 4 read tasks of
+    # 0.5 CPU, concurrency 2, ran one after another), so one read stuck on a slow store stalled the job. The
+    # read's `concurrency` and the actors' tasks in flight bound what each operator holds without them.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    ds = ray.data.read_datasource(
+        source,
+        concurrency=reading,
+        override_num_blocks=len(source.groups),
+        num_cpus=READ_TASK_CPUS,
+    )
     # Blocks of BLOCK_ROWS rows, whatever the size of a row or a shard: each decode actor holds a fixed number of
     # blocks, so the rows in flight, and what a crash can lose, are bounded in rows (reader.py).
     ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)
@@ -352,7 +364,7 @@ def run_job(
     log(summary.table())
     log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
     if collector.failed:
-        raise JobFailed(_failed_shards_message(collector.failed, output))
+        raise JobFailed(_failed_shards_message(collector.failed, collector.kept_partial, output))
     if summary.error_fraction > config.output.max_error_fraction:
         raise JobFailed(
             f"{summary.errors} of {summary.rows} rows failed ({summary.error_fraction:.1%}), over "
@@ -363,15 +375,21 @@ def run_job(
     return summary
 
 
-def _failed_shards_message(failed: dict[str, str], output: OutputDir) -> str:
+def _failed_shards_message(failed: dict[str, str], kept_partial: set[str], output: OutputDir) -> str:
+    """kept_partial: the failed shards whose rows read so far are in _partial/ (a shard that failed before its
+    first row, or whose rows could not be written, kept none)."""
     listed = sorted(failed)[:FAILED_SHARDS_LISTED]
     lines = [f"{len(failed)} shard(s) could not be finished and have no output file:"]
     lines += [f"  {shard}: {failed[shard]}" for shard in listed]
     if len(failed) > len(listed):
         lines.append(f"  ... and {len(failed) - len(listed)} more (all are listed in {output.uri}/_manifest.json)")
+    if kept_partial:
+        lines.append(
+            f"The rows {len(kept_partial)} of them did yield are kept apart in {output.uri}/{PARTIAL}/ (not part of "
+            "the output)."
+        )
     lines.append(
-        f"Rows they did yield are kept apart in {output.uri}/{PARTIAL}/ (not part of the output). Fix the cause, then "
-        "run the same command again: finished shards are skipped and only these are retried."
+        "Fix the cause, then run the same command again: finished shards are skipped and only these are retried."
     )
     return "\n".join(lines)
 

@@ -43,7 +43,16 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 
-ROW_FIELDS = [pa.field("row_index", pa.int64(), nullable=False), pa.field("is_end", pa.bool_(), nullable=False)]
+# A row's place in its shard. `is_end`: an end marker, not a sample (only a shard without rows needs one). On the
+# row that closes its shard (its last, or its marker): `shard_rows`, the shard's row count, and `shard_error`, why
+# the shard could not be read to its end (None when it was).
+ROW_FIELDS = [
+    pa.field("row_index", pa.int64(), nullable=False),
+    pa.field("is_end", pa.bool_(), nullable=False),
+    pa.field("shard_rows", pa.int64()),
+    pa.field("shard_error", pa.string()),
+]
+ROW_FIELD_NAMES = tuple(f.name for f in ROW_FIELDS)
 
 PREPARED_SCHEMA = pa.schema(
     [

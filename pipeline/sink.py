@@ -111,7 +111,12 @@ class OutputDir:
             metadata[FAILURE_METADATA_KEY] = failure.encode()
         table = table.replace_schema_metadata(metadata)
         path = self.shard_path(shard_id) if failure is None else self.partial_path(shard_id)
-        self.write_atomic(path, lambda f: pq.write_table(table, f))
+        # Encoded in memory, then written in one call: pyarrow writes a Python file object in a hundred small
+        # pieces, each a call through fsspec, and an object store takes one body as one request.
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        payload = buffer.getvalue()
+        self.write_atomic(path, lambda f: f.write(payload))
 
     def partial_shards(self) -> set[str]:
         """Ids of shards with rows kept from a failed read (a rerun that completes one removes its partial file)."""
@@ -158,56 +163,70 @@ def with_error_kinds(table: pa.Table) -> pa.Table:
 
 class ShardCollector:
     """Gathers decoded rows per shard as they stream in, in any order, and finishes each shard once it is complete:
-    its end marker has arrived, and so has every row the marker counts (each row_index once).
+    the row closing it has arrived with the shard's row count (schema.ROW_FIELDS), and so has every row it
+    counts (each row_index once).
 
-    A complete shard is written as done output; one whose marker carries a failure goes to _partial/ and into
-    `failed`. A shard whose file cannot be written (the store's outage outlasting output.retry_for_s) fails too,
-    so the job carries on with the others."""
+    A complete shard is written as done output; one that could not be read to its end keeps the rows it did
+    yield in _partial/ and goes into `failed`. A shard whose file cannot be written (the store's outage outlasting
+    output.retry_for_s) fails too, so the job carries on with the others."""
 
     def __init__(self, output: OutputDir, config_hash: str, stale_partials: set[str] = frozenset()):
         self.output = output
         self.config_hash = config_hash
         self.parts: dict[str, list[pa.Table]] = {}  # shard id -> its rows received so far
         self.indexes: dict[str, set[int]] = {}  # shard id -> the row_index values among them
-        self.markers: dict[str, dict] = {}  # shard id -> its end marker: {"row_index": rows, "error": failure}
+        self.closing: dict[str, dict] = {}  # shard id -> {"rows": its row count, "error": why it was cut short}
         self.stale_partials = set(stale_partials)  # partial files left by earlier runs
         self.written: dict[str, int] = {}  # shard id -> rows
         self.failed: dict[str, str] = {}  # shard id -> why
+        self.kept_partial: set[str] = set()  # failed shards whose rows so far were written to _partial/
         self.tokens = 0  # generated tokens in the shards written
         self.peak_open = 0  # most shards held at once: what a driver crash at the worst moment would lose
 
     def add(self, batch: pa.Table) -> None:
-        for shard in pc.unique(batch["shard_id"]).to_pylist():
-            rows = batch.filter(pc.equal(batch["shard_id"], shard))
-            for marker in rows.filter(rows["is_end"]).select(["row_index", "error"]).to_pylist():
-                self.markers[shard] = marker
-            self._add_rows(shard, rows.filter(pc.invert(rows["is_end"])))
+        # One pass over the batch's small columns in Python, then one `take` per shard: a batch of tiny shards
+        # holds dozens of them, and a filter per shard and column cost more than writing the shard.
+        ids, ends = batch["shard_id"].to_pylist(), batch["is_end"].to_pylist()
+        counts = batch["shard_rows"].to_pylist()
+        rows_of: dict[str, list[int]] = {}  # shard id -> positions of its rows in the batch
+        closing: dict[str, int] = {}  # shard id -> position of the row that closes it
+        for position, (shard, end, count) in enumerate(zip(ids, ends, counts)):
+            if shard in self.written or shard in self.failed:
+                continue  # a retried read task delivers a finished shard again
+            rows_of.setdefault(shard, [])
+            if count is not None:
+                closing[shard] = position
+            if not end:
+                rows_of[shard].append(position)
+        indexes = batch["row_index"].to_pylist()
+        for shard, positions in rows_of.items():
+            if shard in closing:
+                p = closing[shard]
+                self.closing[shard] = {"rows": counts[p], "error": batch["shard_error"][p].as_py()}
+            seen = self.indexes.setdefault(shard, set())
+            fresh = [p for p in positions if indexes[p] not in seen]  # a retried task may deliver rows again
+            if fresh:
+                seen.update(indexes[p] for p in fresh)
+                self.parts.setdefault(shard, []).append(batch.take(fresh))
             self.peak_open = max(self.peak_open, len(self.open))
-            marker = self.markers.get(shard)
-            if marker is not None and len(self.indexes.get(shard, ())) == marker["row_index"]:
+            if shard in self.closing and len(seen) == self.closing[shard]["rows"]:
                 self._finish(shard)
 
-    def _add_rows(self, shard: str, rows: pa.Table) -> None:
-        if rows.num_rows == 0:
-            return
-        seen = self.indexes.setdefault(shard, set())
-        fresh = [i not in seen for i in rows["row_index"].to_pylist()]
-        if not all(fresh):  # a retried task may deliver rows again: each row is kept once
-            rows = rows.filter(pa.array(fresh))
-        seen.update(rows["row_index"].to_pylist())
-        self.parts.setdefault(shard, []).append(rows)
-
     def _finish(self, shard: str) -> None:
-        failure = self.markers.pop(shard)["error"]
+        failure = self.closing.pop(shard)["error"]
         parts = self.parts.pop(shard, [])
         self.indexes.pop(shard, None)
         schema = pa.schema([*OUTPUT_SCHEMA, pa.field("row_index", pa.int64())])
-        table = (
-            pa.concat_tables([p.select(schema.names).cast(schema) for p in parts]) if parts else schema.empty_table()
-        )
-        table = with_error_kinds(table.sort_by("row_index").select(OUTPUT_SCHEMA.names))
+        table = pa.concat_tables(parts).select(schema.names).cast(schema) if parts else schema.empty_table()
+        order = table["row_index"].to_pylist()
+        if order != sorted(order):  # rows arrive in shard order unless actors finished them out of it
+            table = table.sort_by("row_index")
+        table = with_error_kinds(table.select(OUTPUT_SCHEMA.names))
         try:
-            self.output.write_shard(shard, table, self.config_hash, failure)
+            if failure is None or table.num_rows:  # a shard that failed before its first row has nothing to keep
+                self.output.write_shard(shard, table, self.config_hash, failure)
+                if failure is not None:
+                    self.kept_partial.add(shard)
             if failure is None and shard in self.stale_partials:
                 self.output.remove_partial(shard)
         except Exception as exc:  # the store's outage outlasted the retries: this shard fails, the job goes on
@@ -222,14 +241,14 @@ class ShardCollector:
 
     @property
     def open(self) -> set[str]:
-        """Shards with rows or a marker received but not yet finished."""
-        return set(self.parts) | set(self.markers)
+        """Shards with rows or their row count received but not yet finished."""
+        return set(self.parts) | set(self.closing)
 
     def close(self) -> None:
         """The stream has ended: a shard still open lost rows on the way, and fails."""
         for shard in sorted(self.open):
-            marker = self.markers.pop(shard, None)
+            closing = self.closing.pop(shard, None)
             got = len(self.indexes.pop(shard, ()))
             self.parts.pop(shard, None)
-            expected = "an unknown number (no end marker arrived)" if marker is None else marker["row_index"]
+            expected = "an unknown number (its last row never came)" if closing is None else closing["rows"]
             self.failed[shard] = f"only {got} of {expected} rows came back from decoding"

@@ -1,14 +1,14 @@
 """The pipeline's stages, each a plain function or a callable class that Ray Data maps over rows or batches.
 
-    read_and_prepare   (pipeline.reader, one read task per shard)  records -> prepared rows via Preparer,
-                       numbered, streamed in blocks, then an end marker
+    read_and_prepare   (pipeline.reader, one read task per group of shards)  records -> prepared rows via
+                       Preparer, numbered, streamed in blocks
     DecodeActor        (map_batches, actor)  target + draft loaded once; continuous batched speculative decoding
 
-Every row carries `row_index` (its position in the shard) and `is_end`: the reader appends one end-marker row
-per shard whose row_index is the shard's row count, and whose error, if set, says why the shard could not be
-read to its end. Rows may reach the writer in any order; a shard is complete when its marker and that many rows
-have arrived. Stages never raise for bad data: a row that cannot be processed gets `error` set and flows on, so
-one bad image never fails its batch.
+Every row carries `row_index` (its position in the shard); the row that closes a shard, its last (or an
+end-marker row, `is_end`, for a shard without rows), carries the shard's row count and, if set, why the shard
+could not be read to its end (schema.ROW_FIELDS). Rows may reach the writer in any order; a shard is complete
+when its row count is known and that many rows have arrived. Stages never raise for bad data: a row that cannot
+be processed gets `error` set and flows on, so one bad image never fails its batch.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from pipeline.config import JobConfig
 from pipeline.faults import inject_fault
-from pipeline.schema import DECODED_SCHEMA, PASSED_THROUGH, encode_inputs, row_to_request
+from pipeline.schema import DECODED_SCHEMA, PASSED_THROUGH, ROW_FIELD_NAMES, encode_inputs, row_to_request
 from specvlm.data.error_kinds import tagged
 from specvlm.data.images import ImageError, decode_image
 from specvlm.data.prompts import (
@@ -220,7 +220,7 @@ class DecodeActor:
             self.reports.record.remote(self.service.describe())
 
     def _output(self, row: dict, result) -> dict:
-        out = {name: row.get(name) for name in (*PASSED_THROUGH, "row_index", "is_end")}
+        out = {name: row.get(name) for name in (*PASSED_THROUGH, *ROW_FIELD_NAMES)}
         out.update(self.identity, stop_reason="error")
         if result is None:
             return out

@@ -6,7 +6,9 @@ injects what object storage does to long jobs:
   - on a `fault_rate` fraction of connections, one fault: the connection reset before the reply, the reply
     cut half way through its body (then reset), or the reply delayed by `delay_s`;
   - an outage of one object: every request whose path holds a given key is answered 503 ServiceUnavailable,
-    for its next N requests or until `heal()`.
+    for its next N requests or until `heal()`;
+  - a slow drip on one object: every response for it sends its head at once and its body at a few bytes/s,
+    until `heal()`.
 Each injected fault is counted in `injected`, so a test can show the faults really happened.
 """
 
@@ -35,6 +37,8 @@ class FaultProxy:
         self.delay_s = 0.5
         self.injected: Counter[str] = Counter()
         self._outages: dict[str, int | None] = {}  # path fragment -> requests still to fail (None: until healed)
+        self._drips: dict[str, float] = {}  # path fragment -> body bytes per second
+        self.requests: list[tuple[float, str, str]] = []  # (time.time(), method, path) of every request
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -48,9 +52,15 @@ class FaultProxy:
         with self._lock:
             self._outages[urllib.parse.quote(key)] = requests
 
+    def drip(self, key: str, bytes_per_s: float) -> None:
+        """Send the body of every response for `key` (a path fragment) at `bytes_per_s`, until heal()."""
+        with self._lock:
+            self._drips[urllib.parse.quote(key)] = bytes_per_s
+
     def heal(self) -> None:
         with self._lock:
             self._outages.clear()
+            self._drips.clear()
 
     def close(self) -> None:
         self._closed = True
@@ -79,6 +89,11 @@ class FaultProxy:
                     return True
         return False
 
+    def _drip_rate(self, target: str) -> float | None:
+        path = target.split("?", 1)[0]
+        with self._lock:
+            return next((rate for key, rate in self._drips.items() if key in path), None)
+
     def _serve(self, client: socket.socket, fault: str | None) -> None:
         reader = client.makefile("rb")
         try:
@@ -90,6 +105,8 @@ class FaultProxy:
             if request is None:
                 return
             method, target = request[0].split(b" ", 2)[:2]
+            with self._lock:
+                self.requests.append((time.time(), method.decode(), urllib.parse.unquote(target.decode())))
             if self._in_outage(target.decode()):
                 body = b"" if method == b"HEAD" else _OUTAGE_BODY
                 head = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
@@ -103,6 +120,14 @@ class FaultProxy:
             if fault == "delay":
                 self._count(fault)
                 time.sleep(self.delay_s)
+            rate = self._drip_rate(target.decode())
+            if rate is not None and response_body:
+                self._count("drip")
+                client.sendall(response_head)
+                for byte in response_body:  # until the client gives up and closes (OSError) or all is sent
+                    client.sendall(bytes([byte]))
+                    time.sleep(1 / rate)
+                return
             if fault == "cut" and len(response_body) > 1:
                 self._count(fault)
                 client.sendall(response_head + response_body[: len(response_body) // 2])

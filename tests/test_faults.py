@@ -146,3 +146,25 @@ def test_pixel_limit_refuses_large_images_before_decoding(models, tmp_path, ray_
     errors = [r["error"] for t in read_output(f"{tmp_path}/out").values() for r in t.to_pylist()]
     assert len(errors) == 2
     assert all((e is not None and "max_pixels" in e) if expect_error else e is None for e in errors)
+
+
+def test_a_read_that_drips_is_cut_and_its_shard_named_while_the_other_shards_land(
+    models, s3_bucket, s3_endpoint, fault_proxy, ray_local
+):
+    bucket, _ = s3_bucket
+    options = {"endpoint_url": s3_endpoint}
+    write_webdataset_shards(f"s3://{bucket}/in", seed=SEED, num_shards=4, per_shard=PER_SHARD, storage_options=options)
+    fault_proxy.drip(f"{bucket}/in/00001.tar", bytes_per_s=5)  # never 15 s between bytes: no read timeout fires
+    config = _s3_job(models, bucket, fault_proxy.url, "input.request_deadline_s=20", "input.retry_for_s=1")
+    started = time.monotonic()
+    with pytest.raises(JobFailed, match=r"00001: cannot read webdataset shard") as failed:
+        run_job(config, log=lambda *_: None)
+    assert time.monotonic() - started < 120, "the dripping read was not cut"  # the tar at 5 B/s: an hour
+    assert "Timeout" in str(failed.value) and fault_proxy.injected["drip"] >= 1
+    landed = read_output(f"s3://{bucket}/out", s3_endpoint)
+    assert sorted(landed) == ["00000.parquet", "00002.parquet", "00003.parquet"]
+    # The shards after it were read while the drip held its read: one stuck read task does not stall the others.
+    read_at = {path: at for at, method, path in fault_proxy.requests if method == "GET" and path.endswith(".tar")}
+    # (Half the deadline after the drip began: the proxy notices the cut only at its next byte.)
+    drip_began = read_at[f"/{bucket}/in/00001.tar"]
+    assert max(read_at[f"/{bucket}/in/{name}.tar"] for name in ("00002", "00003")) < drip_began + 10

@@ -4,6 +4,7 @@ import errno
 import http.client
 import tarfile
 import threading
+import time
 
 import aiohttp
 import pytest
@@ -20,7 +21,7 @@ from botocore.exceptions import (
 )
 from s3fs.errors import translate_boto_error
 
-from specvlm.data.retry import RetryPolicy, filesystem, is_transient, with_retries
+from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient, with_request_deadline, with_retries
 
 
 def _client_error(code: str, status: int) -> ClientError:
@@ -135,3 +136,22 @@ def test_a_write_to_a_store_that_stops_answering_times_out_instead_of_hanging(si
     writer.start()
     writer.join(timeout=120)  # a guard against a hang, not a speed limit: it ends after its read timeouts
     assert outcome and is_transient(outcome[0]), "the write waited without a bound"
+
+
+def test_a_response_that_drips_is_cut_at_the_request_deadline_and_counts_as_transient(s3_bucket, fault_proxy):
+    bucket, options = s3_bucket
+    s3fs.S3FileSystem(**options).pipe_file(f"{bucket}/slow.bin", b"x" * 4096)
+    fault_proxy.drip(f"{bucket}/slow.bin", bytes_per_s=20)  # a byte every 50 ms: never a 15 s gap between bytes
+    through_proxy = {**options, "endpoint_url": fault_proxy.url}
+    fs, path = filesystem(f"s3://{bucket}/slow.bin", with_request_deadline(f"s3://{bucket}", through_proxy, 2.0))
+    start = time.monotonic()
+    with pytest.raises(Exception) as caught:
+        fs.cat_file(path)
+    # 4 KiB at 20 B/s would take 205 s; botocore's standard mode may try the request up to 3 times.
+    assert time.monotonic() - start < 3 * 2.0 + 5
+    assert fault_proxy.injected["drip"] >= 1 and is_transient(caught.value)
+    with pytest.raises(Exception) as caught, fs.open(path, "rb") as f:
+        f.read()  # a ranged read, as the shard readers make: s3fs loses the timeout in an IndexError
+    assert is_transient(caught.value) and "Read timeout" in describe(caught.value)
+    fault_proxy.heal()
+    assert fs.cat_file(path) == b"x" * 4096  # the same options read a healthy response whole

@@ -8,12 +8,15 @@ Three layers could retry a failed read or write; each does only what it alone ca
     over by then, so only the reader can ask again), with backoff and jitter until a time budget is spent;
   - s3fs's own retry loop is switched off: stacked on the other two it multiplies every wait, which is how one
     endpoint that never answers kept a job silent for minutes.
-Connect and read timeouts bound every request, so no call waits without limit.
+Connect and read timeouts bound every request's waits, and a total deadline bounds each S3 request, its body
+included: a response whose bytes arrive just often enough to beat the read timeout (a slow drip) would otherwise
+hold a read forever. Its time counts against the caller's retry budget like any other failed attempt.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import http.client
 import itertools
 import random
@@ -48,6 +51,50 @@ S3_PREFLIGHT_SETTINGS = {
     "read_timeout": 4,
     "retries": {"mode": "standard", "total_max_attempts": 2},
 }
+
+
+# The most one S3 request may take, reply body included, unless the caller says otherwise (input.request_deadline_s
+# for a job's reads). 300 s passes a 50 MiB block (s3fs's default) at 170 KiB/s; a drip far slower is cut.
+REQUEST_DEADLINE_S = 300.0
+PREFLIGHT_DEADLINE_S = 10.0
+
+
+@functools.cache
+def _deadline_session_class():
+    # aiobotocore gives its aiohttp session only connect and read (between bytes) timeouts; aiohttp's own `total`
+    # timeout bounds a whole request, body reads included, and AioConfig's public `http_session_cls` option lets
+    # a session class pass it.
+    import aiohttp
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    class DeadlineSession(AIOHTTPSession):
+        def __init__(self, *args, deadline_s: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.deadline_s = deadline_s
+
+        def _get_request_timeout(self, request):
+            timeout = super()._get_request_timeout(request) or self._timeout
+            return aiohttp.ClientTimeout(
+                sock_connect=timeout.sock_connect, sock_read=timeout.sock_read, total=self.deadline_s
+            )
+
+    return DeadlineSession
+
+
+@functools.cache
+def deadline_session(deadline_s: float):
+    """An aiobotocore `http_session_cls` (AioConfig option) whose every request ends within deadline_s seconds,
+    or fails with a timeout, which is_transient() retries. Cached, so that equal settings give equal options
+    (s3fs reuses a filesystem per options)."""
+    return functools.partial(_deadline_session_class(), deadline_s=deadline_s)
+
+
+def with_request_deadline(uri: str, storage_options: dict, deadline_s: float) -> dict:
+    """`storage_options` for `uri` whose S3 requests each end within deadline_s (other stores: unchanged)."""
+    if uri.split("://", 1)[0] not in ("s3", "s3a"):
+        return storage_options
+    kwargs = {"http_session_cls": deadline_session(deadline_s), **storage_options.get("config_kwargs", {})}
+    return {**storage_options, "config_kwargs": kwargs}
 
 
 def _botocore_checker():
@@ -104,12 +151,24 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
             return True
-        exc = exc.__cause__
+        exc = exc.__cause__ or _s3fs_lost_cause(exc)
     return False
+
+
+def _s3fs_lost_cause(exc: BaseException) -> BaseException | None:
+    # s3fs's S3File._fetch_range looks at args[0] of any OSError a ranged read raises, and fsspec turns a timeout
+    # (botocore's read timeout, the request deadline) into an FSTimeoutError without args: the read then fails
+    # with an IndexError raised while handling that timeout, which is what the chain must follow.
+    if isinstance(exc, IndexError) and isinstance(exc.__context__, OSError):
+        return exc.__context__
+    return None
 
 
 def describe(exc: BaseException) -> str:
     """One line for a log, a manifest or an error message: the type and message, and the cause if it says more."""
+    lost = _s3fs_lost_cause(exc)
+    if lost is not None:  # s3fs's IndexError says nothing; what it lost does
+        return describe(lost)
     text = f"{type(exc).__name__}: {exc}"
     cause = exc.__cause__
     if cause is not None and str(cause) not in text:
@@ -155,13 +214,15 @@ def with_retries(call: Callable[[], T], policy: RetryPolicy = DEFAULT_RETRY) -> 
 def filesystem(
     uri: str, storage_options: dict | None = None, *, preflight: bool = False
 ) -> tuple[AbstractFileSystem, str]:
-    """(filesystem, path) for `uri`, with bounded waits. S3 gets botocore's standard retry mode and connect/read
-    timeouts (a user's own `config_kwargs` win) and s3fs's extra retry loop off; other stores keep their own."""
+    """(filesystem, path) for `uri`, with bounded waits. S3 gets botocore's standard retry mode, connect/read
+    timeouts and a total deadline per request (a user's own `config_kwargs` win) and s3fs's extra retry loop off;
+    other stores keep their own."""
     options = dict(storage_options or {})
     s3 = uri.split("://", 1)[0] in ("s3", "s3a")
     if s3:
         settings = S3_PREFLIGHT_SETTINGS if preflight else S3_REQUEST_SETTINGS
-        options["config_kwargs"] = {**settings, **options.get("config_kwargs", {})}
+        deadline = deadline_session(PREFLIGHT_DEADLINE_S if preflight else REQUEST_DEADLINE_S)
+        options["config_kwargs"] = {**settings, "http_session_cls": deadline, **options.get("config_kwargs", {})}
     fs, path = url_to_fs(uri, **options)
     if s3:
         fs.retries = 1  # s3fs's per-call loop: one try, botocore and with_retries do the retrying
