@@ -66,3 +66,27 @@ def test_run_history_keeps_the_first_runs_record_on_a_rerun(tmp_path):
 
     (tmp_path / "_manifest.json").write_text(json.dumps({"summary": {"run_seconds": 60.0, "run_rows": 64}}))
     assert run_history(output, rerun)[1]["rows_written"] == 64  # a manifest from before run histories
+
+
+def test_the_summary_names_error_kinds_example_rows_where_they_all_are_and_the_wall_time():
+    from pipeline.job import Summary
+
+    numbers = dict(new_tokens=90, target_calls=30, accepted_tokens=0, proposed_tokens=0, draft_calls=0)
+    summary = Summary(
+        shards_total=1,
+        shards_skipped=0,
+        shards_written=1,
+        shards_failed=0,
+        rows=32,
+        errors=4,
+        run_rows=32,
+        run_tokens=90,
+        run_seconds=65.0,
+        error_breakdown={"image_missing": 3, "image_corrupt": 1},
+        error_examples=["00000/a (image_missing)", "00000/b (image_missing)", "00000/c (image_corrupt)"],
+        **numbers,
+    )
+    table = summary.table()
+    assert "4 (12.5%): image_missing 3, image_corrupt 1" in table
+    assert "00000/a (image_missing), 00000/b (image_missing), 00000/c (image_corrupt), ... (1 more)" in table
+    assert "error column" in table and "this run: wall time     1m05s" in table
