@@ -1,6 +1,6 @@
 """The `specvlm` command (installed with the package): every job as a subcommand, from any directory.
 
-    specvlm caption | vqa | mc   [--config FILE] [--set KEY=VALUE ...] [--retry-errors] [--verbose]
+    specvlm caption | vqa | mc   [--config FILE] [--set KEY=VALUE ...] [--retry-errors] [--verbose] [--dry-run]
     specvlm evaluate | benchmark | train-draft | score   (each with its own flags: specvlm COMMAND --help)
 
 `python -m jobs.caption` and the other modules run the same code.

@@ -51,14 +51,23 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
     parser.add_argument(
         "--verbose", action="store_true", help="show Ray's progress bars and log lines, and its workers' output"
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, the data and the models, print what would run, and exit without starting Ray",
+    )
     args = parser.parse_args(argv)
     config = None
     try:
         config = load_config(args.config, [f"task.kind={task}", *args.set])
-        if args.verbose:
+        if args.dry_run:
+            from pipeline.dry_run import dry_run
+
+            print("\n".join(dry_run(config, retry_errors=args.retry_errors)))
+        elif args.verbose:
             run_job(config, retry_errors=args.retry_errors, verbose=True)
         else:  # Ray's and the libraries' messages go to a log file; the console shows progress and the summary
-            with stderr_to_file(log_dir(config, task) / f"run-{_stamp()}.log") as log:
+            with stderr_to_file(usable_log_dir(config, task) / f"run-{_stamp()}.log") as log:
                 run_job(config, retry_errors=args.retry_errors, verbose=False, messages=str(log))
     except (ConfigError, ResumeConflict) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -82,6 +91,21 @@ def log_dir(config: JobConfig | None, name: str) -> Path:
     if uri and ("://" not in uri or uri.startswith("file://")):
         return Path(uri.removeprefix("file://")) / LOGS
     return LOG_DIR / name
+
+
+def usable_log_dir(config: JobConfig, name: str) -> Path:
+    """log_dir, created; inside a local output folder, a path that cannot be a folder is the config's mistake."""
+    folder = log_dir(config, name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        if folder.parent == Path(config.output.uri.removeprefix("file://")):
+            raise ConfigError(
+                f"output.uri: {config.output.uri} is a file, or lies below one; the output must be a folder "
+                "(existing or not): point output.uri at a folder"
+            ) from None
+        raise
+    return folder
 
 
 def unexpected_failure(exc: BaseException, folder: Path) -> str:

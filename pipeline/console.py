@@ -1,4 +1,6 @@
-"""What a person sees while a job runs: one progress line every few seconds and the summary, not Ray's chatter.
+"""What a person sees while a job runs: one progress line every few seconds and the summary, not Ray's chatter;
+while nothing else is said (starting Ray, loading models, compiling, a slow block), a heartbeat line saying
+what the job is doing.
 
 By default Ray Data's progress bars and log lines stay off the console (they still go to the Ray session's log
 files, `/tmp/ray/session_latest/logs/` on a local Ray), and so do the Ray workers' own output lines; `--verbose`
@@ -11,6 +13,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 PROGRESS_EVERY_S = 5.0
+HEARTBEAT_EVERY_S = 15.0  # the longest the console stays silent
 
 
 def quiet_ray() -> None:
@@ -80,14 +84,57 @@ class Progress:
         eta = "-"
         if shards_done and rows_per_s > 0:
             rows_expected = rows_in_done_shards / shards_done * self.shards_total
-            eta = _duration(max(rows_expected - self.rows, 0) / rows_per_s)
+            eta = duration(max(rows_expected - self.rows, 0) / rows_per_s)
         return (
             f"progress: {shards_done}/{self.shards_total} shards, {self.rows} rows, {rows_per_s:.1f} rows/s, "
             f"{tokens_per_s:.0f} tokens/s, tau {tau}, ETA {eta}"
         )
 
 
-def _duration(seconds: float) -> str:
+class Heartbeat:
+    """Logs what the job is doing whenever nothing was logged for `every_s` seconds: Ray's start, the models'
+    loading and compiling, and the first block of rows can each take minutes without a line of their own.
+
+    Every line of the job goes through `log`, which is what tells the heartbeat the console is not silent; a
+    thread of its own checks every `every_s` seconds (`beat`, which tests call with a fake clock)."""
+
+    def __init__(self, log, every_s: float = HEARTBEAT_EVERY_S, clock=time.monotonic):
+        self._log = log
+        self.every_s = every_s
+        self.clock = clock
+        self.started = self.last = clock()
+        self.doing, self.status = "checking the config, the data and the models", None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def log(self, line: str) -> None:
+        self.last = self.clock()
+        self._log(line)
+
+    def phase(self, doing: str, status=None) -> None:
+        """What the job does from now on; status(): a few words on how far it got (e.g. rows so far), or None."""
+        self.doing, self.status = doing, status
+
+    def beat(self) -> None:
+        now = self.clock()
+        if now - self.last >= self.every_s:
+            so_far = f"{self.status()}, " if self.status else ""
+            self.log(f"... {self.doing} ({so_far}{duration(now - self.started)} elapsed)")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s / 3):  # a few checks per interval: a line at most a third late
+            self.beat()
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     hours, m = divmod(minutes, 60)
     return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -19,14 +19,16 @@ import platform
 import signal
 import threading
 import time
+import typing
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.console import Progress, quiet_ray
+from pipeline.console import Heartbeat, Progress, duration, quiet_ray
 from pipeline.resume import ShardPlan, plan_shards
+from pipeline.run_history import RUNS, run_history, run_record
 from pipeline.sink import MANIFEST, PARTIAL, OutputDir, ShardCollector
 from specvlm.data.error_kinds import kind_of
 from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient
@@ -35,6 +37,7 @@ from specvlm.data.tables import check_image_column
 from specvlm.specdec.metrics import Pooled
 
 FAILED_SHARDS_LISTED = 10  # in the error message; the manifest lists them all
+ERROR_EXAMPLES = 3  # error rows the summary names; the output's error column holds them all
 
 
 class JobFailed(RuntimeError):
@@ -62,6 +65,7 @@ class Summary:
     run_tokens: int
     run_seconds: float
     error_breakdown: dict[str, int] = field(default_factory=dict)
+    error_examples: list[str] = field(default_factory=list)  # "shard_id/key (kind)" of the first error rows
     # c in the rows' mbsu = new_tokens / (target_calls + c * draft_calls): draft/target decode parameters (a ratio of
     # sizes, not the measured cost the benchmark calls c); None when no row drafted.
     mbsu_cost_ratio: float | None = None
@@ -77,6 +81,20 @@ class Summary:
             self.rows, self.new_tokens, self.target_calls, self.draft_calls, self.proposed_tokens, self.accepted_tokens
         )
 
+    def _error_lines(self) -> list[tuple[str, str]]:
+        counts = f"{self.errors} ({self.error_fraction:.1%})"
+        if not self.errors:
+            return [("errors", counts)]
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.error_breakdown.items(), key=lambda kv: -kv[1]))
+        more = (
+            f", ... ({self.errors - len(self.error_examples)} more)" if self.errors > len(self.error_examples) else ""
+        )
+        return [
+            ("errors", f"{counts}: {kinds}"),
+            ("error rows, e.g.", ", ".join(self.error_examples) + more),
+            ("every error row", "in the output's error column (shard_id, key, message); counts in _manifest.json"),
+        ]
+
     def table(self) -> str:
         rate = lambda x: f"{x / self.run_seconds:.2f}" if self.run_seconds else "-"
         lines = [
@@ -86,12 +104,13 @@ class Summary:
                 f"{self.shards_failed} failed)",
             ),
             ("rows", f"{self.rows}"),
-            ("errors", f"{self.errors} ({self.error_fraction:.1%})"),
+            *self._error_lines(),
             ("new tokens", f"{self.new_tokens}"),
             ("block efficiency (tau)", f"{self.pooled.block_efficiency:.2f}"),
             ("acceptance rate", f"{self.pooled.acceptance_rate:.2f}"),
             ("this run: images/s", rate(self.run_rows)),
             ("this run: tokens/s", rate(self.run_tokens)),
+            ("this run: wall time", duration(self.run_seconds)),
         ]
         width = max(len(k) for k, _ in lines)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
@@ -151,7 +170,7 @@ def check_models(config: JobConfig) -> dict[str, str]:
     """The target (and a model draft) exist, and the draft is of its declared kind and fits the target, from their
     config.json files alone (no weights load); returns fingerprints of their weights."""
     from specvlm.models.checkpoints import ModelLoadError, read_model_config, weights_fingerprint
-    from specvlm.models.compat import check_draft_fits
+    from specvlm.models.compat import check_draft_fits, check_target_kind
 
     locations = {"model.target": config.model.target}
     if config.draft.kind in ("text", "vlm"):  # the config has made sure such a draft has a path
@@ -165,6 +184,8 @@ def check_models(config: JobConfig) -> dict[str, str]:
                 with contextlib.suppress(FileNotFoundError):  # it answered; read_model_config says what is missing
                     fs.info(path)
             model_configs[name] = read_model_config(location, options)
+            if name == "model.target":
+                check_target_kind(model_configs[name], location)
             weights["target" if name == "model.target" else "draft"] = weights_fingerprint(location, options)
         except (ModelLoadError, ConfigError) as exc:
             raise ConfigError(f"{name}: {exc}") from None
@@ -226,7 +247,35 @@ def check_first_shard(config: JobConfig, shard) -> None:
     )
 
 
-def _count_rows(config: JobConfig):
+class Plan(typing.NamedTuple):
+    """What a run will do, known before Ray starts: the checked output, the plan of shards and the output's hash
+    (from preflight), the shards already written, those of them redone for their error rows, and those to decode."""
+
+    output: OutputDir
+    shard_plan: ShardPlan
+    config_hash: str
+    done: set[str]
+    redo: set[str]
+    pending: list
+
+    def line(self, retry_errors: bool) -> str:
+        again = f" ({len(self.redo)} with error rows, redone)" if retry_errors else ""
+        shards = len(self.shard_plan.shards)
+        return f"{shards} shards, {len(self.done)} already written{again}, {len(self.pending)} to do"
+
+
+def plan_job(config: JobConfig, retry_errors: bool = False) -> Plan:
+    """Preflight, then what is left to do; raises ConfigError (or ResumeConflict) before any work."""
+    output, shard_plan, config_hash = preflight(config)
+    done = output.finished(config_hash) & {s.shard_id for s in shard_plan.shards}
+    redo = output.shards_with_errors(done) if retry_errors else set()
+    pending = [s for s in shard_plan.shards if s.shard_id not in done - redo]
+    if pending:
+        check_first_shard(config, pending[0])
+    return Plan(output, shard_plan, config_hash, done, redo, pending)
+
+
+def count_rows(config: JobConfig):
     """count(shard, limit): the records of a shard, up to limit (0 for a shard that cannot be read: the job names
     it after finishing the others)."""
     from pipeline import compiling
@@ -314,19 +363,22 @@ def run_job(
     the error rows pass the limit, after every other shard is written. retry_errors: shards whose files hold error
     rows are decoded again (and their files replaced), as if they had not been written. verbose=False: Ray's
     progress bars and log lines stay off the console (pipeline/console.py); `log` gets a progress line instead.
-    messages: where the process's other output goes (the command line's run log), named once Ray starts."""
-    output, plan, config_hash = preflight(config)
-    shards = plan.shards
-    done = output.finished(config_hash) & {s.shard_id for s in shards}
-    redo = output.shards_with_errors(done) if retry_errors else set()
-    pending = [s for s in shards if s.shard_id not in done - redo]
-    if pending:
-        check_first_shard(config, pending[0])
-    again = f" ({len(redo)} with error rows, redone)" if retry_errors else ""
-    log(f"{len(shards)} shards, {len(done)} already written{again}, {len(pending)} to do")
-    for line in plan.report(output.uri):
+    messages: where the process's other output goes (the command line's run log), named once Ray starts.
+    While nothing else is logged, a heartbeat line says what the job is doing (pipeline/console.py)."""
+    with Heartbeat(log) as heartbeat:
+        return _run_job(config, heartbeat, retry_errors, verbose, messages)
+
+
+def _run_job(config: JobConfig, heartbeat: Heartbeat, retry_errors: bool, verbose: bool, messages: str | None):
+    log = heartbeat.log
+    started_at = datetime.datetime.now(datetime.timezone.utc)
+    plan = plan_job(config, retry_errors)
+    output, shard_plan, config_hash, done, redo, pending = plan
+    shards = shard_plan.shards
+    log(plan.line(retry_errors))
+    for line in shard_plan.report(output.uri):
         log(line)
-    plan.set_aside_superseded(output)
+    shard_plan.set_aside_superseded(output)
 
     started = time.perf_counter()
     collector = ShardCollector(output, config_hash, output.partial_shards() if pending else set())
@@ -342,24 +394,38 @@ def run_job(
             log(f"messages from Ray and the libraries go to {messages}")
         if not verbose:
             quiet_ray()
+        heartbeat.phase("starting Ray" if not (config.ray.address or os.environ.get("RAY_ADDRESS")) else "joining Ray")
         init_ray(config, verbose)
         # On the driver's node: a worker node lost mid-run must not take the job's report of operating points.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         reports = ray.remote(OperatingPoints).options(num_cpus=0, scheduling_strategy=here).remote()
-        config, compile_reason = compiling.resolve(config, pending, gpus_per_actor(config), _count_rows(config))
+        heartbeat.phase("choosing compute.compile")
+        config, compile_reason = compiling.resolve(config, pending, gpus_per_actor(config), count_rows(config))
         log(f"compiled decode steps: {config.compute.compile} ({compile_reason})")
         dataset = build_dataset(config, pending, config_hash, reports)
         progress = Progress(len(pending), log)
+        compiles = ", compiling their decode steps" if config.compute.compile == "on" else ""
+        heartbeat.phase(
+            f"loading models on {config.compute.actors} decode actor(s){compiles}, waiting for the first rows"
+        )
+        shards_so_far = lambda: (
+            f"{progress.rows} rows so far, {len(collector.written) + len(collector.failed)}/{len(pending)} shards"
+        )
         with stop_on_sigterm():
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                heartbeat.phase("decoding, waiting for the next rows", shards_so_far)
                 collector.add(batch)
                 progress.add(batch, len(collector.written) + len(collector.failed), sum(collector.written.values()))
+        heartbeat.phase("writing the last shards and the manifest", shards_so_far)
         collector.close()
         operating_points = ray.get(reports.get.remote())
     elapsed = time.perf_counter() - started
 
     summary = _summarise(output, shards, len(done - redo), collector, elapsed)
-    output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points, compile_reason, plan))
+    manifest = _manifest(config, config_hash, summary, collector, operating_points, compile_reason, shard_plan)
+    this_run = run_record(started_at, elapsed, summary.run_rows, summary.shards_written, config_hash)
+    manifest[RUNS] = run_history(output, this_run)
+    output.write_manifest(manifest)
     output.clean_staging()
     log(summary.table())
     log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
@@ -396,15 +462,17 @@ def _failed_shards_message(failed: dict[str, str], kept_partial: set[str], outpu
 
 def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollector, elapsed: float) -> Summary:
     numbers = ["new_tokens", "target_calls", "draft_calls", "accepted_tokens", "proposed_tokens"]
-    table = output.read_all(["shard_id", "error", "mbsu", *numbers])
+    table = output.read_all(["shard_id", "key", "error", "mbsu", *numbers])
     ids = {s.shard_id for s in shards}
     table = table.filter(pc.is_in(table["shard_id"], value_set=pa.array(sorted(ids))))
     total = {n: int(pc.sum(table[n]).as_py() or 0) for n in numbers}
-    errors = table.filter(pc.is_valid(table["error"]))["error"].to_pylist()
+    error_rows = table.filter(pc.is_valid(table["error"])).select(["shard_id", "key", "error"]).to_pylist()
+    errors = [row["error"] for row in error_rows]
     breakdown: dict[str, int] = {}
     for message in errors:
         kind = kind_of(message)
         breakdown[kind] = breakdown.get(kind, 0) + 1
+    examples = [f"{r['shard_id']}/{r['key']} ({kind_of(r['error'])})" for r in error_rows[:ERROR_EXAMPLES]]
     run_rows = sum(collector.written.values())
     return Summary(
         shards_total=len(shards),
@@ -417,6 +485,7 @@ def _summarise(output: OutputDir, shards, skipped: int, collector: ShardCollecto
         run_tokens=collector.tokens,
         run_seconds=elapsed,
         error_breakdown=breakdown,
+        error_examples=examples,
         mbsu_cost_ratio=_mbsu_cost_ratio(table),
         **total,
     )

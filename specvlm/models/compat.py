@@ -7,6 +7,18 @@ from __future__ import annotations
 from specvlm.models.checkpoints import ModelLoadError
 
 
+def check_target_kind(config: dict, location: str) -> None:
+    """The target is an image-text model: a text-only LM there would load its weights and then fail for want of
+    an image processor, minutes in. config: the checkpoint's config.json."""
+    if "vision_config" not in config:
+        architectures = ", ".join(config.get("architectures") or []) or "no architectures listed"
+        raise ModelLoadError(
+            f"{location!r} is a text-only model ({config.get('model_type')}: {architectures}), not a "
+            "vision-language model; the target must be a LLaVA-family vision-language model (its config.json has "
+            "a vision_config, e.g. llava-hf/llava-1.5-7b-hf); a text-only LM can serve as the draft (draft.kind=text)"
+        )
+
+
 def check_draft_kind(kind: str, config: dict, location: str) -> None:
     """A text draft is a causal LM, a VLM draft an image-text model: say so before anything loads the weights.
     config: the checkpoint's config.json."""
