@@ -211,6 +211,23 @@ def check_task_fields(config: JobConfig, shard) -> None:
     )
 
 
+def _count_rows(config: JobConfig):
+    """count(shard, limit): the records of a shard, up to limit (0 for a shard that cannot be read: the job names
+    it after finishing the others)."""
+    from pipeline import compiling
+
+    def count(shard, limit: int) -> int:
+        try:
+            records = read_shard(
+                shard, storage_options=config.input.storage_options, image_column=config.input.image_column
+            )
+            return compiling.first_rows(records, limit)
+        except ShardError:
+            return 0
+
+    return count
+
+
 def init_ray(config: JobConfig, verbose: bool = True) -> None:
     """Join the cluster (ray.address or RAY_ADDRESS), else start an embedded local Ray. Not verbose: Ray's own
     INFO and WARNING lines and the workers' output stay in the session's log files, off the console."""
@@ -282,12 +299,13 @@ def run_job(
 
     started = time.perf_counter()
     collector = ShardCollector(output, config_hash, output.partial_shards() if pending else set())
-    operating_points = {}
+    operating_points, compile_reason = {}, "nothing to decode"
     if pending:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from pipeline.stages import OperatingPoints
+        from pipeline import compiling
+        from pipeline.stages import OperatingPoints, gpus_per_actor
 
         if messages:
             log(f"messages from Ray and the libraries go to {messages}")
@@ -297,6 +315,8 @@ def run_job(
         # On the driver's node: a worker node lost mid-run must not take the job's report of operating points.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         reports = ray.remote(OperatingPoints).options(num_cpus=0, scheduling_strategy=here).remote()
+        config, compile_reason = compiling.resolve(config, pending, gpus_per_actor(config), _count_rows(config))
+        log(f"compiled decode steps: {config.compute.compile} ({compile_reason})")
         dataset = build_dataset(config, pending, config_hash, reports)
         progress = Progress(len(pending), log)
         with stop_on_sigterm():
@@ -308,7 +328,7 @@ def run_job(
     elapsed = time.perf_counter() - started
 
     summary = _summarise(output, shards, len(done - redo), collector, elapsed)
-    output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points))
+    output.write_manifest(_manifest(config, config_hash, summary, collector, operating_points, compile_reason))
     output.clean_staging()
     log(summary.table())
     log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
@@ -376,7 +396,12 @@ def _mbsu_cost_ratio(table: pa.Table) -> float | None:
 
 
 def _manifest(
-    config: JobConfig, config_hash: str, summary: Summary, collector: ShardCollector, operating_points: dict
+    config: JobConfig,
+    config_hash: str,
+    summary: Summary,
+    collector: ShardCollector,
+    operating_points: dict,
+    compile_reason: str,
 ) -> dict:
     import ray
     import torch
@@ -394,8 +419,10 @@ def _manifest(
         "shards_written_this_run": collector.written,
         "failed_shards": collector.failed,  # shard id -> why; a rerun retries exactly these
         "most_shards_held_at_once": collector.peak_open,  # what a driver crash at the worst moment would have lost
-        # Per decode actor: the running batch it settled on and the speculation controller's measured costs.
+        # Per decode actor: the running batch it settled on, the speculation controller's measured costs, and
+        # what compiling cost it (under "compile": graphs, warm-up seconds, a fall-back to eager if any).
         "operating_points": operating_points,
+        "compile": {"decode_steps": config.compute.compile, "why": compile_reason},
         "summary": {
             **summary.__dict__,
             "error_fraction": summary.error_fraction,

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specvlm.demo.quality import scene_requests
 from specvlm.demo.world import make_scene
-from specvlm.evaluation.demo_quality import scene_requests
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import Draft
 from specvlm.specdec.metrics import pool
@@ -65,10 +65,13 @@ def decode(
     eos: tuple[int, ...],
     adaptive: bool = True,
     static: bool = False,
+    compile: bool = False,
 ) -> tuple[list[Result], dict]:
     """All requests through one engine: continuously (waiting requests join as rows finish), or static groups
     of `cap` requests, each decoded to its last row before the next group starts."""
-    config = DecodeConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, max_rows=cap, adaptive=adaptive)
+    config = DecodeConfig(
+        max_new_tokens=max_new_tokens, eos_token_ids=eos, max_rows=cap, adaptive=adaptive, compile=compile
+    )
     engine = SpeculativeDecoder(target, draft, config)
     if not static:
         return engine.generate(requests), engine.describe()

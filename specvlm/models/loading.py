@@ -172,7 +172,7 @@ def check_runs_in_the_engine(model: torch.nn.Module, location: str) -> None:
         expected = model(input_ids=tokens).logits[:, prompt:].float()
         for lean in {None, LeanLlama.of(model)}:
             runner = ModelRunner(model, 1, tokens.shape[1], lean=lean)
-            runner.prefill(tokens[:, :prompt], torch.tensor([prompt], device=model.device))
+            runner.prefill(tokens[:, :prompt], [prompt])
             step = tokens.shape[1] - prompt
             got = runner.forward(tokens[:, prompt:], causal_attend(torch.tensor([step], device=model.device), step))
             error = (got.float() - expected).abs().max() / expected.abs().max().clamp(min=1e-6)

@@ -94,10 +94,12 @@ class _Compiled:
         graphs = _graphs()
         start = time.perf_counter()
         try:
-            # Row counts of 1 stay symbolic too, so that batch 1 and a draining batch share the graph.
+            # Sizes that happen to be equal at the first call (rows of the batch and of the cache) stay distinct
+            # symbols (no "duck" shapes), or the next batch of other proportions would compile again. A size of 1
+            # is a constant (a one-token forward is a graph of its own; the runner pads rows to 2, see runner.py).
             with (
                 torch._dynamo.config.patch(cache_size_limit=RECOMPILE_LIMIT),
-                torch.fx.experimental._config.patch(backed_size_oblivious=True),
+                torch.fx.experimental._config.patch(use_duck_shape=False),
             ):
                 out = self.compiled(*args)
         except Exception as exc:  # any failure of the compiler stack: decode eagerly, never fail the job

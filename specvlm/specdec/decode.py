@@ -48,12 +48,14 @@ from specvlm.specdec.metrics import SampleMetrics
 from specvlm.specdec.prefill import prefill
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, Result, TargetSpec, validate
-from specvlm.specdec.runner import ModelRunner
+from specvlm.specdec.rotary import RequestRotary, refuse_recomputing_generate
+from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams
 from specvlm.specdec.shapes import EXACT, STATIC, ShapeBuckets
 from specvlm.specdec.timing import StepTimer, seconds
 from specvlm.specdec.verify import Verdict, verify_greedy, verify_sampling
 
+WARM_UP_SLOTS = 64  # cache slots per scratch row of the warm-up (warm_up)
 CAPACITY_STEP = 64  # cache slots per row grow in these steps, so that a slightly longer prompt rarely reallocates
 
 
@@ -68,6 +70,9 @@ class DecodeConfig:
     compile: bool = False  # torch.compile the target's and the draft's decode forwards (compiled.py)
     # Round shapes up to buckets (shapes.py); None: exactly when compiled forwards replay CUDA graphs.
     static_shapes: bool | None = None
+    # Requests showing the same image behind the same leading tokens prefill them once, in the target and the
+    # draft (prefix.py); off, every request prefills its whole prompt.
+    share_prefill: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -156,6 +161,9 @@ class SpeculativeDecoder:
         self.eos = torch.tensor(list(eos) or [-1], device=self.device)
         self.eos_host = frozenset(eos)
         self.max_depth = draft.max_depth if draft is not None else 0
+        # A target whose rotary frequencies depend on a prompt's whole length (longrope) computes a shared prefix
+        # differently for each prompt length: its rows prefill alone.
+        self.share_prefill = config.share_prefill and RequestRotary.of(target) is None
         self.compiler = StepCompiler(self.device) if config.compile else None
         static = config.static_shapes
         if static is None:
@@ -171,7 +179,7 @@ class SpeculativeDecoder:
         self.controller = None
         if draft is not None:
             draft.reset()
-            draft.use(self.shapes, self.compiler)
+            draft.use(self.shapes, self.compiler, self.share_prefill)
             self.controller = DepthController(self.max_depth, draft.max_nodes, draft.calls, 1, config.adaptive)
         self.timer = StepTimer(self.device)
         self.waiting: collections.deque[tuple[int, Request, int]] = collections.deque()  # (id, request, limit)
@@ -181,16 +189,19 @@ class SpeculativeDecoder:
         self.last_step_tokens = 0
         # Where the time goes: admitting requests (prefill) against decoding steps, for reports and benchmarks.
         self.seconds = {"admission": 0.0, "decoding": 0.0}
-        # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow. A
-        # chain's tokens sit in the slots of their positions, so its masks are exact under any window; a tree's
-        # nodes sit past their positions, which a window no longer than the tree could tell apart (runner.py).
+        # Refuse now a target whose attention or rotary the runner cannot reproduce, or whose window a tree would
+        # outgrow. A chain's tokens sit in the slots of their positions, so its masks are exact under any window; a
+        # tree's nodes sit past their positions, which a window no longer than the tree could tell apart (runner.py).
         windows = [w for w in ModelRunner(target, 1, 1).windows.values() if w is not None]
+        refuse_recomputing_generate(target)
         tree = self.window - 1 > self.max_depth
         if tree and windows and min(windows) <= self.window:
             raise ValueError(
                 f"the target's sliding window of {min(windows)} tokens is not longer than a tree's verification "
                 f"window of {self.window}; use a smaller tree (draft.tree.max_nodes, draft.gamma) or draft.mode=chain"
             )
+        if self.compiler is not None:
+            self.warm_up()
 
     # ---- the public interface -------------------------------------------------------------------------------
 
@@ -209,6 +220,9 @@ class SpeculativeDecoder:
     def busy(self) -> bool:
         return bool(self.waiting or self.ready or (self.state is not None and self.state.n))
 
+    # Inference mode throughout, admission included: every buffer the forwards take is then an inference tensor,
+    # so compiled forwards meet one kind of tensor (a mix is a guard failure and a recompile).
+    @torch.inference_mode()
     def step(self) -> list[tuple[int, Result]]:
         """Admit waiting requests, run one decoding step, and return (id, result) for every request finished."""
         started = time.perf_counter()
@@ -220,8 +234,7 @@ class SpeculativeDecoder:
         if state is None or state.n == 0:
             return finished
         rows, waiting = state.n, bool(self.waiting)
-        with torch.inference_mode():
-            finished += self._step(state)
+        finished += self._step(state)
         ended = time.perf_counter()  # the step's read of the device has waited for all of it
         self.seconds["decoding"] += ended - admitted
         if self.auto_rows is not None:
@@ -251,6 +264,24 @@ class SpeculativeDecoder:
             "compile": self.compiler.describe() if self.compiler else None,
             "static_shapes": self.shapes.static,
         }
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the forwards the steps run before the first request comes (compute.compile): the target's
+        one-token pass and its verification pass, and the draft's passes, on two scratch rows. Their shapes are
+        dynamic, or bucketed on a GPU, so later steps meet these graphs; the time shows in describe()["compile"].
+        Graphs stay on the models, so a decoder built again later (after a failure) finds them compiled."""
+        model = getattr(self.draft, "model", None)
+        runs = [(self.target, None, "target", sorted({1, self.window}))]
+        if model is not None:
+            runs.append((model, getattr(self.draft, "lean", None), "draft", [1, 2]))
+        for model, lean, role, widths in runs:
+            runner = ModelRunner(model, 2, WARM_UP_SLOTS, lean, shapes=self.shapes, compiler=self.compiler, role=role)
+            device = runner.device
+            runner.prefill(torch.zeros(2, 4, dtype=torch.long, device=device), [4, 3])
+            for q in widths:
+                tokens = torch.zeros(2, q, dtype=torch.long, device=device)
+                runner.forward(tokens, causal_attend(torch.full((2,), q, device=device), q))
 
     # ---- one step ---------------------------------------------------------------------------------------------
 
@@ -458,7 +489,11 @@ class SpeculativeDecoder:
         rows = (holes + list(range(state.n, state.rows)))[: len(chosen)]
         requests = [r for _, r, _, _ in chosen]
         scratch, good, errors = prefill(
-            self.target, requests, [r.input_ids for r in requests], max(len(r.input_ids) for r in requests)
+            self.target,
+            requests,
+            [r.input_ids for r in requests],
+            max(len(r.input_ids) for r in requests),
+            share=self.share_prefill,
         )
         for i, message in errors.items():
             self.ready.append((chosen[i][0], Result.failed(message)))
