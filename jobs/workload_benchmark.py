@@ -66,18 +66,21 @@ WORKLOADS = {
 
 
 def _memory_table(runs: list[Run]) -> list[str]:
-    """Per setting: the rows the cache held, the slots (and bytes) of one row, the batch's KV."""
+    """Per setting: the rows the cache held, the slots (and bytes) of one row, the batch's KV, and the share of the
+    engine's time spent admitting rows (prefill: the vision pass and the prompt, for the target and a VLM draft)."""
     lines = [
-        "| setting | cap | rows run | slots per row | KV per row (KiB) | KV of the batch (MiB) | slot budget |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| setting | cap | rows run | slots per row | KV per row (KiB) | KV of the batch (MiB) | slot budget | "
+        "time admitting |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
-        kv, rows, slots = run.describe["kv"], run.describe["rows"], run.describe["capacity"]
+        kv, rows, slots, seconds = (run.describe[k] for k in ("kv", "rows", "capacity", "seconds"))
         chosen = run.describe["auto_rows"]
         cap = f"auto ({chosen['rows']})" if chosen else run.cap
         lines.append(
             f"| {run.name} | {cap} | {rows} | {slots} | {kv['bytes_per_slot'] * slots / 1024:.0f} | "
-            f"{kv['bytes_per_slot'] * slots * rows / MIB:.1f} | {kv['slot_budget']} |"
+            f"{kv['bytes_per_slot'] * slots * rows / MIB:.1f} | {kv['slot_budget']} | "
+            f"{seconds['admission'] / sum(seconds.values()):.0%} |"
         )
     return lines
 

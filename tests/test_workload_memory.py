@@ -2,9 +2,13 @@
 from the configured max_batch_tokens and the memory free, and rows that need many slots (long outputs, many image
 tokens) get a smaller cap than short rows, at the job's default settings."""
 
+import json
+
 import pytest
 
-from pipeline.config import ComputeConfig
+from pipeline.config import ComputeConfig, load_config
+from pipeline.job import run_job
+from specvlm.demo.shards import write_webdataset_shards
 from specvlm.specdec import autobatch, decode
 from specvlm.specdec.autobatch import kv_bytes_per_slot, slot_budget
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
@@ -66,3 +70,25 @@ def test_long_outputs_get_a_smaller_cap_that_fits_and_the_job_completes(family, 
     assert all(r.error is None and len(r.tokens) == 400 for r in results)
     short_rows, _ = rows_seen(engine(family, 24), family.requests(40))
     assert 1 < long_rows < short_rows
+
+
+def test_a_job_at_default_settings_with_long_rows_completes_within_its_slot_budget(models, tmp_path, ray_local):
+    """Rows of 1,500 new tokens through the whole job, every compute field at its default: the actor's running
+    batch (its manifest operating point) holds fewer rows than short rows start with, and its cache fits."""
+    write_webdataset_shards(str(tmp_path / "in"), seed=5, num_shards=1, per_shard=6)
+    overrides = [
+        f"input.uri={tmp_path}/in/*.tar",
+        f"output.uri={tmp_path}/out",
+        f"model.target={models / 'target'}",
+        "draft.kind=vlm",
+        f"draft.path={models / 'draft'}",
+        "decode.max_new_tokens=1500",
+    ]
+    summary = run_job(load_config(None, overrides), log=lambda *_: None)
+    assert (summary.rows, summary.errors) == (6, 0)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    (point,) = manifest["operating_points"].values()
+    budget = point["kv"]["slot_budget"]
+    assert budget <= ComputeConfig().max_batch_tokens
+    assert point["capacity"] > 1500 and point["rows"] * point["capacity"] <= budget
+    assert point["rows"] < autobatch.START
