@@ -66,11 +66,17 @@ def decode(
     adaptive: bool = True,
     static: bool = False,
     compile: bool = False,
+    max_batch_tokens: int | None = None,
 ) -> tuple[list[Result], dict]:
     """All requests through one engine: continuously (waiting requests join as rows finish), or static groups
     of `cap` requests, each decoded to its last row before the next group starts."""
     config = DecodeConfig(
-        max_new_tokens=max_new_tokens, eos_token_ids=eos, max_rows=cap, adaptive=adaptive, compile=compile
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos,
+        max_rows=cap,
+        max_batch_tokens=max_batch_tokens,
+        adaptive=adaptive,
+        compile=compile,
     )
     engine = SpeculativeDecoder(target, draft, config)
     if not static:
@@ -104,16 +110,18 @@ def cap_sweep(
     max_new_tokens: int,
     eos: tuple[int, ...],
     rounds: int = 2,
+    max_batch_tokens: int | None = None,
     log=print,
 ) -> list[Run]:
     """drafts: name -> make a draft (adaptive unless the name says "fixed"); plain decoding is always included."""
     collected = []
+    common = dict(max_new_tokens=max_new_tokens, eos=eos, max_batch_tokens=max_batch_tokens)
     for cap in (*caps, None):
-        runs = {"plain": lambda cap=cap: decode(target, None, requests, cap, max_new_tokens=max_new_tokens, eos=eos)}
+        runs = {"plain": lambda cap=cap: decode(target, None, requests, cap, **common)}
         for name, make in drafts.items():
             adaptive = "fixed" not in name
             runs[name] = lambda cap=cap, make=make, adaptive=adaptive: decode(
-                target, make(), requests, cap, max_new_tokens=max_new_tokens, eos=eos, adaptive=adaptive
+                target, make(), requests, cap, adaptive=adaptive, **common
             )
         for name, (seconds, results, describe) in take_turns(runs, rounds).items():
             collected.append(Run(name, cap, seconds, results, describe))

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specvlm.specdec.autobatch import AutoRows
+from specvlm.specdec.autobatch import AutoRows, free_memory, kv_bytes_per_slot, slot_budget
 from specvlm.specdec.compiled import StepCompiler, cuda_graphs
 from specvlm.specdec.controller import DepthController
-from specvlm.specdec.drafts import Commit, Draft, append_tokens
+from specvlm.specdec.drafts import Commit, Draft, ModelDraft, append_tokens
 from specvlm.specdec.metrics import SampleMetrics
 from specvlm.specdec.prefill import image_token_id, prefill
 from specvlm.specdec.proposal import Proposal
@@ -171,6 +171,11 @@ class SpeculativeDecoder:
         self.shapes: ShapeBuckets = STATIC if static else EXACT
         self.window = 1 + (draft.max_nodes(self.max_depth) if draft is not None else 0)  # verified tokens per row
         self.auto_rows = AutoRows() if config.max_rows is None else None
+        # Each slot is held by the target and, as large again, by a model draft (autobatch.py).
+        self.slot_bytes = kv_bytes_per_slot(target)
+        if isinstance(draft, ModelDraft):
+            self.slot_bytes += kv_bytes_per_slot(draft.model)
+        self.max_batch_tokens = slot_budget(config.max_batch_tokens, self.slot_bytes, free_memory(self.device))
         self.controller = None
         if draft is not None:
             draft.reset()
@@ -254,6 +259,7 @@ class SpeculativeDecoder:
             **shape,
             "seconds": dict(self.seconds),
             "auto_rows": self.auto_rows.describe() if self.auto_rows else None,
+            "kv": {"bytes_per_slot": self.slot_bytes, "slot_budget": self.max_batch_tokens},
             "controller": self.controller.describe() if self.controller else None,
             "compile": self.compiler.describe() if self.compiler else None,
             "static_shapes": self.shapes.static,
@@ -472,14 +478,13 @@ class SpeculativeDecoder:
 
     def _rows_for(self, capacity: int) -> int:
         """Rows of `capacity` slots that may run together: the cap, within the token budget."""
-        budget = self.config.max_batch_tokens
-        fit = budget // capacity if budget is not None else None
+        fit = max(1, self.max_batch_tokens // capacity)
         if self.auto_rows is not None:
-            self.auto_rows.limit = fit or self.auto_rows.limit
+            self.auto_rows.limit = fit
             cap = self.auto_rows.cap
         else:
             cap = self.config.max_rows
-        return max(1, min(cap, fit)) if fit is not None else cap
+        return min(cap, fit)
 
     def _start(self, chosen: list[tuple[int, Request, int, bool]], holes: list[int]) -> None:
         capacity = max(_round_up(self._need(r, limit)) for _, r, limit, _ in chosen)
