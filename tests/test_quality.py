@@ -8,7 +8,7 @@ import pytest
 
 from specvlm.evaluation import captions
 from specvlm.evaluation.answers import exact_match, normalize_answer, vqa_accuracy
-from specvlm.evaluation.captions import caption_scores, tokenize
+from specvlm.evaluation.captions import caption_scores
 from specvlm.evaluation.quality import score_rows
 
 
@@ -106,10 +106,6 @@ def test_bleu_clips_against_the_best_of_several_references():
     assert one < several.scores["BLEU-4"]
 
 
-def test_tokenizer_follows_penn_treebank_and_drops_punctuation():
-    assert tokenize("A man's hat (red). It isn't big!") == "a man 's hat red it is n't big"
-
-
 def test_meteor_is_left_out_with_a_note_without_java(monkeypatch):
     monkeypatch.setattr(captions.shutil, "which", lambda name: None)
     result = caption_scores(TOY_PREDICTIONS, TOY_REFERENCES)
@@ -172,4 +168,5 @@ def test_caption_rows_score_against_every_reference():
     ]
     quality = score_rows(rows, meteor=False)
     assert quality["metrics"]["CIDEr"] == pytest.approx(155 / 24)
-    assert quality["notes"] == ["METEOR not computed (turned off)"]
+    assert quality["tokenizer"] in ("ptb-java", "ptb-python")
+    assert quality["notes"][1:] == ["METEOR not computed (turned off)"]
