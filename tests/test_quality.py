@@ -63,6 +63,27 @@ def test_vqa_conventions_when_all_ten_humans_agree():
         vqa_accuracy("yes", ["yes"] * 10, convention="nope")
 
 
+def test_vqa_strips_at_most_32_periods_a_pass_in_both_conventions():
+    # Both scripts pass re.UNICODE (32) where re.sub takes its count: a 33rd period survives one normalisation.
+    assert normalize_answer("yes" + "." * 33) == "yes."
+    disagreeing, agreeing = ["yes"] * 9 + ["no"], ["yes"] * 10
+    # official: one pass over both sides, and only when the humans disagree.
+    assert vqa_accuracy("yes" + "." * 32, disagreeing, "official") == 1.0
+    assert vqa_accuracy("yes" + "." * 33, disagreeing, "official") == 0.0
+    # lmms-eval: one pass over the prediction always (EvalAI's processor)...
+    assert vqa_accuracy("yes" + "." * 32, agreeing, "lmms-eval") == 1.0
+    assert vqa_accuracy("yes" + "." * 33, agreeing, "lmms-eval") == 0.0
+    # ...and a second where the humans disagree, which takes the 33rd.
+    assert vqa_accuracy("yes" + "." * 33, disagreeing, "lmms-eval") == 1.0
+    assert vqa_accuracy("yes" + "." * 65, disagreeing, "lmms-eval") == 0.0
+
+
+def test_vqa_when_all_ten_humans_are_identical_only_official_compares_the_raw_string():
+    for prediction, lmms_eval, official in [("yes", 1.0, 1.0), ("Yes", 1.0, 0.0), ("yes.", 1.0, 0.0)]:
+        assert vqa_accuracy(prediction, ["yes"] * 10, "lmms-eval") == lmms_eval
+        assert vqa_accuracy(prediction, ["yes"] * 10, "official") == official
+
+
 def test_exact_match_is_normalised_and_takes_any_reference():
     assert exact_match("A Circle.", ["circle"]) == 1.0
     assert exact_match("at the top left.", ["top left", "at the top left"]) == 1.0
@@ -149,6 +170,16 @@ def test_vqa_rows_take_vqa_accuracy_with_ten_answers_and_exact_match_otherwise_p
     by_type = quality["slices"]["answer_type"]
     assert by_type["number"]["metrics"] == {"VQA accuracy": pytest.approx(0.9)}
     assert by_type["other"]["metrics"] == {"VQA accuracy": 1.0, "exact match": 0.5}
+
+
+def test_vqa_rows_score_in_the_convention_asked_for_and_say_which():
+    rows = [_row("1", "vqa", "Yes", "yes", ["yes"] * 10), _row("2", "vqa", "no", "no", ["no"] * 8 + ["yes"] * 2)]
+    default, official = score_rows(rows), score_rows(rows, vqa_convention="official")
+    assert (default["vqa_convention"], default["metrics"]["VQA accuracy"]) == ("lmms-eval", 1.0)
+    assert (official["vqa_convention"], official["metrics"]["VQA accuracy"]) == ("official", 0.5)
+    assert any("vqaEval.py" in note for note in official["notes"])
+    with pytest.raises(ValueError, match="VQA convention 'vqav2'"):
+        score_rows(rows, vqa_convention="vqav2")
 
 
 def test_multiple_choice_accuracy_counts_unparsed_answers_as_wrong():
