@@ -99,3 +99,9 @@ def test_python_tokenizer_reproduces_corenlp_on_brackets_abbreviations_quotes_an
 def test_unknown_tokenizer_is_named():
     with pytest.raises(ValueError, match="caption tokenizer 'nltk'"):
         ptb.tokenize_texts(["a cat"], "nltk")
+
+
+def test_java_tokenizer_without_java_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(ptb.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"no `java` is on PATH.*ptb-python"):
+        ptb.tokenize_texts(["a cat"], ptb.JAVA)

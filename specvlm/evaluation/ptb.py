@@ -94,6 +94,11 @@ def _java_tokens(texts: list[str]) -> list[str]:
 
     if not texts:
         return []
+    if shutil.which("java") is None:
+        raise ValueError(
+            f"caption tokenizer {JAVA!r} runs Java and no `java` is on PATH: install Java 8+, or set the caption "
+            f"tokenizer to {PYTHON!r} (caption_tokenizer in an evaluation config, --tokenizer for jobs.score)"
+        )
     jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
     dropped = frozenset(ptbtokenizer.PUNCTUATIONS)
     with tempfile.TemporaryDirectory() as folder:
