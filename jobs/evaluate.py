@@ -56,7 +56,13 @@ def main(argv=None) -> int:
     except JobFailed as exc:
         print(f"job failed: {exc}", file=sys.stderr)
         return 1
-    report = build_report(runs, config.slices, storage_options=storage_options)
+    report = build_report(
+        runs,
+        config.slices,
+        storage_options=storage_options,
+        tokenizer=config.caption_tokenizer,
+        vqa_convention=config.vqa_convention,
+    )
     path = write_report(report, Path(config.report_dir))
     print(path.read_text())
     print(f"written: {path} and metrics.json beside it")

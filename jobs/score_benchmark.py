@@ -5,8 +5,9 @@ python -m jobs.score_benchmark --rows 10000 --tasks vqa
 
 No model runs: each output is written directly, in the output schema, from distinct demo-world scenes (seed 3,
 which nothing else uses), with the references the demo benchmark gives them (specvlm/demo/benchmark.py): five
-captions, ten human answers, or the choice letter. The "generated" text is the world's own caption, answer or
-reasoning, wrong in one row of seven, so the scores are not trivial. 1,000 rows per file, like a job's shards.
+captions, ten human answers, or the choice letter. The "generated" text is the world's own answer or reasoning,
+wrong in one row of seven, and for captions never a reference ("a picture of" the world's caption, or another
+scene's caption in the wrong rows), so the scores are not trivial. 1,000 rows per file, like a job's shards.
 Every command is timed from its process start to its exit, interpreter start-up included.
 """
 
@@ -44,7 +45,9 @@ def _row(task: str, n: int, shard: str) -> dict:
     scene, wrong = make_scene(SEED, n, image_size=24), n % WRONG_EVERY == 0  # text only: the smallest image
     if task == "caption":
         references = caption_references(scene)
-        text, meta = (references[-1] if wrong else scene.caption), {"shapes": len(scene.objects)}
+        # Neither is a reference: a wrong row describes another scene, a right one words this scene its own way.
+        text = make_scene(SEED + 1, n, image_size=24).caption if wrong else f"a picture of {scene.caption}"
+        meta = {"shapes": len(scene.objects)}
     elif task == "vqa":
         references = human_answers(scene, scene.question, scene.answer)
         kind = question_kind(scene.question)

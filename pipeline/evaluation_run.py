@@ -12,6 +12,7 @@ import posixpath
 import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import fsspec
 import yaml
@@ -35,6 +36,12 @@ class EvaluateConfig(BaseModel):
     strategies: dict[str, list[str]]  # strategy name -> --set overrides; must include "autoregressive"
     batch_sizes: list[int] = Field(default_factory=list)  # speedup vs batch size, first task, every strategy
     sweep_strategies: list[str] = Field(default_factory=list)  # strategies in the sweep (default: all)
+    # How VQA accuracy is computed (specvlm.evaluation.answers): lmms-eval's VQAv2 scoring, which normalises every
+    # prediction, or the VQA authors' vqaEval.py, which compares raw strings where all ten humans agree.
+    vqa_convention: Literal["lmms-eval", "official"] = "lmms-eval"
+    # Whose tokens caption metrics score (specvlm.evaluation.ptb): pycocoevalcap's Java PTB tokenizer, or its
+    # reproduction in Python; default: ptb-java where `java` is on PATH, else ptb-python.
+    caption_tokenizer: Literal["ptb-java", "ptb-python"] | None = None
 
 
 def load_evaluate_config(path: str, overrides: list[str] = ()) -> EvaluateConfig:
@@ -141,6 +148,12 @@ def run_evaluation(config: EvaluateConfig, overrides: list[str] = (), log=print)
 
 
 def _write_index(root: str, storage_options: dict, config: EvaluateConfig, runs: list[Run]) -> None:
-    index = {"report_dir": config.report_dir, "slices": config.slices, "runs": [asdict(r) for r in runs]}
+    index = {
+        "report_dir": config.report_dir,
+        "slices": config.slices,
+        "vqa_convention": config.vqa_convention,
+        "caption_tokenizer": config.caption_tokenizer,
+        "runs": [asdict(r) for r in runs],
+    }
     with fsspec.open(posixpath.join(root, INDEX), "w", **storage_options) as f:
         json.dump(index, f, indent=2, ensure_ascii=False)

@@ -8,7 +8,7 @@ import pytest
 
 from specvlm.evaluation import captions
 from specvlm.evaluation.answers import exact_match, normalize_answer, vqa_accuracy
-from specvlm.evaluation.captions import caption_scores, tokenize
+from specvlm.evaluation.captions import caption_scores
 from specvlm.evaluation.quality import score_rows
 
 
@@ -63,6 +63,27 @@ def test_vqa_conventions_when_all_ten_humans_agree():
         vqa_accuracy("yes", ["yes"] * 10, convention="nope")
 
 
+def test_vqa_strips_at_most_32_periods_a_pass_in_both_conventions():
+    # Both scripts pass re.UNICODE (32) where re.sub takes its count: a 33rd period survives one normalisation.
+    assert normalize_answer("yes" + "." * 33) == "yes."
+    disagreeing, agreeing = ["yes"] * 9 + ["no"], ["yes"] * 10
+    # official: one pass over both sides, and only when the humans disagree.
+    assert vqa_accuracy("yes" + "." * 32, disagreeing, "official") == 1.0
+    assert vqa_accuracy("yes" + "." * 33, disagreeing, "official") == 0.0
+    # lmms-eval: one pass over the prediction always (EvalAI's processor)...
+    assert vqa_accuracy("yes" + "." * 32, agreeing, "lmms-eval") == 1.0
+    assert vqa_accuracy("yes" + "." * 33, agreeing, "lmms-eval") == 0.0
+    # ...and a second where the humans disagree, which takes the 33rd.
+    assert vqa_accuracy("yes" + "." * 33, disagreeing, "lmms-eval") == 1.0
+    assert vqa_accuracy("yes" + "." * 65, disagreeing, "lmms-eval") == 0.0
+
+
+def test_vqa_when_all_ten_humans_are_identical_only_official_compares_the_raw_string():
+    for prediction, lmms_eval, official in [("yes", 1.0, 1.0), ("Yes", 1.0, 0.0), ("yes.", 1.0, 0.0)]:
+        assert vqa_accuracy(prediction, ["yes"] * 10, "lmms-eval") == lmms_eval
+        assert vqa_accuracy(prediction, ["yes"] * 10, "official") == official
+
+
 def test_exact_match_is_normalised_and_takes_any_reference():
     assert exact_match("A Circle.", ["circle"]) == 1.0
     assert exact_match("at the top left.", ["top left", "at the top left"]) == 1.0
@@ -104,10 +125,6 @@ def test_bleu_clips_against_the_best_of_several_references():
     one = caption_scores({1: "the cat the cat"}, {1: ["the cat"]}, meteor=False).scores["BLEU-4"]
     several = caption_scores({1: "the cat the cat"}, {1: ["the cat", "the cat sat on the cat"]}, meteor=False)
     assert one < several.scores["BLEU-4"]
-
-
-def test_tokenizer_follows_penn_treebank_and_drops_punctuation():
-    assert tokenize("A man's hat (red). It isn't big!") == "a man 's hat red it is n't big"
 
 
 def test_meteor_is_left_out_with_a_note_without_java(monkeypatch):
@@ -155,6 +172,16 @@ def test_vqa_rows_take_vqa_accuracy_with_ten_answers_and_exact_match_otherwise_p
     assert by_type["other"]["metrics"] == {"VQA accuracy": 1.0, "exact match": 0.5}
 
 
+def test_vqa_rows_score_in_the_convention_asked_for_and_say_which():
+    rows = [_row("1", "vqa", "Yes", "yes", ["yes"] * 10), _row("2", "vqa", "no", "no", ["no"] * 8 + ["yes"] * 2)]
+    default, official = score_rows(rows), score_rows(rows, vqa_convention="official")
+    assert (default["vqa_convention"], default["metrics"]["VQA accuracy"]) == ("lmms-eval", 1.0)
+    assert (official["vqa_convention"], official["metrics"]["VQA accuracy"]) == ("official", 0.5)
+    assert any("vqaEval.py" in note for note in official["notes"])
+    with pytest.raises(ValueError, match="VQA convention 'vqav2'"):
+        score_rows(rows, vqa_convention="vqav2")
+
+
 def test_multiple_choice_accuracy_counts_unparsed_answers_as_wrong():
     rows = [
         _row("1", "mc", "it is red. the answer is (b).", "b", meta={"has_image": True}),
@@ -172,4 +199,5 @@ def test_caption_rows_score_against_every_reference():
     ]
     quality = score_rows(rows, meteor=False)
     assert quality["metrics"]["CIDEr"] == pytest.approx(155 / 24)
-    assert quality["notes"] == ["METEOR not computed (turned off)"]
+    assert quality["tokenizer"] in ("ptb-java", "ptb-python")
+    assert quality["notes"][1:] == ["METEOR not computed (turned off)"]

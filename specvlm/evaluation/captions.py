@@ -1,51 +1,36 @@
 """Caption metrics against every reference: BLEU-4, METEOR, ROUGE-L and CIDEr, through pycocoevalcap.
 
-pycocoevalcap is the COCO caption evaluation code that published caption numbers come from, so its scorers are
-used as they are: BLEU with the closest reference length, ROUGE-L with beta 1.2, CIDEr-D (sigma 6, document
-frequencies from the references of the set scored, x10), and METEOR 1.5. Its tokenizer runs Stanford CoreNLP
-on Java; here the text is tokenized in Python instead, with NLTK's Penn Treebank tokenizer (the conventions
-CoreNLP's PTBTokenizer follows), lowercased, less the punctuation tokens pycocoevalcap drops. METEOR is a Java
-program: without `java` on PATH it is left out, and the result says so. sacrebleu and rouge-score were not used:
-they compute BLEU and ROUGE-L differently from the COCO definitions (sentence splitting, smoothing, the
-reference length), so their numbers would not be comparable with published caption results.
+pycocoevalcap is the COCO caption evaluation code that published caption numbers come from, so its definitions
+are used as they are (coco.py computes them per sample, to its floats; METEOR is its own scorer): BLEU with the
+closest reference length, ROUGE-L with beta 1.2, CIDEr-D (sigma 6, document frequencies from the references of
+the set scored, x10), and METEOR 1.5. Tokens are its tokenizer's (ptb.py):
+CoreNLP's PTBTokenizer where Java is, else a Python reproduction of it; either way brackets stay as the words
+-lrb- -rrb- -lsb- -rsb- -lcb- -rcb-, as pycocoevalcap keeps them. METEOR is a Java program: without `java` on
+PATH it is left out, and the result says so. sacrebleu and rouge-score were not used: they compute BLEU and
+ROUGE-L differently from the COCO definitions (sentence splitting, smoothing, the reference length), so their
+numbers would not be comparable with published caption results.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
-import io
-import re
 import shutil
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-# pycocoevalcap's PUNCTUATIONS, plus the brackets and quotes CoreNLP would have renamed (-LRB-, ``) first.
-_DROPPED = frozenset({"''", "'", "``", "`", "(", ")", "{", "}", ".", "?", "!", ",", ":", "-", "--", "...", ";"})
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+from specvlm.evaluation import coco
+from specvlm.evaluation.ptb import default_tokenizer, tokenize_texts
+
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
 @dataclass
 class CaptionScores:
     scores: dict[str, float]  # metric name -> corpus score; METEOR absent when it could not run
+    tokenizer: str  # ptb.TOKENIZERS key: whose tokens were scored
     notes: list[str] = field(default_factory=list)  # why a metric is missing
-
-
-def tokenize(text: str) -> str:
-    """Lowercased PTB tokens without punctuation, space-joined: what pycocoevalcap's scorers expect."""
-    tokenizer = _treebank()
-    # The Treebank tokenizer splits off only a text's final period, so split sentences first.
-    tokens = [t for sentence in _SENTENCE_END.split(text.lower()) for t in tokenizer.tokenize(sentence)]
-    return " ".join(t for t in tokens if t not in _DROPPED)
-
-
-@functools.cache
-def _treebank():
-    from nltk.tokenize import TreebankWordTokenizer
-
-    return TreebankWordTokenizer()
 
 
 def meteor_available() -> bool:
@@ -53,31 +38,47 @@ def meteor_available() -> bool:
 
 
 def caption_scores(
-    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], *, meteor: bool = True
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    *,
+    meteor: bool = True,
+    tokenizer: str | None = None,
 ) -> CaptionScores:
-    """Corpus scores of `predictions` (one caption per sample) against each sample's references."""
-    try:
-        from pycocoevalcap.bleu.bleu import Bleu
-        from pycocoevalcap.cider.cider import Cider
-        from pycocoevalcap.rouge.rouge import Rouge
-    except ImportError as e:
-        raise ImportError(f"caption metrics need pycocoevalcap and nltk: pip install 'specvlm[eval]' ({e})") from e
+    """Corpus scores of `predictions` (one caption per sample) against each sample's references, in the tokens of
+    `tokenizer` (ptb.TOKENIZERS; default: ptb-java where Java is, else ptb-python)."""
+    tokenizer = tokenizer or default_tokenizer()
+    texts = [*predictions.values(), *(r for key in predictions for r in references[key])]
+    return token_scores(predictions, references, tokenize_texts(texts, tokenizer), tokenizer, meteor=meteor)
 
+
+def token_scores(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    tokens: Mapping[str, str],
+    tokenizer: str,
+    *,
+    meteor: bool = True,
+) -> CaptionScores:
+    """caption_scores with every text already tokenized by `tokenizer` (`tokens`: text -> its tokens), so that
+    scoring a set and its slices tokenizes each text once."""
     if not predictions:
-        return CaptionScores({}, ["no captions to score"])
-    res = {key: [tokenize(text)] for key, text in predictions.items()}
-    gts = {key: [tokenize(r) for r in references[key]] for key in predictions}
-    with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its length statistics
-        bleu, _ = Bleu(4).compute_score(gts, res)
-    result = CaptionScores({"BLEU-4": float(bleu[3])})
+        return CaptionScores({}, tokenizer, ["no captions to score"])
+    res = {key: [tokens[text]] for key, text in predictions.items()}
+    gts = {key: [tokens[r] for r in references[key]] for key in predictions}
+    # coco.py: pycocoevalcap's BLEU, ROUGE-L and CIDEr to the same floats, without its numpy scalar calls.
+    frequency = Counter(ngram for key in gts for ngram in coco.document_ngrams(gts[key]))
+    cider = coco.Cider(frequency, len(gts))
+    stats = [coco.bleu_stats(res[key][0], gts[key]) for key in gts]
+    bleu = coco.bleu4([sum(column) for column in zip(*stats)])
+    result = CaptionScores({"BLEU-4": bleu}, tokenizer)
     if not meteor:
         result.notes.append("METEOR not computed (turned off)")
     elif not meteor_available():
         result.notes.append("METEOR left out: it is a Java program and no `java` is on PATH (install Java 8+)")
     else:
         result.scores["METEOR"] = _meteor(gts, res)
-    result.scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    result.scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    result.scores["ROUGE-L"] = coco.mean(coco.rouge_l(res[key][0], gts[key]) for key in gts)
+    result.scores["CIDEr"] = coco.mean(cider.score(res[key][0], gts[key]) for key in gts)
     return result
 
 

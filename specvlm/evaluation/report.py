@@ -109,11 +109,11 @@ def read_index(root: str, storage_options: dict | None = None) -> dict | None:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
 
-def build_report(runs: list[Run], slices: list[str] = (), *, storage_options: dict | None = None, meteor=True):
+def build_report(runs: list[Run], slices: list[str] = (), *, storage_options: dict | None = None, **scoring):
+    """`scoring`: score_rows's settings (meteor, tokenizer, vqa_convention)."""
     rows = {(r.task, r.strategy, r.batch): read_output(r.uri, storage_options) for r in runs}
     quality = {
-        (r.task, r.strategy, r.batch): score_rows(rows[r.task, r.strategy, r.batch], slices, meteor=meteor)
-        for r in runs
+        (r.task, r.strategy, r.batch): score_rows(rows[r.task, r.strategy, r.batch], slices, **scoring) for r in runs
     }
     first_batch = runs[0].batch
     results, mismatches = [], []
