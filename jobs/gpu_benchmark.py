@@ -34,7 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
 from specvlm.evaluation.benchmark import markdown_table, run_suite
-from specvlm.evaluation.replay import ReplayDraft
+from specvlm.evaluation.replay import ReplayDraft, record_scripts
 from specvlm.evaluation.throughput import cap_sweep, cap_table, continuous_vs_static
 from specvlm.models.build import LlavaShape, build_llava, build_tokenizer
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
@@ -155,7 +155,7 @@ def main() -> None:
     reference = SpeculativeDecoder(
         target, None, DecodeConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=eos, max_rows=max(args.caps))
     ).generate(requests)
-    scripts = {tuple(r.input_ids): out.tokens for r, out in zip(requests, reference)}
+    scripts = record_scripts(requests, [out.tokens for out in reference])
     vocab = target.get_output_embeddings().weight.shape[0]
     print(f"(recorded {len(requests)} continuations in {time.perf_counter() - start:.0f} s)\n", flush=True)
 

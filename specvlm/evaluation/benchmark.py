@@ -37,7 +37,7 @@ from specvlm.data.images import decode_image
 from specvlm.data.prompts import instruction, render
 from specvlm.data.sources import list_shards, read_shard
 from specvlm.evaluation.baselines import draft_forward_time, forward_time, hf_generate
-from specvlm.evaluation.replay import ReplayDraft
+from specvlm.evaluation.replay import ReplayDraft, record_scripts
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import Draft
 from specvlm.specdec.metrics import pool
@@ -188,7 +188,7 @@ def _rows_at(
     """Every mode at one batch size."""
     one_token = forward_time(target, requests[:batch], True)  # the unit of c and r at this batch size
     reference = [r.tokens for r in _engine(target, None, requests, batch, max_new_tokens, eos)[0]]
-    scripts = {tuple(r.input_ids): out for r, out in zip(requests, reference)}
+    scripts = record_scripts(requests, reference)
     vocab = target.get_output_embeddings().weight.shape[0]
     made = {name: make() for name, make in drafts.items()}
 

@@ -10,12 +10,29 @@ tokens that are leaves, so the verifier, the tree masks and the commit's compact
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import torch
 
 from specvlm.specdec.drafts import Draft, to_device
 from specvlm.specdec.proposal import Proposal
+from specvlm.specdec.requests import Request
+
+
+def _image_of(request: Request) -> str | None:
+    """What tells apart requests whose prompt ids are equal: a caption prompt's ids hold only image placeholders,
+    so every image of a caption benchmark has the same ids, and only the pixels say which continuation is its."""
+    if request.image_key is not None:
+        return request.image_key
+    if request.pixel_values is None:
+        return None
+    return hashlib.sha1(request.pixel_values.detach().cpu().numpy().tobytes()).hexdigest()
+
+
+def record_scripts(requests: list[Request], continuations: list[list[int]]) -> dict[tuple, list[int]]:
+    """(image, prompt ids) -> the target's greedy continuation: the scripts a ReplayDraft replays."""
+    return {(_image_of(r), tuple(r.input_ids)): tokens for r, tokens in zip(requests, continuations)}
 
 
 class ReplayDraft(Draft):
@@ -32,11 +49,11 @@ class ReplayDraft(Draft):
         seed: int = 0,
         siblings: int = 1,
     ):
-        """scripts: prompt ids -> the target's greedy continuation of that prompt."""
+        """scripts: from record_scripts, (image, prompt ids) -> the target's greedy continuation."""
         if not 0.0 <= error_rate <= 1.0:
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
         self.scripts = scripts
-        self.prompt_lengths = sorted({len(p) for p in scripts})
+        self.prompt_lengths = sorted({len(p) for _, p in scripts})
         self.error_rate = error_rate
         self.target_vocab = target_vocab  # the target's logit width: corrupted tokens are drawn below it
         self.device = device
@@ -54,15 +71,15 @@ class ReplayDraft(Draft):
     def admit(self, rows, requests):
         errors = {}
         for i, (row, request) in enumerate(zip(rows, requests)):
-            ids = tuple(request.input_ids)
+            ids, image = tuple(request.input_ids), _image_of(request)
             # A request may arrive with tokens generated so far: its prompt is the recorded prefix.
-            prompt = next((ids[:n] for n in self.prompt_lengths if ids[:n] in self.scripts), None)
+            prompt = next((ids[:n] for n in self.prompt_lengths if (image, ids[:n]) in self.scripts), None)
             if prompt is None:
                 errors[i] = "replay draft: no recorded continuation for this prompt"
                 continue
             # One corruption stream per prompt, so corruption does not depend on batching.
-            stream = random.Random(hash((self.seed, prompt)))
-            self.rows[row] = (self.scripts[prompt], len(ids) - len(prompt), stream)
+            stream = random.Random(hash((self.seed, image, prompt)))
+            self.rows[row] = (self.scripts[image, prompt], len(ids) - len(prompt), stream)
         return errors
 
     def release(self, rows):
