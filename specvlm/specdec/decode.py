@@ -69,6 +69,9 @@ class DecodeConfig:
     compile: bool = False  # torch.compile the target's and the draft's decode forwards (compiled.py)
     # Round shapes up to buckets (shapes.py); None: exactly when compiled forwards replay CUDA graphs.
     static_shapes: bool | None = None
+    # The target's final norm and LM head in float32 at every verified position, so that a window pass and a
+    # one-token pass decide bf16 near-ties alike (runner.py DecodeForward).
+    float32_head: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -552,7 +555,14 @@ class SpeculativeDecoder:
                 limit=torch.zeros(rows, dtype=torch.long, device=self.device),
                 drafted=np.zeros(rows, dtype=bool),
                 host={name: np.zeros(rows, dtype=np.int64) for name in ("length", "generated", "limit")},
-                target=ModelRunner(self.target, rows, capacity, shapes=self.shapes, compiler=self.compiler),
+                target=ModelRunner(
+                    self.target,
+                    rows,
+                    capacity,
+                    shapes=self.shapes,
+                    compiler=self.compiler,
+                    float32_head=self.config.float32_head,
+                ),
                 rng=None if greedy else RowRandom([0] * rows, self.device),
                 live=[None] * rows,
             )

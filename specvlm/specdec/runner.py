@@ -23,6 +23,7 @@ import inspect
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from specvlm.specdec.cache import SlotKVCache
 from specvlm.specdec.compiled import StepCompiler
@@ -98,8 +99,16 @@ class DecodeForward:
         read_slots [R] (0..R-1: its length is the read length); keys, values: the cache's per-layer buffers.
     """
 
-    def __init__(self, model: torch.nn.Module, lean: LeanLlama | None, windows: dict[str, int | None]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lean: LeanLlama | None,
+        windows: dict[str, int | None],
+        float32_head: bool = False,
+    ):
+        """float32_head: the final norm and LM head in float32 (DecodeConfig.float32_head)."""
         self.model = model
+        self.float32_head = float32_head
         self.lean = lean
         self.windows = windows
         self.additive = _additive(model)
@@ -152,7 +161,7 @@ class DecodeForward:
         cache = SlotKVCache.view(keys, values) if cache is None else cache
         cache.write_slots, cache.read_len = write_slots, read_slots.shape[0]
         if self.lean is not None and inputs_embeds is None:
-            return self.lean(tokens, positions, mask, cache, logits_to_keep)
+            return self.lean(tokens, positions, mask, cache, logits_to_keep, self.float32_head)
         inputs = {"input_ids": tokens} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
         out = self.model(
             **inputs,
@@ -160,9 +169,15 @@ class DecodeForward:
             position_ids=positions,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            output_hidden_states=self.float32_head,
             **{self.cache_kwarg: cache},
         )
-        return out.logits
+        if not self.float32_head:
+            return out.logits
+        # Hugging Face keeps only the normed last states (its RMSNorm normalises in float32, scales in the model's
+        # dtype), so on this path the LM head alone runs in float32; the lean path norms in float32 as well.
+        hidden = out.hidden_states[-1][:, -logits_to_keep:]  # [nb, qb or logits_to_keep, width]
+        return F.linear(hidden.float(), self.model.lm_head.weight.float())
 
 
 class ModelRunner:
@@ -176,6 +191,7 @@ class ModelRunner:
         shapes: ShapeBuckets = EXACT,
         compiler: StepCompiler | None = None,
         role: str = "target",
+        float32_head: bool = False,
     ):
         """lean: the model's LeanLlama, to run text-only forwards through (drafts only: the target's Hugging Face
         forward is the reference for losslessness). capacity: slots per row the caller may use; the cache holds
@@ -191,7 +207,7 @@ class ModelRunner:
         text = model.config.get_text_config()
         self.max_positions = getattr(text, "max_position_embeddings", None) or 1 << 30
         self.shapes = shapes
-        self.eager = DecodeForward(model, lean, self.windows)
+        self.eager = DecodeForward(model, lean, self.windows, float32_head)
         self.compiled = compiler.wrap(self.eager, role) if compiler is not None else None
         # One slot per row more than the caller's capacity, the trash slot padded queries write to; and one row
         # more than the caller's, so that a forward's rows are always fewer than the cache's (a compiled graph then
