@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from specvlm.demo.quality import evaluate
 from specvlm.engine import DraftSettings, build_draft
-from specvlm.evaluation.demo_quality import evaluate
 from specvlm.models.loading import decode_parameters, load_target
 
 

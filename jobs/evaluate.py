@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.cli import PROJECT
 from pipeline.config import ConfigError, load_config
-from pipeline.evaluate import load_evaluate_config, run_evaluation, with_locations
+from pipeline.evaluation_run import load_evaluate_config, run_evaluation, with_locations
 from pipeline.job import JobFailed
 from specvlm.evaluation.report import build_report, write_report
 

@@ -18,9 +18,9 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from specvlm.demo import ASSETS
+from specvlm.demo.quality import decode_all
 from specvlm.engine import DraftSettings, build_draft
 from specvlm.evaluation.benchmark import caption_requests
-from specvlm.evaluation.demo_quality import decode_all
 from specvlm.models.loading import load_target
 from specvlm.specdec.tree import TreeSettings
 

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from specvlm.data.prompts import DEFAULT_CAPTION_INSTRUCTION
 from specvlm.engine import DraftSettings, TargetSettings
 from specvlm.specdec.sampling import SamplingParams
 
+PROMPT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
 
 
@@ -101,7 +103,36 @@ class TaskConfig(Section):
     kind: Literal["caption", "vqa", "mc"] = "caption"
     caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION
     mc_suffix: str = ""  # appended to a multiple-choice prompt, e.g. " think step by step."
+    # How a multiple-choice prompt asks. cot: the question and its choices, the model reasons before it names a
+    # letter (the demo family answers so). direct: the same plus "Answer with the option's letter from the given
+    # choices directly.", as LLaVA-1.5's and lmms-eval's published ScienceQA numbers are made.
+    mc_protocol: Literal["cot", "direct"] = "cot"
     template: str = "chat"  # "chat": the processor's chat template; else a format string with {instruction}
+    # Several prompts per record, name -> instruction, e.g. {short: "Describe the image in one sentence.",
+    # long: "Describe the image in detail."}: one output row per record and prompt, keyed "<record key>#<name>".
+    # In a vqa or mc prompt, {question} stands for the record's question (with its choices). The rows of one image
+    # decode together and share its prefill (compute.share_image_prefill). Empty: one row per record, the task's
+    # own prompt.
+    prompts: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_names(cls, prompts: dict[str, str]) -> dict[str, str]:
+        for name in prompts:
+            if not PROMPT_NAME.fullmatch(name):
+                raise ValueError(f"prompt name {name!r} must be letters, digits, '_' or '-' (it ends the output key)")
+        return prompts
+
+    @model_validator(mode="after")
+    def _questions_in_prompts(self):
+        if self.kind != "caption":
+            for name, text in self.prompts.items():
+                if "{question}" not in text:
+                    raise ValueError(
+                        f"prompts entry {name!r} of a {self.kind} task must contain {{question}}, where the "
+                        "record's question goes"
+                    )
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +173,10 @@ class ComputeConfig(Section):
     compile: Literal["auto", "on", "off"] = "auto"
     preprocess_workers: int = Field(1, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)  # larger images are refused before decoding (bomb guard)
+    # Rows showing the same image (by content: a hash of its bytes, never its name) behind the same prompt start
+    # prefill it once, in the target and in the draft; the output is the same either way (false: every row
+    # prefills its whole prompt, for comparison).
+    share_image_prefill: bool = True
 
     @field_validator("batch_size")
     @classmethod

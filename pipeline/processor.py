@@ -103,7 +103,8 @@ def prepare_rows(batch: pa.Table, config: JobConfig) -> pa.Table:
     """map_batches: a user's rows -> prepared rows for the decode actors (a bad row becomes an error row)."""
     i = config.input
     prepare = Preparer(config, load_processor(config.model))
-    rows = [prepare(row_record(row, i.image_column, i.storage_options)) for row in batch.to_pylist()]
+    records = [row_record(row, i.image_column, i.storage_options) for row in batch.to_pylist()]
+    rows = [prepared for record in records for prepared in prepare.rows(record)]  # one per prompt (task.prompts)
     return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
 
 

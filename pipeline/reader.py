@@ -69,9 +69,10 @@ def read_and_prepare(shard: Shard, config: JobConfig) -> Iterator[pa.Table]:
     )
     try:
         for record in records:
-            block.append(prepare({**record, "row_index": sent, "is_end": False}))
-            sent += 1
-            if len(block) == READ_BATCH_ROWS:
+            rows = prepare.rows({**record, "row_index": sent, "is_end": False})  # one per prompt (task.prompts)
+            block += rows
+            sent += len(rows)
+            if len(block) >= READ_BATCH_ROWS:
                 yield pa.Table.from_pylist(block, schema=PREPARED_SCHEMA)
                 block = []
     except ShardError as exc:

@@ -59,6 +59,7 @@ PREPARED_SCHEMA = pa.schema(
         pa.field("pixel_values", pa.binary()),
         pa.field("pixel_shape", pa.list_(pa.int32())),
         pa.field("image_sizes", pa.list_(pa.int32())),
+        pa.field("image_key", pa.string()),  # the image's content hash: rows with equal keys share its prefill
         pa.field("seed", pa.int64()),
         pa.field("error", pa.string()),
         *ROW_FIELDS,
@@ -92,4 +93,4 @@ def row_to_request(row: dict):
         array = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(row["pixel_shape"])
         pixels = torch.from_numpy(array.copy())
     sizes = None if row["image_sizes"] is None else torch.tensor(row["image_sizes"]).reshape(-1, 2)
-    return Request(row["input_ids"], pixels, image_sizes=sizes, seed=row["seed"])
+    return Request(row["input_ids"], pixels, image_sizes=sizes, seed=row["seed"], image_key=row.get("image_key"))

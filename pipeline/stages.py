@@ -27,6 +27,7 @@ from specvlm.data.error_kinds import tagged
 from specvlm.data.images import ImageError, decode_image
 from specvlm.data.prompts import (
     PromptError,
+    choice_count,
     extract_choice,
     instruction,
     reference_strings,
@@ -60,62 +61,98 @@ def _load_processor(target: str, trust_remote_code: bool, storage_options_json: 
 
 
 class Preparer:
-    """A record (with its row_index and is_end) -> a prepared row for the decode actors, or an error row."""
+    """A record (with its row_index and is_end) -> prepared rows for the decode actors, or error rows: one per
+    prompt of task.prompts, else one."""
 
     def __init__(self, config: JobConfig, processor):
         self.config = config
         self.processor = processor
 
     def __call__(self, record: dict) -> dict:
+        """The record's one prepared row (a job without task.prompts)."""
+        (row,) = self.rows(record)
+        return row
+
+    def rows(self, record: dict) -> list[dict]:
+        """The record's prepared rows, numbered from its row_index: one per prompt of task.prompts, keyed
+        "<record key>#<prompt name>", else one keyed by the record's key. The image is decoded once for all of
+        them, and they carry its content key, so the engine prefills it once (compute.share_image_prefill)."""
         task = self.config.task
+        names = [None] if record["is_end"] or not task.prompts else list(task.prompts)
         fields = task_fields(record, self.config.input.fields)
-        row = {
-            "key": record["key"],
+        rows = [self._row(record, fields, index, name) for index, name in enumerate(names)]
+        if record["is_end"] or record["error"]:
+            return rows
+        image, problem = None, None
+        if record["image"] is not None:
+            try:
+                image = decode_image(record["image"], max_pixels=self.config.compute.max_pixels)
+            except ImageError as exc:
+                problem = tagged(exc.kind, str(exc))
+            except Exception as exc:
+                problem = tagged("preprocess_failed", f"{type(exc).__name__}: {exc}")
+        content = None if record["image"] is None else "sha256:" + hashlib.sha256(record["image"]).hexdigest()
+        for row, name in zip(rows, names):
+            if problem:
+                row["error"] = problem
+            else:
+                self._encode(row, fields, image, name)
+                row["image_key"] = content
+        return rows
+
+    def _row(self, record: dict, fields: dict, index: int, prompt_name: str | None) -> dict:
+        key = record["key"] if prompt_name is None else f"{record['key']}#{prompt_name}"
+        return {
+            "key": key,
             "shard_id": record["shard_id"],
             "source": record["source"],
-            "task": task.kind,
+            "task": self.config.task.kind,
             "prompt": None,
-            "reference": task_reference(task.kind, fields),
+            "reference": task_reference(self.config.task.kind, fields),
             "references": reference_strings(fields.get("references")),
             "meta": record["meta"],
             "input_ids": None,
             "pixel_values": None,
             "pixel_shape": None,
             "image_sizes": None,
+            "image_key": None,
             "error": record["error"],
-            "seed": sample_seed(self.config.decode.seed, record["shard_id"], record["key"]),
-            "row_index": record["row_index"],
+            "seed": sample_seed(self.config.decode.seed, record["shard_id"], key),
+            "row_index": record["row_index"] + index,
             "is_end": record["is_end"],
         }
-        if record["is_end"] or row["error"]:
-            return row
+
+    def _encode(self, row: dict, fields: dict, image, prompt_name: str | None) -> None:
+        """The row's prompt and model inputs (image: the decoded image, None for a text-only record), or its error."""
+        task = self.config.task
         try:
             text = instruction(
-                task.kind, fields, caption_instruction=task.caption_instruction, mc_suffix=task.mc_suffix
+                task.kind,
+                fields,
+                caption_instruction=task.caption_instruction,
+                mc_suffix=task.mc_suffix,
+                mc_protocol=task.mc_protocol,
             )
-            if record["image"] is None:  # only benchmark layouts give such records (a ScienceQA text question)
+            if prompt_name is not None:
+                text = task.prompts[prompt_name].replace("{question}", text)
+            if image is None:  # only benchmark layouts give such records (a ScienceQA text question)
                 if task.kind == "caption":
-                    problem = f"record {record['key']!r} has no image, and a caption needs one"
+                    problem = f"record {row['key']!r} has no image, and a caption needs one"
                     row["error"] = tagged("image_missing", problem)
-                    return row
+                    return
                 # A text-only prompt, as LLaVA targets take them; a target that cannot fails here, on this row.
                 row["prompt"] = render(text, self.processor, task.template, image=False)
                 encoded = self.processor(text=row["prompt"], return_tensors="np")
             else:
-                image = decode_image(record["image"], max_pixels=self.config.compute.max_pixels)
                 row["prompt"] = render(text, self.processor, task.template)
                 encoded = self.processor(images=image, text=row["prompt"], return_tensors="np")
-        except ImageError as exc:
-            row["error"] = tagged(exc.kind, str(exc))
-            return row
         except PromptError as exc:
             row["error"] = tagged("missing_field", str(exc))
-            return row
+            return
         except Exception as exc:
             row["error"] = tagged("preprocess_failed", f"{type(exc).__name__}: {exc}")
-            return row
+            return
         row.update(encode_inputs(encoded))
-        return row
 
 
 # Rows per Ray Data batch into a decode actor: small, so that a shard's rows flow on as soon as they are decoded.
@@ -140,6 +177,7 @@ def decode_config(config: JobConfig):
         float32_head=config.decode.float32_head,
         # The driver settles auto for a job (pipeline/compiling.py); a stage built otherwise compiles on GPUs only.
         compile=c.compile == "on" or (c.compile == "auto" and torch.cuda.is_available()),
+        share_prefill=c.share_image_prefill,
     )
 
 
@@ -192,7 +230,7 @@ class DecodeActor:
             out["output_ids"] = result.tokens
             out["text"] = self.tokenizer.decode(result.tokens, skip_special_tokens=True).strip()
             if row["task"] == "mc":
-                out["answer"] = extract_choice(out["text"])
+                out["answer"] = extract_choice(out["text"], choice_count(row["prompt"]))
             metrics = result.metrics.as_row()
             out.update({k: v for k, v in metrics.items() if k in DECODED_SCHEMA.names})
         return out

@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.evaluate import load_evaluate_config
+from pipeline.evaluation_run import load_evaluate_config
 
 DEMO_MODELS = Path("assets/demo/models")
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from specvlm.specdec.autobatch import START, WARMUP, WINDOW, AutoRows
-from specvlm.specdec.controller import DepthController
+from specvlm.specdec.controller import LEARNING_SAMPLES, SHORTFALL_STEPS, DepthController
 
 DEPTH, ROWS = 5, 32
 
@@ -57,21 +57,22 @@ def test_costs_are_learned_from_real_steps_and_scratch_passes_only_without_draft
 
     c = controller()
     drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 100)
-    # A new row count: a plain step, a depth-1 step and a step of half the full depth, each timed as it commits.
+    # A new row count: plain steps, depth-1 steps and steps of half the full depth, taking turns, each timed as it
+    # commits.
     half = (DEPTH + 1) // 2
-    assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == 0
-    c.observe(ROWS, 0, np.zeros(ROWS), np.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
-    assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == 1
-    c.observe(ROWS, 1, np.ones(ROWS), np.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
-    assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == half
-    c.observe(ROWS, half, np.full((ROWS,), half), np.full((ROWS,), half), (3e-3, 20e-3, 0.0), draft_calls=half)
+    for _ in range(LEARNING_SAMPLES):
+        for depth in (0, 1, half):
+            assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == depth
+            full = np.full((ROWS,), depth)
+            c.observe(ROWS, depth, full, full, (depth * 1e-3, 20e-3, 0.0), draft_calls=depth)
     assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) > 1  # learned: cheap, accepted
-    # Rows at another count that the draft does not hold: no drafted step is possible, scratch passes time them.
+    # Rows at another count that the draft does not hold: no drafted step is possible; plain steps time the target
+    # over one token, scratch passes the rest.
     timed = []
-    c.choose(8, np.zeros(8, dtype=bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
-    c.observe(8, 0, np.zeros(8), np.zeros(8), (0.0, 5e-3, 0.0), draft_calls=0)
-    c.choose(8, np.zeros(8, dtype=bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
-    assert sorted(timed) == [2, 1 + half]
+    for _ in range(LEARNING_SAMPLES + 1):
+        c.choose(8, np.zeros(8, dtype=bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
+        c.observe(8, 0, np.zeros(8), np.zeros(8), (0.0, 5e-3, 0.0), draft_calls=0)
+    assert sorted(timed) == [2] * LEARNING_SAMPLES + [1 + half] * LEARNING_SAMPLES
 
 
 def test_a_steep_first_extra_token_does_not_overprice_deep_windows():
@@ -81,14 +82,62 @@ def test_a_steep_first_extra_token_does_not_overprice_deep_windows():
     assert decide(c, lambda q: 20e-3 if q == 1 else 40e-3 + 2e-3 * (q - 2), rate=0.8) >= 3
 
 
+def run_steps(c: DepthController, verify, draft, rate: float, steps: int) -> list[int]:
+    """Steps over ROWS rows timed by verify(step, q) and draft(step) (seconds of a pass at the step's index), every
+    row accepting `rate` of the levels it is offered; the depths chosen."""
+    drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 1000)
+    chosen = []
+    for step in range(steps):
+        depth = c.choose(ROWS, drafted, left, True, lambda q, s=step: verify(s, q), lambda s=step: draft(s))
+        seconds = (depth * draft(step), verify(step, 1 + depth), 0.0)
+        offered, accepted = np.full((ROWS,), depth), np.full((ROWS,), round(rate * depth))
+        c.observe(ROWS, depth, offered, accepted, seconds, draft_calls=depth)
+        chosen.append(depth)
+    return chosen
+
+
+def test_one_slow_first_draft_pass_does_not_keep_a_good_draft_unused():
+    # A draft that is a copy of the target on a target bound by reading weights: drafting deep pays 3x or more. The
+    # first draft pass pays a one-off set-up 30 times its cost; priced from that step alone, drafting looks ruinous
+    # and, never chosen again, is never timed again.
+    chosen = run_steps(controller(), lambda step, q: 20e-3, lambda step: 0.3 if step == 1 else 1e-3, 1.0, 30)
+    learning = 3 * LEARNING_SAMPLES
+    assert chosen[learning:] == [DEPTH] * (30 - learning)
+
+
+def test_one_slow_first_plain_step_does_not_keep_a_useless_draft_in_use():
+    # A draft that is never right, on a target for which a second token costs a tenth of the first: plain decoding is
+    # the best. The first plain step is ten times slow; priced from it alone, depth 1 looks cheaper than plain, and
+    # the steps that follow move every count by the same time, so the difference stays.
+    chosen = run_steps(
+        controller(), lambda step, q: 0.2 if step == 0 else 20e-3 * (0.9 + 0.1 * q), lambda s: 1e-3, 0.0, 40
+    )
+    assert chosen[-20:] == [0] * 20
+
+
+def test_a_machine_that_turns_compute_bound_is_re_learned_before_the_refresh():
+    # Weight-bound at first (a window costs what one token does): a good draft drafts deep. Then another process
+    # takes the cores and every verified token costs what the first does: deep windows now lose to plain decoding.
+    # Moving all counts by the step's time would keep the old, flat differences until the next refresh (60 s); the
+    # steps deliver far less than predicted, so the costs are re-learned.
+    change = 30
+    verify = lambda step, q: 20e-3 if step < change else 20e-3 * q
+    relearned = change + SHORTFALL_STEPS + 3 * LEARNING_SAMPLES  # noticed, then three samples of three costs
+    chosen = run_steps(controller(), verify, lambda step: 1e-3, 0.8, relearned + 10)
+    assert chosen[change - 1] == DEPTH
+    assert chosen[relearned:] == [0] * 10
+
+
 def test_learning_steps_stay_within_what_rows_can_use():
     c = controller()
     drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 2)  # 1 draft token is all that fits
-    assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 0
-    c.observe(ROWS, 0, np.zeros(ROWS), np.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
-    assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 1
-    c.observe(ROWS, 1, np.ones(ROWS), np.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
+    for _ in range(LEARNING_SAMPLES):
+        assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 0
+        c.observe(ROWS, 0, np.zeros(ROWS), np.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
+        assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 1
+        c.observe(ROWS, 1, np.ones(ROWS), np.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
     assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) <= 1  # learning is over
+    assert not c.learning
 
 
 def test_rows_close_to_their_limit_do_not_count_deep_drafts():

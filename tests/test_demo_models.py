@@ -9,9 +9,9 @@ import torch
 from specvlm.data.images import decode_image
 from specvlm.data.prompts import render
 from specvlm.data.sources import list_shards, read_shard
+from specvlm.demo.quality import decode_all, is_correct, scene_requests
 from specvlm.demo.world import make_scene
 from specvlm.engine import DraftSettings, build_draft
-from specvlm.evaluation.demo_quality import decode_all, is_correct, scene_requests
 from specvlm.models.loading import load_target
 from specvlm.specdec.requests import Request
 

@@ -11,7 +11,7 @@ import yaml
 
 from jobs import score
 from pipeline.config import ConfigError
-from pipeline.evaluate import EvaluateConfig, load_evaluate_config, run_evaluation, with_locations
+from pipeline.evaluation_run import EvaluateConfig, load_evaluate_config, run_evaluation, with_locations
 from specvlm.demo.benchmark import write_demo_benchmark
 from specvlm.evaluation.benchmark import markdown_table, run_suite
 from specvlm.evaluation.report import Run, build_report, read_index, write_report

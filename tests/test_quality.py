@@ -38,16 +38,29 @@ def test_vqa_normalisation(raw, normalised):
         (2, (2 * (1 / 3) + 8 * (2 / 3)) / 10),  # 0.6
         (3, (3 * (2 / 3) + 7 * 1) / 10),  # 0.9
         (4, 1.0),
-        (10, 1.0),
+        (9, 1.0),
     ],
 )
 def test_vqa_accuracy_with_ten_answers(agreeing, accuracy):
-    # The prediction and the agreeing humans write it differently; normalisation makes them one answer.
+    # The prediction and the agreeing humans write it differently; with humans disagreeing, both conventions
+    # normalise both sides, which makes them one answer.
     humans = ["Two."] * agreeing + ["three"] * (10 - agreeing)
     assert vqa_accuracy("2", humans) == pytest.approx(accuracy)
     assert vqa_accuracy("the circle.", ["A circle"] * agreeing + ["square"] * (10 - agreeing)) == pytest.approx(
         accuracy
     )
+
+
+def test_vqa_conventions_when_all_ten_humans_agree():
+    # The official script compares the prediction as written with the humans' shared string; lmms-eval first
+    # runs EvalAI's processor on the prediction (lowercase, punctuation, number words, articles).
+    assert vqa_accuracy("yes", ["yes"] * 10, convention="official") == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10, convention="official") == 0.0
+    assert vqa_accuracy("Yes.", ["yes"] * 10, convention="lmms-eval") == 1.0
+    assert vqa_accuracy("Two", ["2"] * 10, convention="lmms-eval") == 1.0
+    assert vqa_accuracy("2", ["Two."] * 10, convention="lmms-eval") == 0.0  # the humans' strings stay raw
+    with pytest.raises(ValueError, match="VQA convention"):
+        vqa_accuracy("yes", ["yes"] * 10, convention="nope")
 
 
 def test_exact_match_is_normalised_and_takes_any_reference():

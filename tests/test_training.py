@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from pipeline.schema import OUTPUT_SCHEMA
 from specvlm.data.prompts import render
 from specvlm.demo.cli import make_demo_main
+from specvlm.demo.quality import content_tokens, decode_all, scene_requests, token_outcomes
 from specvlm.demo.shards import write_parquet_shards
 from specvlm.demo.tokenizer import build_demo_tokenizer
 from specvlm.demo.world import make_scene
 from specvlm.engine import DraftSettings, build_draft
-from specvlm.evaluation.demo_quality import content_tokens, decode_all, scene_requests, token_outcomes
 from specvlm.models.build import build_text_lm, build_tokenizer
 from specvlm.models.loading import ModelLoadError, load_target
 from specvlm.training.cli import train_draft_main

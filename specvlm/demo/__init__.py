@@ -6,6 +6,7 @@ tokenizer.py   the demo tokenizer and the LLaVA-1.5 chat template
 world_data.py  target training examples from the world, made on the fly
 vision.py      stage 0 of the demo target: its vision tower learns to read the world's cells
 target.py      the demo target: shape, build, train, save
+quality.py     the demo family's accuracy and per-word acceptance on held-out world scenes (through the engine)
 make.py        make_demo: every stage, from an empty directory to the shipped checkpoints
 cli.py         the command line of jobs/make_demo
 """

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from specvlm.data.prompts import TASKS
+from specvlm.demo.quality import evaluate
 from specvlm.demo.shards import write_webdataset_shards
 from specvlm.demo.target import DEMO_TARGET, train_target
 from specvlm.demo.tokenizer import DEMO_VOCAB_SIZE, TOKENIZER_SCENES, build_demo_tokenizer
 from specvlm.demo.world import corpus_lines
 from specvlm.engine import DraftSettings
-from specvlm.evaluation.demo_quality import evaluate
 from specvlm.models.build import LlavaShape
 from specvlm.models.loading import load_target
 from specvlm.training.draft import DraftShape, train_draft

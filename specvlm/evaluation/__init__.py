@@ -3,7 +3,6 @@
 benchmark.py     every decoding mode on the same requests: ratios, identity, tau, c, r and limits
 baselines.py     Hugging Face generate / assisted generation, and timing of single forward passes
 replay.py        a draft replaying the target's known continuation at a controlled acceptance rate
-demo_quality.py  the demo family's accuracy and per-word acceptance on held-out world scenes
 answers.py       VQA accuracy (VQA's answer normalisation), exact match, multiple-choice letters
 captions.py      BLEU-4, METEOR, ROUGE-L, CIDEr through pycocoevalcap, with a Python PTB tokenizer
 quality.py       a task's quality from output rows, overall and per metadata slice

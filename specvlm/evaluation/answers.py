@@ -1,15 +1,22 @@
-"""Short-answer metrics: VQA accuracy with the VQA challenge's answer normalisation, normalised exact match,
-and multiple-choice letter accuracy.
+"""Short-answer metrics: VQA accuracy as the published VQA numbers are computed, normalised exact match, and
+multiple-choice letter accuracy.
 
 No maintained package ships the VQA evaluation (it lives as a script in the VQA authors' repository, and copies
 of it inside large frameworks), so its rules are written out here, table for table: Antol et al., "VQA: Visual
-Question Answering", and Goyal et al., "Making the V in VQA Matter" (VQAv2) define the metric; the normalisation
-is the one their evaluation script and the EvalAI server apply.
+Question Answering", and Goyal et al., "Making the V in VQA Matter" (VQAv2) define the metric. Two conventions
+are reproduced exactly (`evaluation.vqa_convention`; they differ only on answers VQA's annotators never write):
 
-Two deliberate differences from the script, both so that answers written by people other than VQA's
-annotators score fairly: the human answers are normalised as fully as the prediction (the script only strips
-their punctuation, because VQA's released answers are already normalised), and the prediction is normalised
-even when all ten humans agree (the script skips that case).
+    lmms-eval  lmms-eval's VQAv2 scoring (the default): the prediction is always normalised, first through
+               EvalAI's answer processor (lowercased, commas and question marks dropped, "'s" split off), the
+               humans' answers only when they disagree.
+    official   the VQA authors' evaluation script (vqaEval.py): when all ten humans wrote the same string the
+               prediction must equal it as written ("Yes" scores 0 against ten "yes"); otherwise both are
+               normalised.
+
+Normalising is the script's: punctuation (a mark next to a space or in a number is deleted, one inside a word
+splits it), periods not before a digit deleted, at most 32 of them (the script passes re.UNICODE, 32, where
+re.sub takes its count, and every copy of it inherits that), then lowercased, number words to digits, articles
+out, contractions in.
 """
 
 from __future__ import annotations
@@ -17,9 +24,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from specvlm.data.prompts import extract_choice
-
 VQA_HUMANS = 10  # answers per question in VQA; rows with this many references get VQA accuracy
+VQA_CONVENTIONS = ("lmms-eval", "official")
 
 # The script's table, less its entries that map a word to itself and its capitalised ones (Im, Ive, Id've, I'dve),
 # which never match: words are lowercased before the lookup.
@@ -156,27 +162,51 @@ _NUMBERS = {
 _ARTICLES = frozenset({"a", "an", "the"})
 _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # each one a mark
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # as written in the script: a period not followed by a digit
+_PERIODS_STRIPPED = 32  # re.UNICODE, which the script passes as re.sub's count
 _DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
 
 
-def normalize_answer(text: str) -> str:
-    """VQA's answer normalisation: punctuation, then number words to digits, articles out, contractions in."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    # A mark next to a space (or in a number like 1,000) is deleted; inside a word it splits it ("black/white").
+def _whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _punctuation(text: str) -> str:
+    """The script's processPunctuation. A mark next to a space (or any mark, in a text with a number like 1,000)
+    is deleted; inside a word it splits it ("black/white")."""
     glued = _DIGIT_COMMA.search(text) is not None
     out = text
     for mark in _PUNCTUATION:
         out = out.replace(mark, "" if glued or f"{mark} " in text or f" {mark}" in text else " ")
-    out = _PERIOD.sub("", out)
-    words = [_NUMBERS.get(word, word) for word in out.lower().split()]
+    return _PERIOD.sub("", out, count=_PERIODS_STRIPPED)
+
+
+def _digits_articles(text: str) -> str:
+    """The script's processDigitArticle: lowercased words, number words to digits, articles out, contractions in."""
+    words = [_NUMBERS.get(word, word) for word in text.lower().split()]
     return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+def normalize_answer(text: str) -> str:
+    """VQA's answer normalisation, whitespace, punctuation, then number words, articles and contractions."""
+    return _digits_articles(_punctuation(_whitespace(text)))
+
+
+def _evalai(text: str) -> str:
+    """EvalAI's answer processor, which lmms-eval runs on every prediction before the script's rules."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalize_answer(text)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], convention: str = "lmms-eval") -> float:
     """min(#humans that gave the answer / 3, 1), averaged over the sets of all humans but one, as VQA scores it:
-    with k of ten humans agreeing, 0.3 for k = 1, 0.6 for 2, 0.9 for 3, 1 from 4."""
-    predicted = normalize_answer(prediction)
-    humans = [normalize_answer(a) for a in answers]
+    with k of ten humans agreeing, 0.3 for k = 1, 0.6 for 2, 0.9 for 3, 1 from 4. `convention`: see above."""
+    if convention not in VQA_CONVENTIONS:
+        raise ValueError(f"unknown VQA convention {convention!r}; use one of {', '.join(VQA_CONVENTIONS)}")
+    predicted = _evalai(prediction) if convention == "lmms-eval" else _whitespace(prediction)
+    humans = [_whitespace(a) for a in answers]
+    if len(set(humans)) > 1:
+        humans = [_digits_articles(_punctuation(h)) for h in humans]
+        predicted = _digits_articles(_punctuation(predicted))
     agree = sum(h == predicted for h in humans)
     # Leaving out a human who agreed leaves agree - 1 matches; leaving out any other leaves agree.
     left_out_agreeing = agree * min(1.0, (agree - 1) / 3) if agree else 0.0
@@ -184,11 +214,6 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
-    """1.0 when the normalised prediction equals any normalised reference."""
+    """1.0 when the normalised prediction equals any normalised reference (rows without VQA's ten answers)."""
     predicted = normalize_answer(prediction)
     return float(any(predicted == normalize_answer(r) for r in references))
-
-
-def choice_letter(text: str | None) -> str | None:
-    """The letter a multiple-choice output chose (the task's own extraction), None when it names none."""
-    return extract_choice(text)

@@ -16,7 +16,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from statistics import fmean
 
-from specvlm.evaluation.answers import VQA_HUMANS, choice_letter, exact_match, vqa_accuracy
+from specvlm.data.prompts import choice_count, extract_choice
+from specvlm.evaluation.answers import VQA_HUMANS, exact_match, vqa_accuracy
 from specvlm.evaluation.captions import caption_scores
 
 
@@ -77,7 +78,7 @@ def _score(rows: list[dict], meteor: bool) -> dict:
                 f"{len(others)} others"
             )
     elif tasks[0] == "mc":
-        letters = [choice_letter(r["text"]) for r in scored]
+        letters = [extract_choice(r["text"], choice_count(r.get("prompt"))) for r in scored]
         if scored:
             quality["metrics"]["accuracy"] = fmean(
                 letter == r["reference"].strip().lower() for letter, r in zip(letters, scored)

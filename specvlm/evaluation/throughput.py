@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specvlm.demo.quality import scene_requests
 from specvlm.demo.world import make_scene
-from specvlm.evaluation.demo_quality import scene_requests
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import Draft
 from specvlm.specdec.metrics import pool

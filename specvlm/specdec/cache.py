@@ -99,15 +99,15 @@ class SlotKVCache:
                     new[:r, :, :c] = buf[:r, :, :c]
                     store[layer] = new
 
-    def take_rows(self, rows: torch.Tensor, source: SlotKVCache, length: int) -> None:
-        """Copy the first `length` slots of source's rows [0, len(rows)) into this cache's rows `rows`."""
+    def take_rows(self, rows: torch.Tensor, source: SlotKVCache, length: int, source_rows: torch.Tensor) -> None:
+        """Copy the first `length` slots of source's rows `source_rows` into this cache's rows `rows`."""
         for store, other in ((self.keys, source.keys), (self.values, source.values)):
             for layer, buf in enumerate(other):
                 if buf is None:
                     continue
                 if store[layer] is None:
                     store[layer] = self._new(buf, buf.shape[1], buf.shape[3])
-                store[layer][rows, :, :length] = buf[: len(rows), :, :length]
+                store[layer][rows, :, :length] = buf[source_rows, :, :length]
 
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Copy whole rows src -> dst (used to fill the holes left by finished rows)."""

@@ -21,11 +21,17 @@ The costs are measured here, on the machine that decodes, by the steps themselve
 has about n rows, and every REFRESH_S seconds after, the controller learns that row count's costs from real
 steps, which commit tokens like any other: a plain step times the target over 1 token per row, a step of depth
 1 times it over 1 + nodes(1) and times one draft pass, and a step of half the full depth times a deeper window.
-Only when the draft holds no row (so no drafted step is possible) do scratch passes (forwards that commit
-nothing) stand in for the drafted steps. Past one token, verification costs grow about linearly with the tokens
-per row, so other counts are interpolated between measured ones, or extrapolated along the last two. The deeper
-step is what makes that line true: the step from 1 to 2 tokens is often steeper than the ones after it (a
-one-token pass takes a faster path), and a line through those two alone would overprice every deeper window.
+Each is timed by LEARNING_SAMPLES steps, taking turns (plain, depth 1, half depth, plain, ...), and the fastest
+counts: a cost learned from one step is at the mercy of that step (the first pass of a shape pays one-off set-up,
+another process takes the core for a moment), and a cost that is overpriced so is never chosen again, so never
+timed again. What disturbs a step only ever adds time, and on a shared machine it disturbs many (on two cores at
+load 6, a third of the demo target's passes took 2-4x their usual time), so the fastest of three is a far safer
+estimate than their median, which two slow steps out of three decide. Only when the draft holds no row (so no
+drafted step is possible) do scratch passes (forwards that commit nothing) stand in for the drafted steps.
+Past one token, verification costs grow about linearly with the tokens per row, so other counts are interpolated
+between measured ones, or extrapolated along the last two. The deeper step is what makes that line true: the step
+from 1 to 2 tokens is often steeper than the ones after it (a one-token pass takes a faster path), and a line
+through those two alone would overprice every deeper window.
 
 Every step then refines what it used: its phases are timed and folded into moving averages, which adds the
 deeper counts as the controller drafts deeper. A step's verification time moves every count of its row bucket,
@@ -34,6 +40,12 @@ being chosen would otherwise keep the time it had when the outputs were short, a
 use for no reason but staleness. It moves them by the same time, not the same factor: what grows is the read of
 each row's cache, which a window of one token pays as much as a deep one (by the same factor, measured, the
 deep windows came out overpriced late in a run).
+Moving every count by the same time keeps the differences between counts as they were learned, so the steps also
+check the model against what they deliver: when the recent steps of a bucket (about SHORTFALL_STEPS of them) took
+so much longer than predicted, together, that they realised less than SHORTFALL of the tokens per second the model
+promised, the bucket re-learns its costs at once instead of at the next refresh (a machine whose load changed can
+turn a target from bound by reading weights, where deep windows cost little more than one token, to bound by
+arithmetic, where they cost in proportion).
 Tables are indexed by a bucket of the row count, so they follow the load and the machine, and hold seconds per
 row, because within a bucket a pass costs about in proportion to its rows (a batch that drains stays priced).
 
@@ -53,6 +65,9 @@ import numpy as np
 
 REFRESH_S = 60.0  # seconds between re-measurements of a bucket: a cost measured badly once cannot stick, and
 # the scratch passes stay a small share of the time (four passes a minute)
+LEARNING_SAMPLES = 3  # steps that time each cost while a bucket learns: the fastest counts (see the docstring)
+SHORTFALL = 0.75  # predicted over realised seconds of recent steps, below which a bucket re-learns its costs
+SHORTFALL_STEPS = 8  # about how many recent steps that compares; also the steps after learning before it may
 PRIOR_WEIGHT = 4.0  # steps' worth of evidence the running acceptance of all rows counts for in a row's estimate
 SMOOTHING = 0.2  # weight of a new measurement in the moving averages
 HYSTERESIS = 1.03  # drafting for rows that join must promise this much over plain decoding
@@ -84,7 +99,12 @@ class DepthController:
         self.draft_s: dict[int, float] = {}  # rows bucket -> a draft pass
         self.rest_s: dict[tuple[int, bool], float] = {}  # (rows bucket, drafting) -> a step's bookkeeping
         self.measured_at: dict[int, float] = {}  # rows bucket -> when its costs were last (re)learned
-        self.learning: dict[int, set] = {}  # rows bucket -> what its steps have yet to time: token counts, "draft"
+        # rows bucket -> what its steps are timing while it learns (token counts, "draft") -> the seconds per row
+        # measured so far; a bucket's entry goes when every cost has LEARNING_SAMPLES of them
+        self.learning: dict[int, dict[int | str, list[float]]] = {}
+        # rows bucket -> (steps checked since it learned, moving averages of the predicted and the realised seconds)
+        self.realised: dict[int, tuple[int, float, float]] = {}
+        self.prediction: tuple[int, float] | None = None  # (rows bucket, seconds) the chosen step was priced at
         self.level_acceptance: float | None = None  # running value over all rows
         # Per row, on the host (the controller never reads the device): levels accepted out of levels tried.
         self.accepted = np.zeros(rows)
@@ -120,26 +140,37 @@ class DepthController:
         actual = np.where(drafted[:, None], per_row, 1.0).sum(0)
         return actual.tolist(), per_row.sum(0).tolist()
 
-    def _learn(self, bucket: int, reach: int) -> set:
-        """What is left to time at this bucket before its costs are trusted; starts a (re)learning when due.
+    def _learn(self, bucket: int, reach: int) -> dict[int | str, list[float]]:
+        """The costs still to time at this bucket before they are trusted, with their samples so far; starts a
+        (re)learning when due, and ends it when every cost has its samples.
         reach: the deepest step any row can use now; a deeper window waits for the next (re)learning."""
         if time.perf_counter() - self.measured_at.get(bucket, -REFRESH_S) >= REFRESH_S:
             windows = {1 + self.nodes(d) for d in self.learning_depths}
-            self.learning[bucket] = {1} | windows | ({"draft"} if self.calls(1) > 0 else set())
+            items = {1} | windows | ({"draft"} if self.calls(1) > 0 else set())
+            self.learning[bucket] = {item: [] for item in items}
             self.measured_at[bucket] = time.perf_counter()
-        needed = self.learning.get(bucket, set())
-        needed -= {1 + self.nodes(d) for d in self.learning_depths if d > reach}
+            # Deeper counts were timed on the old costs; the deeper steps chosen from the new ones time them again.
+            self.verify_s.pop(bucket, None)
+        learning = self.learning.get(bucket, {})
+        for d in self.learning_depths:
+            if d > reach:
+                learning.pop(1 + self.nodes(d), None)
+        needed = {item: samples for item, samples in learning.items() if len(samples) < LEARNING_SAMPLES}
+        if bucket in self.learning and not needed:
+            del self.learning[bucket]
+            self.realised.pop(bucket, None)  # the prediction is checked afresh against the new costs
         return needed
 
     def _scratch(self, n: int, probe_verify: Callable[[int], float], probe_draft: Callable[[], float]) -> None:
         """Time what the learning steps would, with passes that commit nothing."""
         bucket = rows_bucket(n)
-        needed = self.learning[bucket]
-        for q in needed - {1, "draft"}:
-            self.verify_s.setdefault(bucket, {})[q] = probe_verify(q) / n
-        if "draft" in needed:
-            self.draft_s[bucket] = probe_draft() / n
-        needed.clear()
+        learning = self.learning.pop(bucket)
+        self.realised.pop(bucket, None)
+        for q, samples in learning.items():
+            if q not in (1, "draft") and len(samples) < LEARNING_SAMPLES:
+                self.verify_s.setdefault(bucket, {})[q] = min(probe_verify(q) / n for _ in range(LEARNING_SAMPLES))
+        if len(learning.get("draft", ())) < LEARNING_SAMPLES:
+            self.draft_s[bucket] = min(probe_draft() / n for _ in range(LEARNING_SAMPLES))
 
     def verify_seconds(self, bucket: int, q: int) -> float:
         """A pass over q tokens per row, per row: measured, interpolated between the nearest measured counts, or
@@ -188,21 +219,26 @@ class DepthController:
         reach = max(int(left.max()) - 1, 0)
         any_drafted = bool(drafted.any())  # host arrays: no device read
         depth = self.max_depth if any_drafted else 0
+        self.prediction = None
         if self.adaptive:
             bucket = rows_bucket(n)
             needed = self._learn(bucket, reach)
-            if 1 in needed:
-                return self._chosen(0)  # a plain step times the target over one token per row
             if needed and any_drafted:
-                # A drafted step times a draft pass and a pass over its tokens: the shallowest still needed.
-                depths = [d for d in self.learning_depths if 1 + self.nodes(d) in needed]
-                return self._chosen(min(depths[0] if depths else 1, reach))
+                # The costs take turns, the least timed first (ties: the shallowest), so that a machine whose
+                # speed changes while they learn changes them all. A plain step times the target over one token
+                # per row; a drafted step a draft pass and a pass over its tokens.
+                depth_of = {1: 0} | {1 + self.nodes(d): d for d in self.learning_depths}  # tokens per row -> depth
+                turns = [(len(samples), depth_of[q]) for q, samples in needed.items() if q in depth_of]
+                return self._chosen(min(min(turns)[1] if turns else 1, reach))  # no turns: only the draft pass left
+            if 1 in needed:
+                return self._chosen(0)
             if needed:
                 self._scratch(n, probe_verify, probe_draft)
             seconds = [self.step_seconds(n, d) for d in range(self.max_depth + 1)]
             actual, everyone = self.expected_tokens(n, drafted, left)
             rates = [tokens / s for tokens, s in zip(actual, seconds)]
-            depth = max(range(len(rates)), key=rates.__getitem__) if any_drafted else 0
+            depth = min(max(range(len(rates)), key=rates.__getitem__) if any_drafted else 0, reach)
+            self.prediction = (bucket, seconds[depth])
             best_for_all = max(t / s for t, s in zip(everyone, seconds))
             plain = everyone[0] / seconds[0]
             self.wants_drafting = best_for_all > plain * (1.0 if self.wants_drafting else HYSTERESIS)
@@ -236,13 +272,17 @@ class DepthController:
                 else ((1 - SMOOTHING) * self.level_acceptance + SMOOTHING * step_rate)
             )
         bucket = rows_bucket(n)
+        self._check_prediction(bucket, sum(seconds))
         draft_s, verify_s, rest_s = (s / n for s in seconds)
-        needed = self.learning.get(bucket, set())
+        learning = self.learning.get(bucket, {})
         q = 1 + self.nodes(depth)
-        # What the bucket is (re)learning, or times for the first time, is taken as measured; anything else moves
-        # the whole table (see the docstring).
+        # What the bucket is (re)learning is the fastest of its samples so far, and what it times for the first time
+        # is taken as measured; anything else moves the whole table (see the docstring).
         table = self.verify_s.setdefault(bucket, {})
-        if q in needed or q not in table:
+        if q in learning:
+            learning[q].append(verify_s)
+            table[q] = min(learning[q])
+        elif q not in table:
             table[q] = verify_s
         else:
             drift = SMOOTHING * (verify_s - table[q])
@@ -250,11 +290,33 @@ class DepthController:
                 table[count] = max(table[count] + drift, table[count] / 2)  # one odd step cannot zero a cost
         if draft_calls > 0:
             per_call = draft_s / draft_calls
-            fresh = "draft" in needed or bucket not in self.draft_s
-            self.draft_s[bucket] = per_call if fresh else _smoothed(self.draft_s[bucket], per_call)
-            needed.discard("draft")
-        needed.discard(q)
+            if "draft" in learning:
+                learning["draft"].append(per_call)
+                self.draft_s[bucket] = min(learning["draft"])
+            elif bucket not in self.draft_s:
+                self.draft_s[bucket] = per_call
+            else:
+                self.draft_s[bucket] = _smoothed(self.draft_s[bucket], per_call)
         _average(self.rest_s, (bucket, depth > 0), rest_s)
+
+    def _check_prediction(self, bucket: int, seconds: float) -> None:
+        """Re-learn the bucket's costs when its steps keep taking longer than the cost model priced them at, so
+        deliver fewer tokens per second than it promised: costs timed on odd steps, or on a machine that has
+        changed since, would otherwise steer every step until the next refresh. (The tokens half of the promise
+        needs no check: each row's acceptance is counted at every step.) Seconds are averaged before they are
+        compared, over about SHORTFALL_STEPS steps, so that slow steps among fast ones, which the predictions
+        follow on average, do not start it."""
+        if self.prediction is None or self.prediction[0] != bucket:
+            return
+        weight = 1 / SHORTFALL_STEPS
+        steps, predicted, realised = self.realised.get(bucket, (0, self.prediction[1], seconds))
+        predicted = (1 - weight) * predicted + weight * self.prediction[1]
+        realised = (1 - weight) * realised + weight * seconds
+        steps += 1
+        self.realised[bucket] = (steps, predicted, realised)
+        if steps >= SHORTFALL_STEPS and predicted < SHORTFALL * realised:
+            self.measured_at[bucket] = -math.inf
+            del self.realised[bucket]
 
     def describe(self) -> dict:
         """The measured cost model and the choices made, for the job's manifest."""

@@ -48,6 +48,7 @@ from specvlm.specdec.metrics import SampleMetrics
 from specvlm.specdec.prefill import prefill
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, Result, TargetSpec, validate
+from specvlm.specdec.rotary import RequestRotary, refuse_recomputing_generate
 from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams
 from specvlm.specdec.shapes import EXACT, STATIC, ShapeBuckets
@@ -72,6 +73,9 @@ class DecodeConfig:
     # The target's final norm and LM head in float32 at every verified position, so that a window pass and a
     # one-token pass decide bf16 near-ties alike (runner.py DecodeForward).
     float32_head: bool = False
+    # Requests showing the same image behind the same leading tokens prefill them once, in the target and the
+    # draft (prefix.py); off, every request prefills its whole prompt.
+    share_prefill: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -160,6 +164,9 @@ class SpeculativeDecoder:
         self.eos = torch.tensor(list(eos) or [-1], device=self.device)
         self.eos_host = frozenset(eos)
         self.max_depth = draft.max_depth if draft is not None else 0
+        # A target whose rotary frequencies depend on a prompt's whole length (longrope) computes a shared prefix
+        # differently for each prompt length: its rows prefill alone.
+        self.share_prefill = config.share_prefill and RequestRotary.of(target) is None
         self.compiler = StepCompiler(self.device) if config.compile else None
         static = config.static_shapes
         if static is None:
@@ -170,7 +177,7 @@ class SpeculativeDecoder:
         self.controller = None
         if draft is not None:
             draft.reset()
-            draft.use(self.shapes, self.compiler)
+            draft.use(self.shapes, self.compiler, self.share_prefill)
             self.controller = DepthController(self.max_depth, draft.max_nodes, draft.calls, 1, config.adaptive)
         self.timer = StepTimer(self.device)
         self.waiting: collections.deque[tuple[int, Request, int]] = collections.deque()  # (id, request, limit)
@@ -180,10 +187,11 @@ class SpeculativeDecoder:
         self.last_step_tokens = 0
         # Where the time goes: admitting requests (prefill) against decoding steps, for reports and benchmarks.
         self.seconds = {"admission": 0.0, "decoding": 0.0}
-        # Refuse now a target whose attention the runner cannot reproduce, or whose window a tree would outgrow. A
-        # chain's tokens sit in the slots of their positions, so its masks are exact under any window; a tree's
-        # nodes sit past their positions, which a window no longer than the tree could tell apart (runner.py).
+        # Refuse now a target whose attention or rotary the runner cannot reproduce, or whose window a tree would
+        # outgrow. A chain's tokens sit in the slots of their positions, so its masks are exact under any window; a
+        # tree's nodes sit past their positions, which a window no longer than the tree could tell apart (runner.py).
         windows = [w for w in ModelRunner(target, 1, 1).windows.values() if w is not None]
+        refuse_recomputing_generate(target)
         tree = self.window - 1 > self.max_depth
         if tree and windows and min(windows) <= self.window:
             raise ValueError(
@@ -479,7 +487,11 @@ class SpeculativeDecoder:
         rows = (holes + list(range(state.n, state.rows)))[: len(chosen)]
         requests = [r for _, r, _, _ in chosen]
         scratch, good, errors = prefill(
-            self.target, requests, [r.input_ids for r in requests], max(len(r.input_ids) for r in requests)
+            self.target,
+            requests,
+            [r.input_ids for r in requests],
+            max(len(r.input_ids) for r in requests),
+            share=self.share_prefill,
         )
         for i, message in errors.items():
             self.ready.append((chosen[i][0], Result.failed(message)))

@@ -63,8 +63,9 @@ class Draft(ABC):
     def reset(self) -> None:
         """Forget every row: a new decoder starts with this draft."""
 
-    def use(self, shapes: ShapeBuckets, compiler: StepCompiler | None) -> None:
-        """The shapes and the compiler the decoder runs its forwards with (drafts without a model ignore them)."""
+    def use(self, shapes: ShapeBuckets, compiler: StepCompiler | None, share_prefill: bool = False) -> None:
+        """The shapes and the compiler the decoder runs its forwards with, and whether admission shares prefixes
+        between requests (prefix.py); drafts without a model ignore them."""
         return None
 
     def probe(self, n: int) -> float:
@@ -172,13 +173,13 @@ class ModelDraft(Draft):
         self.device = model.device
         self.runner: ModelRunner | None = None
         self.fed_drafts = 0
-        self.shapes, self.compiler = EXACT, None
+        self.shapes, self.compiler, self.share_prefill = EXACT, None, False
 
     def reset(self):
         self.runner = None
 
-    def use(self, shapes, compiler):
-        self.shapes, self.compiler = shapes, compiler
+    def use(self, shapes, compiler, share_prefill=False):
+        self.shapes, self.compiler, self.share_prefill = shapes, compiler, share_prefill
 
     def scratch(self) -> int:
         """Cache slots needed past the committed tokens: a chain of max_depth after up to 2 pending tokens."""
@@ -219,7 +220,13 @@ class ModelDraft(Draft):
     def admit(self, rows, requests):
         prompts = [self._view(r) for r in requests]
         scratch, good, errors = prefill(
-            self.model, requests, prompts, max(map(len, prompts)), use_images=not self.text_only, lean=self.lean
+            self.model,
+            requests,
+            prompts,
+            max(map(len, prompts)),
+            use_images=not self.text_only,
+            lean=self.lean,
+            share=self.share_prefill,
         )
         if good:
             taken = [rows[i] for i in good]

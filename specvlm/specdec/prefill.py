@@ -15,6 +15,7 @@ import inspect
 import torch
 
 from specvlm.specdec.lean_llama import LeanLlama
+from specvlm.specdec.prefix import SharedPrefix, image_key, shared_prefixes
 from specvlm.specdec.requests import Request
 from specvlm.specdec.runner import ModelRunner
 
@@ -74,17 +75,25 @@ def _features_of(requests: list[Request], model: torch.nn.Module) -> list[torch.
     return features
 
 
-def image_features(requests: list[Request], model: torch.nn.Module) -> list[torch.Tensor | str | None]:
-    """Per request: its image features [tokens, hidden], None when it has no image, or an error message."""
+def image_features(
+    requests: list[Request], model: torch.nn.Module, share: bool = False
+) -> list[torch.Tensor | str | None]:
+    """Per request: its image features [tokens, hidden], None when it has no image, or an error message.
+    share: the vision tower reads each distinct image once (prefix.py's image_key), its features serve them all."""
     result: list[torch.Tensor | str | None] = [None] * len(requests)
     with_image = [i for i, r in enumerate(requests) if r.pixel_values is not None]
     if not with_image:
         return result
+    source = {i: i for i in with_image}  # request -> the request whose image the tower reads for it
+    if share:
+        first: dict[str, int] = {}
+        source = {i: first.setdefault(image_key(requests[i]), i) for i in with_image}
+    read = sorted(set(source.values()))
     try:
-        features = _features_of([requests[i] for i in with_image], model)
+        features = _features_of([requests[i] for i in read], model)
     except Exception:  # one malformed image must not fail the others: retry one by one
         features = []
-        for i in with_image:
+        for i in read:
             try:
                 features += _features_of([requests[i]], model)
             except Exception as exc:
@@ -92,8 +101,10 @@ def image_features(requests: list[Request], model: torch.nn.Module) -> list[torc
                     f"the vision tower cannot read this image ({type(exc).__name__}: {exc}); "
                     "preprocess it with the target's own processor"
                 )
+    by_source = dict(zip(read, features))
     token = image_token_id(model)
-    for i, found in zip(with_image, features):
+    for i in with_image:
+        found = by_source[source[i]]
         placeholders = sum(1 for t in requests[i].input_ids if t == token)
         if isinstance(found, torch.Tensor) and len(found) != placeholders:
             found = (
@@ -111,35 +122,85 @@ def prefill(
     capacity: int,
     use_images: bool = True,
     lean: LeanLlama | None = None,
+    share: bool = False,
 ) -> tuple[ModelRunner, list[int], dict[int, str]]:
     """Cache every prompt but its last token (the first decode step feeds that one, like every later last token).
 
     prompts[i] is what the model reads for requests[i] (the request's ids, or a draft's own view of them).
-    Returns a runner holding the good requests in rows [0, len(good)), the indices of the good requests, and an
+    share: requests with the same image and leading tokens prefill them once (prefix.py).
+    Returns a runner whose rows [0, len(good)) hold the good requests, row j holding requests[good[j]], and an
     error message for each of the others.
     """
-    features = image_features(requests, model) if use_images else [None] * len(requests)
+    features = image_features(requests, model, share) if use_images else [None] * len(requests)
     errors = {i: f for i, f in enumerate(features) if isinstance(f, str)}
     good = [i for i in range(len(requests)) if i not in errors]
-    runner = ModelRunner(model, max(1, len(good)), capacity, lean=lean)
-    if not good:
+    groups = []
+    if share and good:
+        token = image_token_id(model)
+        found = shared_prefixes([requests[i] for i in good], [prompts[i] for i in good], token, use_images)
+        groups = [SharedPrefix(tuple(good[k] for k in g.members), g.length) for g in found]
+    if groups:
+        runner, good = _prefill_shared(model, prompts, features, good, groups, capacity, lean)
         return runner, good, errors
-    lengths = [len(prompts[i]) for i in good]
-    width = max(lengths) - 1
-    tokens = torch.zeros(len(good), width, dtype=torch.long, device=model.device)
-    for row, i in enumerate(good):
-        prompt = torch.tensor(prompts[i][:width], device=model.device)
-        tokens[row, : len(prompt)] = prompt
+    runner = ModelRunner(model, max(1, len(good)), capacity, lean=lean)
+    if good:
+        _cache(model, runner, [prompts[i][:-1] for i in good], [features[i] for i in good])
+    return runner, good, errors
+
+
+def _prefill_shared(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    features: list[torch.Tensor | None],
+    good: list[int],
+    groups: list[SharedPrefix],
+    capacity: int,
+    lean: LeanLlama | None,
+) -> tuple[ModelRunner, list[int]]:
+    """Two passes: each group's prefix once (one row per group) beside the requests that share nothing (their whole
+    prompts), then the rest of each grouped prompt in rows that start from a copy of their group's prefix. Returns
+    the runner and the requests its rows hold: the grouped ones first, then the others."""
+    grouped = [i for g in groups for i in g.members]
+    alone = [i for i in good if i not in set(grouped)]
+    first = ModelRunner(model, len(groups) + len(alone), capacity, lean=lean)
+    _cache(
+        model,
+        first,
+        [prompts[g.members[0]][: g.length] for g in groups] + [prompts[i][:-1] for i in alone],
+        [features[g.members[0]] for g in groups] + [features[i] for i in alone],
+    )
+    # The prefix holds every image token, so the rest of each prompt is text.
+    rest = [prompts[i][g.length : -1] for g in groups for i in g.members]
+    starts = [g.length for g in groups for _ in g.members]
+    width = max(map(len, rest))
+    runner = ModelRunner(model, len(grouped) + len(alone), max(capacity, max(starts) + width), lean=lean)
+    sources = [k for k, g in enumerate(groups) for _ in g.members] + [len(groups) + k for k in range(len(alone))]
+    runner.take_rows(list(range(len(sources))), first, sources)
+    tokens = torch.zeros(len(rest), width, dtype=torch.long, device=model.device)
+    for row, suffix in enumerate(rest):
+        tokens[row, : len(suffix)] = torch.tensor(suffix, dtype=torch.long, device=model.device)
+    runner.extend(tokens, [len(suffix) for suffix in rest])
+    return runner, grouped + alone
+
+
+def _cache(
+    model: torch.nn.Module, runner: ModelRunner, cached: list[list[int]], features: list[torch.Tensor | None]
+) -> None:
+    """Prefill runner's rows [0, len(cached)) with cached[row], its image placeholders replaced by features[row]
+    (all of that row's image features, or None)."""
+    lengths = [len(c) for c in cached]
+    width = max(lengths)
+    tokens = torch.zeros(len(cached), width, dtype=torch.long, device=model.device)
+    for row, ids in enumerate(cached):
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=model.device)
     embeds = None
-    images = [features[i] for i in good if features[i] is not None]
+    images = [f for f in features if f is not None]
     if images:
         token = image_token_id(model)
-        cached = torch.tensor(lengths, device=model.device) - 1
-        prompt_part = torch.arange(width, device=model.device)[None, :] < cached[:, None]
-        placeholders = (tokens == token) & prompt_part
+        filled = torch.arange(width, device=model.device)[None, :] < torch.tensor(lengths, device=model.device)[:, None]
+        placeholders = (tokens == token) & filled
         table = model.get_input_embeddings()
         # Placeholder ids may lie outside the embedding table; their embeddings are replaced anyway.
         embeds = table(tokens.masked_fill(placeholders, 0) if token >= table.num_embeddings else tokens)
         embeds[placeholders] = torch.cat(images).to(embeds.dtype)
-    runner.prefill(tokens, [length - 1 for length in lengths], inputs_embeds=embeds)
-    return runner, good, errors
+    runner.prefill(tokens, lengths, inputs_embeds=embeds)

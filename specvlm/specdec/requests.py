@@ -28,6 +28,9 @@ class Request:
     image_sizes: torch.Tensor | None = None  # LLaVA-NeXT / OneVision only
     seed: int = 0  # sampling seed; each request has its own generator
     max_new_tokens: int | None = None  # None: the decoder's default
+    # The image's content (a hash of its file bytes, say; never its name): requests with equal keys and equal
+    # leading tokens share one prefill (prefix.py). None: the engine hashes pixel_values instead.
+    image_key: str | None = None
 
 
 @dataclass

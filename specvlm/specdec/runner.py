@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from specvlm.specdec.cache import SlotKVCache
 from specvlm.specdec.compiled import StepCompiler
 from specvlm.specdec.lean_llama import LeanLlama
+from specvlm.specdec.rotary import RequestRotary, engaged
 from specvlm.specdec.shapes import EXACT, ShapeBuckets
 
 
@@ -206,6 +207,7 @@ class ModelRunner:
             )
         text = model.config.get_text_config()
         self.max_positions = getattr(text, "max_position_embeddings", None) or 1 << 30
+        self.rotary = RequestRotary.of(model)
         self.shapes = shapes
         self.eager = DecodeForward(model, lean, self.windows, float32_head)
         self.compiled = compiler.wrap(self.eager, role) if compiler is not None else None
@@ -252,6 +254,7 @@ class ModelRunner:
         depth: torch.Tensor | None = None,  # [n, q] position of each token past kv_len; None = its offset
         logits_to_keep: int = 0,  # 0 = logits for every query
         inputs_embeds: torch.Tensor | None = None,  # [n, q, hidden] instead of the tokens' embeddings (images)
+        prompt_lengths: torch.Tensor | None = None,  # [n] a prompt forward: each row's whole prompt length
     ) -> torch.Tensor:  # [n, q or logits_to_keep, vocab]
         n, q = tokens.shape
         window = attend.shape[2]
@@ -281,31 +284,42 @@ class ModelRunner:
         positions = kv_len[:, None] + (offsets if depth is None else depth)
         positions = torch.where(valid, positions.clamp(max=self.max_positions - 1), 0)
         read_slots = torch.arange(read_len, device=device)
-        logits = run(
-            tokens,
-            positions,
-            write_slots,
-            kv_len,
-            attend,
-            valid,
-            read_slots,
-            self.cache.keys,
-            self.cache.values,
-            logits_to_keep,
-            inputs_embeds,
-            cache,
-        )
+        if prompt_lengths is not None:
+            prompt_lengths = torch.nn.functional.pad(prompt_lengths, (0, rows - n), value=1)
+        # Rotary frequencies that depend on a forward's longest position are chosen per token (rotary.py).
+        with engaged(self.rotary, prompt_lengths):
+            logits = run(
+                tokens,
+                positions,
+                write_slots,
+                kv_len,
+                attend,
+                valid,
+                read_slots,
+                self.cache.keys,
+                self.cache.values,
+                logits_to_keep,
+                inputs_embeds,
+                cache,
+            )
         return logits[:n] if logits_to_keep else logits[:n, :q]
 
     def prefill(self, tokens: torch.Tensor, lengths: list[int], inputs_embeds: torch.Tensor | None = None) -> None:
         """Fill the cache with each row's first lengths[row] tokens (right-padded [n, L]) and commit them."""
+        self.set_lengths(slice(0, tokens.shape[0]), 0, 0)
+        self.extend(tokens, lengths, inputs_embeds)
+
+    def extend(self, tokens: torch.Tensor, lengths: list[int], inputs_embeds: torch.Tensor | None = None) -> None:
+        """Rows [0, n) cache and commit their next lengths[row] tokens (right-padded [n, L]) after what they hold."""
         n, width = tokens.shape
-        self.set_lengths(slice(0, n), 0, 0)
         on_device = torch.tensor(lengths, dtype=torch.long, device=self.device)
         if width > 0:
-            # Only the cache matters here; keep one logit so the LM head costs nothing.
-            self.forward(tokens, causal_attend(on_device, width), logits_to_keep=1, inputs_embeds=inputs_embeds)
-        self.set_lengths(slice(0, n), on_device, lengths)
+            # Only the cache matters here; keep one logit so the LM head costs nothing. The prompt `generate` reads
+            # in one forward is all a row holds after this, and the last token, which the first decoding step feeds.
+            attend = causal_attend(on_device, width)
+            whole = self.kv_len[:n] + on_device + 1
+            self.forward(tokens, attend, logits_to_keep=1, inputs_embeds=inputs_embeds, prompt_lengths=whole)
+        self.advance(n, on_device, np.asarray(lengths, dtype=np.int64))
 
     def resize(self, rows: int, capacity: int) -> None:
         self.cache.resize(rows + 1, capacity + 1)
@@ -315,12 +329,14 @@ class ModelRunner:
         self.kv_len = kv_len
         self.kv_host = np.concatenate([self.kv_host[:kept], np.zeros(rows - kept, dtype=np.int64)])
 
-    def take_rows(self, rows: list[int], source: ModelRunner) -> None:
-        """Rows `rows` take over source's rows [0, len(rows)): their committed cache entries and lengths."""
-        m = len(rows)
+    def take_rows(self, rows: list[int], source: ModelRunner, source_rows: list[int] | None = None) -> None:
+        """Rows `rows` take over source's rows `source_rows` (default [0, len(rows)); one may serve several rows):
+        their committed cache entries and lengths."""
+        src = list(range(len(rows))) if source_rows is None else source_rows
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.cache.take_rows(index, source.cache, int(source.kv_host[:m].max()))
-        self.set_lengths(rows, source.kv_len[:m], source.kv_host[:m])
+        src_index = torch.tensor(src, dtype=torch.long, device=self.device)
+        self.cache.take_rows(index, source.cache, int(source.kv_host[src].max()), src_index)
+        self.set_lengths(rows, source.kv_len[src_index], source.kv_host[src])
 
     def move_rows(self, dst: list[int], src: list[int]) -> None:
         src_index = torch.tensor(src, dtype=torch.long, device=self.device)
