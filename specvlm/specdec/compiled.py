@@ -51,7 +51,7 @@ class StepCompiler:
         """The compiled form of `forward` (a DecodeForward), shared by every runner of the same model."""
         owner = forward.model
         cache = owner.__dict__.setdefault("_specvlm_compiled", {})
-        key = (role, forward.lean is not None)
+        key = (role, forward.lean is not None, forward.float32_head)
         if key not in cache:
             cache[key] = _Compiled(forward, self.device)
         compiled = cache[key]

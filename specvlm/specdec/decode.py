@@ -269,11 +269,20 @@ class SpeculativeDecoder:
         dynamic, or bucketed on a GPU, so later steps meet these graphs; the time shows in describe()["compile"].
         Graphs stay on the models, so a decoder built again later (after a failure) finds them compiled."""
         model = getattr(self.draft, "model", None)
-        runs = [(self.target, None, "target", sorted({1, self.window}))]
+        runs = [(self.target, None, "target", sorted({1, self.window}), self.config.float32_head)]
         if model is not None:
-            runs.append((model, getattr(self.draft, "lean", None), "draft", [1, 2]))
-        for model, lean, role, widths in runs:
-            runner = ModelRunner(model, 2, WARM_UP_SLOTS, lean, shapes=self.shapes, compiler=self.compiler, role=role)
+            runs.append((model, getattr(self.draft, "lean", None), "draft", [1, 2], False))
+        for model, lean, role, widths, float32_head in runs:
+            runner = ModelRunner(
+                model,
+                2,
+                WARM_UP_SLOTS,
+                lean,
+                shapes=self.shapes,
+                compiler=self.compiler,
+                role=role,
+                float32_head=float32_head,
+            )
             device = runner.device
             runner.prefill(torch.zeros(2, 4, dtype=torch.long, device=device), [4, 3])
             for q in widths:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from specvlm.specdec.float32_head import float32_rms_logits
+
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
@@ -91,12 +93,6 @@ class LeanLlama(torch.nn.Module):
             return None
         return cls(decoder, model.lm_head, config)
 
-    def head(self, h: torch.Tensor, float32: bool = False) -> torch.Tensor:
-        """Logits [n, q, vocab] from the last layer's hidden states [n, q, width]."""
-        if float32:
-            return float32_head(h, self.final_norm, self.eps, self.lm_head)
-        return self.head(h, float32_head)
-
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As Hugging Face's RMSNorm: normalise in float32, scale in the model's dtype.
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
@@ -111,7 +107,8 @@ class LeanLlama(torch.nn.Module):
         float32_head: bool = False,
     ) -> torch.Tensor:
         """tokens, positions [n, q]; mask [n, 1, q, read_len] additive; cache: the runner's SlotKVCache with
-        write_slots and read_len set. Returns logits [n, q or logits_to_keep, vocab]."""
+        write_slots and read_len set; float32_head: the final norm and LM head in float32 (float32_head.py).
+        Returns logits [n, q or logits_to_keep, vocab], in float32 with float32_head."""
         n, q = tokens.shape
         h = self.embed[tokens]
         dtype = h.dtype
@@ -132,12 +129,6 @@ class LeanLlama(torch.nn.Module):
             h = h + F.linear(F.silu(gate) * up, layer.down)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        if float32_head:
+            return float32_rms_logits(h, self.final_norm, self.eps, self.lm_head)
         return F.linear(self._norm(h, self.final_norm), self.lm_head)
-
-
-def float32_head(hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor):
-    """Final RMSNorm and LM head in float32 on hidden states [n, q, width] of any dtype: logits [n, q, vocab] in
-    float32. Rounding the normed states and the logits to bf16 is what lets a window pass and a one-token pass
-    break a near-tie differently; in float32 the two agree far more often, at the cost of one wider matmul."""
-    normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps) * norm_weight.float()
-    return F.linear(normed, head_weight.float())

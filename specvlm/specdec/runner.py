@@ -23,10 +23,10 @@ import inspect
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from specvlm.specdec.cache import SlotKVCache
 from specvlm.specdec.compiled import StepCompiler
+from specvlm.specdec.float32_head import Float32Head
 from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.rotary import RequestRotary, engaged
 from specvlm.specdec.shapes import EXACT, ShapeBuckets
@@ -107,13 +107,15 @@ class DecodeForward:
         windows: dict[str, int | None],
         float32_head: bool = False,
     ):
-        """float32_head: the final norm and LM head in float32 (DecodeConfig.float32_head)."""
+        """float32_head: the final norm and LM head in float32, logits in float32 (DecodeConfig.float32_head)."""
         self.model = model
-        self.float32_head = float32_head
         self.lean = lean
         self.windows = windows
+        self.float32_head = float32_head
+        self.head = Float32Head(model) if float32_head else None
         self.additive = _additive(model)
-        self.cache_kwarg = _cache_kwarg(type(model))
+        # The decoder alone (float32 head) may name its cache argument otherwise than the whole model.
+        self.cache_kwarg = _cache_kwarg(type(model if self.head is None else self.head.decoder))
         self.dtype = model.dtype
 
     def masks(self, kv_len, attend, valid, positions, read_slots):
@@ -164,21 +166,11 @@ class DecodeForward:
         if self.lean is not None and inputs_embeds is None:
             return self.lean(tokens, positions, mask, cache, logits_to_keep, self.float32_head)
         inputs = {"input_ids": tokens} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-        out = self.model(
-            **inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            output_hidden_states=self.float32_head,
-            **{self.cache_kwarg: cache},
-        )
-        if not self.float32_head:
-            return out.logits
-        # Hugging Face keeps only the normed last states (its RMSNorm normalises in float32, scales in the model's
-        # dtype), so on this path the LM head alone runs in float32; the lean path norms in float32 as well.
-        hidden = out.hidden_states[-1][:, -logits_to_keep:]  # [nb, qb or logits_to_keep, width]
-        return F.linear(hidden.float(), self.model.lm_head.weight.float())
+        common = dict(attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_kwarg: cache})
+        if self.head is None:
+            return self.model(**inputs, logits_to_keep=logits_to_keep, **common).logits
+        hidden = self.head.decoder(**inputs, **common).last_hidden_state  # [nb, qb, width], before the final norm
+        return self.head(hidden[:, -logits_to_keep:])  # logits_to_keep 0 keeps every query
 
 
 class ModelRunner:
