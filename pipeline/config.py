@@ -147,6 +147,10 @@ class DecodeSettings(SamplingParams):
 
     max_new_tokens: int = 64  # per sample; the model's positions may end a sample sooner (stop_reason max_positions)
     seed: int = 0  # per-sample seeds derive from it, the shard and the key: reruns sample alike
+    # The target's LM head in float32 at every verified position (and the final norm where the lean forward
+    # runs), so that in bf16 a verification window and a one-token pass break near-ties alike. Costs one wider
+    # matmul per step.
+    float32_head: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -174,6 +174,7 @@ def decode_config(config: JobConfig):
         max_rows=None if c.batch_size == "auto" else c.batch_size,
         max_batch_tokens=c.max_batch_tokens,
         adaptive=config.draft.adaptive,
+        float32_head=config.decode.float32_head,
         # The driver settles auto for a job (pipeline/compiling.py); a stage built otherwise compiles on GPUs only.
         compile=c.compile == "on" or (c.compile == "auto" and torch.cuda.is_available()),
         share_prefill=c.share_image_prefill,

@@ -52,7 +52,7 @@ class StepCompiler:
         form prompt forwards run (exact shapes, never CUDA graphs)."""
         owner = forward.model
         cache = owner.__dict__.setdefault("_specvlm_compiled", {})
-        key = (role, forward.lean is not None, prompt)
+        key = (role, forward.lean is not None, forward.float32_head, prompt)
         if key not in cache:
             cache[key] = _Compiled(forward, self.device, graphs=cuda_graphs(self.device) and not prompt)
         compiled = cache[key]

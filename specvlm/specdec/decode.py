@@ -70,6 +70,9 @@ class DecodeConfig:
     compile: bool = False  # torch.compile the target's and the draft's decode forwards (compiled.py)
     # Round shapes up to buckets (shapes.py); None: exactly when compiled forwards replay CUDA graphs.
     static_shapes: bool | None = None
+    # The target's final norm and LM head in float32 at every verified position, so that a window pass and a
+    # one-token pass decide bf16 near-ties alike (runner.py DecodeForward).
+    float32_head: bool = False
     # Requests showing the same image behind the same leading tokens prefill them once, in the target and the
     # draft (prefix.py); off, every request prefills its whole prompt.
     share_prefill: bool = True
@@ -273,12 +276,21 @@ class SpeculativeDecoder:
         describe()["compile"]. Graphs stay on the models, so a decoder built again later (after a failure) finds
         them compiled."""
         model = getattr(self.draft, "model", None)
-        runs = [(self.target, None, "target", sorted({1, self.window}), True)]
+        runs = [(self.target, None, "target", sorted({1, self.window}), True, self.config.float32_head)]
         if model is not None:
             images = not getattr(self.draft, "text_only", True)
-            runs.append((model, getattr(self.draft, "lean", None), "draft", [1, 2], images))
-        for model, lean, role, widths, images in runs:
-            runner = ModelRunner(model, 2, WARM_UP_SLOTS, lean, shapes=self.shapes, compiler=self.compiler, role=role)
+            runs.append((model, getattr(self.draft, "lean", None), "draft", [1, 2], images, False))
+        for model, lean, role, widths, images, float32_head in runs:
+            runner = ModelRunner(
+                model,
+                2,
+                WARM_UP_SLOTS,
+                lean,
+                shapes=self.shapes,
+                compiler=self.compiler,
+                role=role,
+                float32_head=float32_head,
+            )
             device = runner.device
             tokens = torch.zeros(2, 4, dtype=torch.long, device=device)
             runner.prefill(tokens, [4, 3])  # eager: it allocates the cache
@@ -576,7 +588,14 @@ class SpeculativeDecoder:
                 limit=torch.zeros(rows, dtype=torch.long, device=self.device),
                 drafted=np.zeros(rows, dtype=bool),
                 host={name: np.zeros(rows, dtype=np.int64) for name in ("length", "generated", "limit")},
-                target=ModelRunner(self.target, rows, capacity, shapes=self.shapes, compiler=self.compiler),
+                target=ModelRunner(
+                    self.target,
+                    rows,
+                    capacity,
+                    shapes=self.shapes,
+                    compiler=self.compiler,
+                    float32_head=self.config.float32_head,
+                ),
                 rng=None if greedy else RowRandom([0] * rows, self.device),
                 live=[None] * rows,
             )

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from specvlm.specdec.float32_head import float32_rms_logits
+
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
@@ -96,10 +98,17 @@ class LeanLlama(torch.nn.Module):
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache, logits_to_keep: int = 0
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache,
+        logits_to_keep: int = 0,
+        float32_head: bool = False,
     ) -> torch.Tensor:
         """tokens, positions [n, q]; mask [n, 1, q, read_len] additive; cache: the runner's SlotKVCache with
-        write_slots and read_len set. Returns logits [n, q or logits_to_keep, vocab]."""
+        write_slots and read_len set; float32_head: the final norm and LM head in float32 (float32_head.py).
+        Returns logits [n, q or logits_to_keep, vocab], in float32 with float32_head."""
         n, q = tokens.shape
         h = self.embed[tokens]
         dtype = h.dtype
@@ -120,4 +129,6 @@ class LeanLlama(torch.nn.Module):
             h = h + F.linear(F.silu(gate) * up, layer.down)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        if float32_head:
+            return float32_rms_logits(h, self.final_norm, self.eps, self.lm_head)
         return F.linear(self._norm(h, self.final_norm), self.lm_head)

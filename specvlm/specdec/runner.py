@@ -26,6 +26,7 @@ import torch
 
 from specvlm.specdec.cache import SlotKVCache
 from specvlm.specdec.compiled import StepCompiler
+from specvlm.specdec.float32_head import Float32Head
 from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.rotary import RequestRotary, engaged
 from specvlm.specdec.shapes import EXACT, ShapeBuckets
@@ -99,12 +100,22 @@ class DecodeForward:
         read_slots [R] (0..R-1: its length is the read length); keys, values: the cache's per-layer buffers.
     """
 
-    def __init__(self, model: torch.nn.Module, lean: LeanLlama | None, windows: dict[str, int | None]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lean: LeanLlama | None,
+        windows: dict[str, int | None],
+        float32_head: bool = False,
+    ):
+        """float32_head: the final norm and LM head in float32, logits in float32 (DecodeConfig.float32_head)."""
         self.model = model
         self.lean = lean
         self.windows = windows
+        self.float32_head = float32_head
+        self.head = Float32Head(model) if float32_head else None
         self.additive = _additive(model)
-        self.cache_kwarg = _cache_kwarg(type(model))
+        # The decoder alone (float32 head) may name its cache argument otherwise than the whole model.
+        self.cache_kwarg = _cache_kwarg(type(model if self.head is None else self.head.decoder))
         self.dtype = model.dtype
 
     def masks(self, kv_len, attend, valid, positions, read_slots):
@@ -153,17 +164,13 @@ class DecodeForward:
         cache = SlotKVCache.view(keys, values) if cache is None else cache
         cache.write_slots, cache.read_len = write_slots, read_slots.shape[0]
         if self.lean is not None and inputs_embeds is None:
-            return self.lean(tokens, positions, mask, cache, logits_to_keep)
+            return self.lean(tokens, positions, mask, cache, logits_to_keep, self.float32_head)
         inputs = {"input_ids": tokens} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-        out = self.model(
-            **inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            **{self.cache_kwarg: cache},
-        )
-        return out.logits
+        common = dict(attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_kwarg: cache})
+        if self.head is None:
+            return self.model(**inputs, logits_to_keep=logits_to_keep, **common).logits
+        hidden = self.head.decoder(**inputs, **common).last_hidden_state  # [nb, qb, width], before the final norm
+        return self.head(hidden[:, -logits_to_keep:])  # logits_to_keep 0 keeps every query
 
 
 class ModelRunner:
@@ -177,6 +184,7 @@ class ModelRunner:
         shapes: ShapeBuckets = EXACT,
         compiler: StepCompiler | None = None,
         role: str = "target",
+        float32_head: bool = False,
     ):
         """lean: the model's LeanLlama, to run text-only forwards through (drafts only: the target's Hugging Face
         forward is the reference for losslessness). capacity: slots per row the caller may use; the cache holds
@@ -184,7 +192,7 @@ class ModelRunner:
         forwards, and prompt forwards (`prefill`, `extend`) apart once the cache is allocated (see `scratch`)."""
         self.model = model
         self.device = model.device
-        self.forms = dict(lean=lean, shapes=shapes, compiler=compiler, role=role)
+        self.forms = dict(lean=lean, shapes=shapes, compiler=compiler, role=role, float32_head=float32_head)
         self.windows = attention_windows(model)
         if len(self.windows) > 1 and not _takes_mask_per_layer_type(type(model.get_decoder())):
             raise UnsupportedModel(
@@ -194,7 +202,7 @@ class ModelRunner:
         self.max_positions = getattr(text, "max_position_embeddings", None) or 1 << 30
         self.rotary = RequestRotary.of(model)
         self.shapes = shapes
-        self.eager = DecodeForward(model, lean, self.windows)
+        self.eager = DecodeForward(model, lean, self.windows, float32_head)
         self.compiled = compiler.wrap(self.eager, role) if compiler is not None else None
         self.compiled_prompt = compiler.wrap(self.eager, role, prompt=True) if compiler is not None else None
         # One slot per row more than the caller's capacity, the trash slot padded queries write to; and one row
