@@ -161,7 +161,7 @@ class DecodeSettings(SamplingParams):
 class ComputeConfig(Section):
     actors: int = Field(1, ge=1)  # decode actors (each holds target + draft)
     # Input shards read at once, per decode actor. Rows reach the actors in about the order they are read, so
-    # these shards, plus the batches queued at each actor, are all a crash can lose (README, Fault behaviour).
+    # these shards, plus the batches queued at each actor, are all a crash can lose (docs/faults.md, What a crash can lose).
     shards_per_actor: int = Field(2, ge=1)
     num_gpus: float | Literal["auto"] = "auto"  # per actor; auto: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_actor: float = Field(1.0, gt=0)  # CPUs Ray reserves for each decode actor
@@ -177,7 +177,6 @@ class ComputeConfig(Section):
     # auto: on where decode actors have GPUs; on a CPU only for a job long enough to repay the warm-up (about a
     # minute per actor; pipeline/compiling.py). Output is the same either way; the manifest says what ran.
     compile: Literal["auto", "on", "off"] = "auto"
-    preprocess_workers: int = Field(1, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)  # larger images are refused before decoding (bomb guard)
     # Rows showing the same image (by content: a hash of its bytes, never its name) behind the same prompt start
     # prefill it once, in the target and in the draft; the output is the same either way (false: every row

@@ -1,8 +1,8 @@
 """The tables that flow through the pipeline, and the codec between a prepared row and an engine request.
 
-OUTPUT_SCHEMA is the output table, one row per input sample; the README documents every column and a test checks
-both agree. PREPARED_SCHEMA is what the read tasks hand the decode actors, DECODED_SCHEMA what the actors hand the
-driver; both carry each row's place in its shard (ROW_FIELDS).
+OUTPUT_SCHEMA is the output table, one row per input sample; docs/output.md documents every column and a test
+checks both agree. PREPARED_SCHEMA is what the read tasks hand the decode actors, DECODED_SCHEMA what the actors
+hand the driver; both carry each row's place in its shard (ROW_FIELDS).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def check_against_inputs(family, tables, input_uri, endpoint=None, files_per_sha
 
 
 def check_metric_identities(row, family):
-    """Every metric column of a decoded row against its definition (README, Output schema) and the others."""
+    """Every metric column of a decoded row against its definition (docs/output.md, Output schema) and the others."""
     steps = row["target_calls"]
     assert steps == len(row["accepted_per_step"]) == len(row["nodes_per_step"]) > 0
     assert row["accepted_tokens"] == sum(row["accepted_per_step"])

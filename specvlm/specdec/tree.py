@@ -29,7 +29,7 @@ from specvlm.specdec.sampling import probs_from_logits
 class TreeSettings:
     __pydantic_config__: ClassVar[dict] = {"extra": "forbid"}  # unknown keys in a job config are errors
 
-    # Defaults tuned on the demo family (README, Benchmarks, Trees): its drafts are confident, so narrow and
+    # Defaults tuned on the demo family (docs/benchmarks.md, Trees): its drafts are confident, so narrow and
     # deep beats wide.
     topk: int = 2  # children per expanded node
     beam: int = 2  # nodes expanded per level
