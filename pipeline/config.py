@@ -161,7 +161,8 @@ class DecodeSettings(SamplingParams):
 class ComputeConfig(Section):
     actors: int = Field(1, ge=1)  # decode actors (each holds target + draft)
     # Input shards read at once, per decode actor. Rows reach the actors in about the order they are read, so
-    # these shards, plus the batches queued at each actor, are all a crash can lose (docs/faults.md, What a crash can lose).
+    # these shards, plus the batches queued at each actor, are all a crash can lose (docs/faults.md, What a crash
+    # can lose).
     shards_per_actor: int = Field(2, ge=1)
     num_gpus: float | Literal["auto"] = "auto"  # per actor; auto: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_actor: float = Field(1.0, gt=0)  # CPUs Ray reserves for each decode actor
