@@ -71,7 +71,7 @@ class InputConfig(Section):
     # runs of one job: the files written before are kept, only new images are cut anew (pipeline/resume.py).
     files_per_shard: int = Field(1000, ge=1)
     max_shards: int | None = Field(None, ge=1)  # only the first N shards (in sorted order): trials, evaluations
-    image_column: str = "image"  # parquet only
+    image_column: str = "image"  # parquet and hf inputs
     images: str | None = None  # benchmark layouts: root of the image files (default: beside the annotations)
     annotations: str | None = None  # vqav2: the answers file (default: the one named like the questions file)
     split: str | None = None  # scienceqa, hf: the split to read

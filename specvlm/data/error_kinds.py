@@ -7,9 +7,9 @@ from __future__ import annotations
 KINDS = {
     "image_missing": "the record has no image: no image file or member, no image bytes, a caption without one",
     "image_unreadable": "the image bytes are empty, corrupt, truncated or not an image",
-    "image_too_large": "over compute.max_pixels or PIL's limit (a possible decompression bomb)",
+    "image_too_large": "over compute.max_pixels (a possible decompression bomb)",
     "image_too_small": "a side under the minimum",
-    "record_invalid": "the record is malformed: a bad JSON sidecar or line, a duplicate key, several images",
+    "record_invalid": "the record is malformed: a bad JSON sidecar or line, a duplicate key, a repeated tar member",
     "read_failed": "the record's files could not be read",
     "missing_field": "the task needs a field the record lacks (vqa: a question; mc: a question and choices)",
     "preprocess_failed": "the target's processor failed on the record",
