@@ -442,13 +442,20 @@ def _run_job(config: JobConfig, heartbeat: Heartbeat, retry_errors: bool, verbos
     summary = _summarise(output, shards, len(done - redo), collector, elapsed)
     manifest = _manifest(config, config_hash, summary, collector, operating_points, compile_reason, shard_plan)
     this_run = run_record(started_at, elapsed, summary.run_rows, summary.shards_written, config_hash)
-    manifest[RUNS] = run_history(output, this_run)
-    output.write_manifest(manifest)
-    output.clean_staging()
-    log(summary.table())
-    log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
+    log(summary.table())  # first: a manifest that cannot be written leaves what the run did in view
+    failures = []
+    try:
+        manifest[RUNS] = run_history(output, this_run)
+        output.write_manifest(manifest)
+    except Exception as exc:  # the store's outage outlasted output.retry_for_s, a full disk, a refused write
+        failures.append(_manifest_failed_message(output, summary, exc))
+    else:
+        output.clean_staging()
+        log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
     if collector.failed:
-        raise JobFailed(_failed_shards_message(collector.failed, collector.kept_partial, output))
+        failures.append(_failed_shards_message(collector.failed, collector.kept_partial, output))
+    if failures:
+        raise JobFailed("\n".join(failures))
     if summary.error_fraction > config.output.max_error_fraction:
         raise JobFailed(
             f"{summary.errors} of {summary.rows} rows failed ({summary.error_fraction:.1%}), over "
@@ -457,6 +464,19 @@ def _run_job(config: JobConfig, heartbeat: Heartbeat, retry_errors: bool, verbos
             "--retry-errors: the shards holding error rows are decoded again"
         )
     return summary
+
+
+def _manifest_failed_message(output: OutputDir, summary: Summary, exc: Exception) -> str:
+    """Why the manifest is missing, and why nothing else is: a rerun finds finished shards by their own files
+    (OutputDir.finished reads each file's config hash, never the manifest)."""
+    return (
+        f"the run's manifest could not be written to {output.uri}/{MANIFEST} ({describe(exc)}; retried for "
+        f"output.retry_for_s={output.retry.budget_s:g} s). The {summary.shards_written} shard file(s) this run "
+        f"wrote are complete and in place beside the {summary.shards_skipped} written before, and a rerun finds "
+        "them by their files, not by the manifest. Fix the cause (the store, its permissions or the free space at "
+        "output.uri), then run the same command again: it skips the finished shards, decodes only what is left and "
+        "writes the manifest."
+    )
 
 
 def _failed_shards_message(failed: dict[str, str], kept_partial: set[str], output: OutputDir) -> str:
