@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+import s3fs
 
 from pipeline.config import ConfigError
 from pipeline.job import preflight, run_job
@@ -103,3 +104,25 @@ def test_preflight_retries_no_longer_than_the_sections_retry_for_s(models, s3_bu
         preflight(config)
     assert time.monotonic() - started < PREFLIGHT_RETRY_S
     assert fault_proxy.injected["reset_burst"] == ATTEMPTS  # botocore's own attempts, and no retry around them
+
+
+def test_a_burst_of_resets_on_reading_a_model_from_the_store_is_retried(
+    models, s3_bucket, s3_endpoint, fault_proxy, tmp_path
+):
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    for name in ("target", "draft"):
+        fs.put(str(models / name) + "/", f"{bucket}/models/{name}/", recursive=True)
+    write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=1, per_shard=PER_SHARD)
+    config = config_for(
+        models,
+        f"{tmp_path}/in",
+        f"{tmp_path}/out",
+        f"model.target=s3://{bucket}/models/target",
+        f"draft.path=s3://{bucket}/models/draft",
+        f"model.storage_options.endpoint_url={fault_proxy.url}",
+    )
+    fault_proxy.resets("GET", f"/{bucket}/models/target/config.json", requests=BURST)
+    _, plan, _ = preflight(config)
+    assert fault_proxy.injected["reset_burst"] == BURST
+    assert [s.shard_id for s in plan.shards] == ["00000"]
