@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ from pipeline.resume import ShardPlan, plan_shards
 from pipeline.run_history import RUNS, run_history, run_record
 from pipeline.sink import MANIFEST, PARTIAL, OutputDir, ShardCollector
 from specvlm.data.error_kinds import kind_of
-from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient
+from specvlm.data.retry import RetryPolicy, describe, filesystem, is_transient, preflight_retry, with_retries
 from specvlm.data.sources import ShardError, SourceError, list_input, read_shard
 from specvlm.data.tables import check_image_column
 from specvlm.specdec.metrics import Pooled
@@ -121,36 +122,45 @@ def preflight(config: JobConfig) -> tuple[OutputDir, ShardPlan, str]:
     output directory, the plan of shards (pipeline/resume.py: for an image folder, which shards the output holds
     still match the folder) and the hash that output written by this job carries.
 
-    Object storage is asked with short timeouts here (specvlm.data.retry.filesystem): a store that refuses, is
-    unreachable or never answers ends the job within seconds, with the config field named. The stores come
-    before the models, whose checks import transformers (seconds on their own)."""
+    Object storage is asked with short timeouts here (specvlm.data.retry.filesystem), and a transient fault is
+    retried as the job's reads and writes retry it, for a few seconds (retry.preflight_retry): a store that drops a
+    connection or two passes, one that refuses, is unreachable or never answers ends the job within seconds, with
+    the config field named. The stores come before the models, whose checks import transformers (seconds on their
+    own)."""
     i, o = config.input, config.output
+    input_retry, output_retry = preflight_retry(i.retry_for_s), preflight_retry(o.retry_for_s)
     listing = _storage_check(
         "input",
         i.uri,
         i.storage_options,
-        lambda: list_input(
-            i.uri,
-            i.format,
-            storage_options=i.storage_options,
-            files_per_shard=i.files_per_shard,
-            preflight=True,
-            **i.model_dump(include={"images", "annotations", "split"}),
+        input_retry,
+        lambda: with_retries(
+            functools.partial(
+                list_input,
+                i.uri,
+                i.format,
+                storage_options=i.storage_options,
+                files_per_shard=i.files_per_shard,
+                preflight=True,
+                **i.model_dump(include={"images", "annotations", "split"}),
+            ),
+            input_retry,
         ),
     )
 
     def writable_output() -> OutputDir:
         output = OutputDir(o.uri, o.storage_options, RetryPolicy(budget_s=o.retry_for_s))
-        output.check_writable()
+        output.check_writable(output_retry)
         return output
 
-    output = _storage_check("output", o.uri, o.storage_options, writable_output)
+    output = _storage_check("output", o.uri, o.storage_options, output_retry, writable_output)
     config_hash = config.output_hash(check_models(config))
     plan = plan_shards(listing, output, config_hash, i.files_per_shard, prompt_rows=bool(config.task.prompts))
     return output, dataclasses.replace(plan, shards=plan.shards[: i.max_shards]), config_hash
 
 
-def _storage_check(section: str, uri: str, options: dict, check):
+def _storage_check(section: str, uri: str, options: dict, retry: RetryPolicy, check):
+    """check(), which retries its requests with `retry`; what it still raises, as a ConfigError naming the field."""
     try:
         return check()
     except SourceError as exc:
@@ -158,7 +168,10 @@ def _storage_check(section: str, uri: str, options: dict, check):
     except Exception as exc:
         fields = f"{section}.uri" + (f", {section}.storage_options.endpoint_url" if "endpoint_url" in options else "")
         if is_transient(exc):
-            problem = f"the store holding {uri} did not answer in time or refused the connection ({describe(exc)})"
+            again = f", also when asked again for {retry.budget_s:g} s" if retry.budget_s else ""
+            problem = (
+                f"the store holding {uri} did not answer in time or refused the connection{again} ({describe(exc)})"
+            )
             advice = "check the endpoint, the network, and that the store is up"
         else:
             problem = f"cannot use {uri}: {describe(exc)}"
@@ -176,17 +189,21 @@ def check_models(config: JobConfig) -> dict[str, str]:
     if config.draft.kind in ("text", "vlm"):  # the config has made sure such a draft has a path
         locations["draft.path"] = config.draft.path
     options = config.model.storage_options
+
+    def read(location: str) -> tuple[dict, str]:
+        if "://" in location:  # first ask the store, briefly, whether it answers at all
+            fs, path = filesystem(location, options, preflight=True)
+            with contextlib.suppress(FileNotFoundError):  # it answered; read_model_config says what is missing
+                fs.info(path)
+        return read_model_config(location, options), weights_fingerprint(location, options)
+
     model_configs, weights = {}, {}
     for name, location in locations.items():
         try:
-            if "://" in location:  # first ask the store, briefly, whether it answers at all
-                fs, path = filesystem(location, options, preflight=True)
-                with contextlib.suppress(FileNotFoundError):  # it answered; read_model_config says what is missing
-                    fs.info(path)
-            model_configs[name] = read_model_config(location, options)
+            model_configs[name], fingerprint = with_retries(functools.partial(read, location), preflight_retry())
             if name == "model.target":
                 check_target_kind(model_configs[name], location)
-            weights["target" if name == "model.target" else "draft"] = weights_fingerprint(location, options)
+            weights["target" if name == "model.target" else "draft"] = fingerprint
         except (ModelLoadError, ConfigError) as exc:
             raise ConfigError(f"{name}: {exc}") from None
         except Exception as exc:
@@ -214,8 +231,9 @@ def check_first_shard(config: JobConfig, shard) -> None:
     from specvlm.data.prompts import PromptError, instruction, task_fields
 
     if shard.format == "parquet":
+        check = functools.partial(check_image_column, shard, config.input.storage_options, config.input.image_column)
         try:
-            check_image_column(shard, config.input.storage_options, config.input.image_column)
+            with_retries(check, preflight_retry(config.input.retry_for_s))
         except SourceError as exc:
             raise ConfigError(f"input.image_column: {exc}") from None
         except (OSError, ValueError):
@@ -424,13 +442,20 @@ def _run_job(config: JobConfig, heartbeat: Heartbeat, retry_errors: bool, verbos
     summary = _summarise(output, shards, len(done - redo), collector, elapsed)
     manifest = _manifest(config, config_hash, summary, collector, operating_points, compile_reason, shard_plan)
     this_run = run_record(started_at, elapsed, summary.run_rows, summary.shards_written, config_hash)
-    manifest[RUNS] = run_history(output, this_run)
-    output.write_manifest(manifest)
-    output.clean_staging()
-    log(summary.table())
-    log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
+    log(summary.table())  # first: a manifest that cannot be written leaves what the run did in view
+    failures = []
+    try:
+        manifest[RUNS] = run_history(output, this_run)
+        output.write_manifest(manifest)
+    except Exception as exc:  # the store's outage outlasted output.retry_for_s, a full disk, a refused write
+        failures.append(_manifest_failed_message(output, summary, exc))
+    else:
+        output.clean_staging()
+        log(f"output: {output.uri} (manifest: {output.uri}/{MANIFEST})")
     if collector.failed:
-        raise JobFailed(_failed_shards_message(collector.failed, collector.kept_partial, output))
+        failures.append(_failed_shards_message(collector.failed, collector.kept_partial, output))
+    if failures:
+        raise JobFailed("\n".join(failures))
     if summary.error_fraction > config.output.max_error_fraction:
         raise JobFailed(
             f"{summary.errors} of {summary.rows} rows failed ({summary.error_fraction:.1%}), over "
@@ -439,6 +464,19 @@ def _run_job(config: JobConfig, heartbeat: Heartbeat, retry_errors: bool, verbos
             "--retry-errors: the shards holding error rows are decoded again"
         )
     return summary
+
+
+def _manifest_failed_message(output: OutputDir, summary: Summary, exc: Exception) -> str:
+    """Why the manifest is missing, and why nothing else is: a rerun finds finished shards by their own files
+    (OutputDir.finished reads each file's config hash, never the manifest)."""
+    return (
+        f"the run's manifest could not be written to {output.uri}/{MANIFEST} ({describe(exc)}; retried for "
+        f"output.retry_for_s={output.retry.budget_s:g} s). The {summary.shards_written} shard file(s) this run "
+        f"wrote are complete and in place beside the {summary.shards_skipped} written before, and a rerun finds "
+        "them by their files, not by the manifest. Fix the cause (the store, its permissions or the free space at "
+        "output.uri), then run the same command again: it skips the finished shards, decodes only what is left and "
+        "writes the manifest."
+    )
 
 
 def _failed_shards_message(failed: dict[str, str], kept_partial: set[str], output: OutputDir) -> str:

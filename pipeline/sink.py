@@ -71,18 +71,23 @@ class OutputDir:
             done.add(posixpath.basename(path)[: -len(".parquet")])
         return done
 
-    def check_writable(self) -> None:
-        """Write and remove a probe object, waiting for the store only seconds (preflight)."""
+    def check_writable(self, retry: RetryPolicy) -> None:
+        """Write and remove a probe object, waiting for the store only seconds (preflight). Each request is retried
+        on its own (`retry`, a short one): a dropped connection retried as a whole probe would leave a probe object
+        behind for every retry after its write."""
         fs, root = filesystem(self.uri, self.storage_options, preflight=True)
+        probe = posixpath.join(root, f"_write_probe-{uuid.uuid4().hex}")
+
+        def ask_about_root():
+            with contextlib.suppress(FileNotFoundError):
+                fs.info(root)
+
         # One request first: a store that is down or silent fails here, before calls that retry among themselves
         # (s3fs's makedirs asks about the bucket several ways, each waiting its own timeout).
-        with contextlib.suppress(FileNotFoundError):
-            fs.info(root)
-        fs.makedirs(root, exist_ok=True)
-        probe = posixpath.join(root, f"_write_probe-{uuid.uuid4().hex}")
-        with fs.open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(probe)
+        with_retries(ask_about_root, retry)
+        with_retries(lambda: fs.makedirs(root, exist_ok=True), retry)
+        with_retries(lambda: fs.pipe_file(probe, b"ok"), retry)
+        with_retries(lambda: fs.rm(probe), retry)
 
     def write_atomic(self, path: str, write) -> None:
         """write(file_object) into a temporary object, then move it to `path`; retried as a whole."""

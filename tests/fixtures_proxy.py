@@ -8,7 +8,9 @@ injects what object storage does to long jobs:
   - an outage of one object: every request whose path holds a given key is answered 503 ServiceUnavailable,
     for its next N requests or until `heal()`;
   - a slow drip on one object: every response for it sends its head at once and its body at a few bytes/s,
-    until `heal()`.
+    until `heal()`;
+  - a burst of resets on one kind of request: the next N requests of a method whose target (path and query)
+    holds a given fragment are reset before any reply.
 Each injected fault is counted in `injected`, so a test can show the faults really happened.
 """
 
@@ -38,6 +40,7 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         self._outages: dict[str, int | None] = {}  # path fragment -> requests still to fail (None: until healed)
         self._drips: dict[str, float] = {}  # path fragment -> body bytes per second
+        self._resets: dict[tuple[str, str], int | None] = {}  # (method, target fragment) -> resets still to make
         self.requests: list[tuple[float, str, str]] = []  # (time.time(), method, path) of every request
         self._random = random.Random(seed)
         self._lock = threading.Lock()
@@ -57,10 +60,18 @@ class FaultProxy:
         with self._lock:
             self._drips[urllib.parse.quote(key)] = bytes_per_s
 
+    def resets(self, method: str, fragment: str, requests: int | None = None) -> None:
+        """Reset the connection of the next `requests` requests (or all, until heal()) whose method is `method` and
+        whose target holds `fragment` (its path and query, unquoted: "?delete" for DeleteObjects, "?list-type=2"
+        for a listing), before any reply: a store that drops connections for a moment."""
+        with self._lock:
+            self._resets[(method, fragment)] = requests
+
     def heal(self) -> None:
         with self._lock:
             self._outages.clear()
             self._drips.clear()
+            self._resets.clear()
 
     def close(self) -> None:
         self._closed = True
@@ -89,6 +100,16 @@ class FaultProxy:
                     return True
         return False
 
+    def _in_reset_burst(self, method: str, target: str) -> bool:
+        with self._lock:
+            for (wanted, fragment), left in self._resets.items():
+                if wanted == method and fragment in target and left != 0:
+                    if left is not None:
+                        self._resets[(wanted, fragment)] = left - 1
+                    self.injected["reset_burst"] += 1
+                    return True
+        return False
+
     def _drip_rate(self, target: str) -> float | None:
         path = target.split("?", 1)[0]
         with self._lock:
@@ -114,6 +135,8 @@ class FaultProxy:
                 return
             if fault == "reset":
                 self._count(fault)
+                return _reset(client)
+            if self._in_reset_burst(method.decode(), urllib.parse.unquote(target.decode())):
                 return _reset(client)
             response_head, response_body = self._forward(b"".join(request), method)
             response_head = _closing(response_head)

@@ -11,6 +11,7 @@ import pytest
 import s3fs
 
 from pipeline.job import JobFailed, run_job
+from pipeline.sink import MANIFEST
 from specvlm.demo.shards import write_webdataset_shards
 from tests.test_pipeline import (
     PER_SHARD,
@@ -168,3 +169,34 @@ def test_a_read_that_drips_is_cut_and_its_shard_named_while_the_other_shards_lan
     # (Half the deadline after the drip began: the proxy notices the cut only at its next byte.)
     drip_began = read_at[f"/{bucket}/in/00001.tar"]
     assert max(read_at[f"/{bucket}/in/{name}.tar"] for name in ("00002", "00003")) < drip_began + 10
+
+
+def test_a_manifest_that_cannot_be_written_fails_the_job_after_its_summary_and_a_rerun_writes_it(
+    family, models, s3_bucket, s3_endpoint, fault_proxy, ray_local
+):
+    bucket, _ = s3_bucket
+    options = {"endpoint_url": s3_endpoint}
+    write_webdataset_shards(f"s3://{bucket}/in", seed=SEED, num_shards=2, per_shard=PER_SHARD, storage_options=options)
+    # Every request that puts the manifest in place (its copy from _staging/) is reset, for as long as the job asks;
+    # the shard files and the manifest's staging upload go through.
+    fault_proxy.resets("PUT", f"/{bucket}/out/{MANIFEST}")
+    config = _s3_job(models, bucket, fault_proxy.url, "output.retry_for_s=1")
+    logged = []
+    with pytest.raises(JobFailed) as failed:
+        run_job(config, log=logged.append)
+    assert fault_proxy.injected["reset_burst"] > 0
+    message = str(failed.value)
+    assert f"manifest could not be written to s3://{bucket}/out/{MANIFEST}" in message
+    assert "output.retry_for_s=1 s" in message and "run the same command again" in message
+    assert "The 2 shard file(s) this run wrote are complete" in message
+    assert any("block efficiency (tau)" in line for line in logged), "no summary before the failure"
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    assert not fs.exists(f"{bucket}/out/{MANIFEST}")
+    assert sorted(read_output(f"s3://{bucket}/out", s3_endpoint)) == ["00000.parquet", "00001.parquet"]
+
+    fault_proxy.heal()
+    summary = run_job(config, log=lambda *_: None)
+    assert (summary.shards_skipped, summary.shards_written, summary.shards_failed) == (2, 0, 0)
+    fs.invalidate_cache()
+    assert json.loads(fs.cat(f"{bucket}/out/{MANIFEST}"))["summary"]["shards_skipped"] == 2
+    check_against_inputs(family, read_output(f"s3://{bucket}/out", s3_endpoint), f"s3://{bucket}/in/*.tar", s3_endpoint)

@@ -198,6 +198,17 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 
+# Preflight retries what the job's reads and writes would, for a few seconds at most: it asks whether a store
+# answers at all, and one that stays down must be reported within seconds (exit 2), not after a job's whole
+# retry_for_s. A connection dropped once or twice in a row by a store that is up passes.
+PREFLIGHT_RETRY_S = 8.0
+
+
+def preflight_retry(retry_for_s: float = PREFLIGHT_RETRY_S) -> RetryPolicy:
+    """The retry of preflight's requests to a store that the job retries for retry_for_s (input.retry_for_s,
+    output.retry_for_s; the models have no such setting)."""
+    return RetryPolicy(budget_s=min(retry_for_s, PREFLIGHT_RETRY_S))
+
 
 def with_retries(call: Callable[[], T], policy: RetryPolicy = DEFAULT_RETRY) -> T:
     """call(), again after each transient failure until the policy's budget is spent; other errors raise at once."""
