@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from jobs.gpu_benchmark import Bench, sections_to_run, vllm_section
+from jobs.gpu_benchmark import Bench, main, sections_to_run, vllm_section
 from specvlm.evaluation.kernels import FUSED_BACKENDS, UnfusedAttention, check_engine, check_fused
 from specvlm.evaluation.vllm_plain import EngineSetting, VllmRun, versus_table, vllm_missing
 
@@ -69,3 +69,12 @@ def test_kernel_check_fails_loudly_where_attention_would_run_unfused():
 def test_kernel_check_fails_where_nothing_attends_through_sdpa():
     with pytest.raises(UnfusedAttention, match="no call reached scaled_dot_product_attention"):
         check_fused(lambda: torch.ones(4) @ torch.ones(4), "eager attention")
+
+
+def test_check_kernels_runs_no_section_and_reports_each_path(tmp_path):
+    out = tmp_path / "kernels.md"
+    main(["--shape", "tiny", "--requests", "4", "--max-new-tokens", "6", "--check-kernels", "--out", str(out)])
+    text = out.read_text()
+    for path in ("plain decoding", "chain verification", "tree verification"):
+        assert f"| {path}" in text and CPU_FLASH in text
+    assert "FAILED" not in text and "tok/s" not in text  # no benchmark section ran
