@@ -27,7 +27,8 @@ It needs torch and transformers only (no Ray; vllm for its section):
                                                         # LLaVA-1.5's width at 4 layers (1.1B) on a CPU with
                                                         # bf16 instructions: weight-bound, r about 1 (in
                                                         # float32, 2 cores are arithmetic-bound: r = 2.2)
-    python jobs/gpu_benchmark.py --shape tiny           # seconds, to check the script
+    python jobs/gpu_benchmark.py --shape tiny --requests 4 --max-new-tokens 16 --batches 2 --caps 2 4 --repeats 2
+                                                        # every section on a CPU in minutes, to check the script
 """
 
 from __future__ import annotations
