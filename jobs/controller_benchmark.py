@@ -27,7 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specvlm.engine import AUTO_DEPTH
-from specvlm.evaluation.demo_family import DEMO_MODELS, load_demo_family
+from specvlm.evaluation.demo_family import DEMO_MODELS, load_demo_family, world_requests
 from specvlm.evaluation.throughput import decode, take_turns
 from specvlm.models.loading import LoadedTarget, decode_parameters, load_draft_model
 from specvlm.specdec.drafts import ModelDraft
@@ -168,7 +168,7 @@ def main(argv=None) -> None:
     below = 0
     for name, draft in drafts.items():
         for cap in args.caps:
-            requests = family.requests(args.requests_per_row * cap)
+            requests = world_requests(target.processor, args.requests_per_row * cap)
             row, ratios = measure(name, target, draft, requests, cap, gammas, args, eos, log=print)
             below += sum(r < WITHIN for r in ratios)
             lines.append(row)
