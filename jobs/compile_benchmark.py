@@ -14,27 +14,22 @@ row counts and prompt lengths: the fastest of `--prompt-calls` calls each.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as hf_logging
 
-from specvlm.demo import ASSETS
-from specvlm.engine import DraftSettings, build_draft
-from specvlm.evaluation.throughput import decode, take_turns, world_requests
-from specvlm.models.loading import load_target
+from specvlm.evaluation.compile_comparison import TABLE_HEADER, compare
+from specvlm.evaluation.demo_family import DEMO_MODELS, load_demo_family
 from specvlm.specdec.compiled import StepCompiler
-from specvlm.specdec.decode import generation_eos
 from specvlm.specdec.runner import ModelRunner
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=ASSETS / "models")
+    parser.add_argument("--models", type=Path, default=DEMO_MODELS)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--caps", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -43,16 +38,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("out/compile.md"))
     args = parser.parse_args(argv)
-    hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    target = load_target(str(args.models / "target"), device="cpu", dtype="float32")
-    eos = generation_eos(target.model)
-    requests = world_requests(target.processor, args.requests)
-    settings = DraftSettings("vlm", str(args.models / "draft-vlm"))
-    drafts = {"plain": None, "speculative": lambda: build_draft(dataclasses.replace(settings), target)}
+    family = load_demo_family(args.models, args.threads)
+    target, eos = family.target, family.eos
+    requests = family.requests(args.requests)
+    drafts = {"plain": None, "speculative": family.vlm_draft()}
     command = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Compiled against eager decode steps\n",
@@ -60,38 +51,15 @@ def main(argv=None) -> None:
         f"{args.requests} held-out scenes; max {args.max_new_tokens} new tokens; speculative = VLM draft, gamma "
         f"auto, adaptive. Best of {args.rounds} rounds, settings taking turns. Command: "
         f"`python -m jobs.compile_benchmark {command}`.\n",
-        "| cap | decoding | eager tok/s | compiled tok/s | compiled / eager | identical | first round's extra s |",
-        "|---:|---|---:|---:|---:|---|---:|",
+        *TABLE_HEADER,
     ]
-    for cap in args.caps:
-        for name, make in drafts.items():
-            runs = {
-                mode: lambda cap=cap, make=make, compiled=compiled: decode(
-                    target.model,
-                    make() if make else None,
-                    requests,
-                    cap,
-                    max_new_tokens=args.max_new_tokens,
-                    eos=eos,
-                    compile=compiled,
-                )
-                for mode, compiled in (("eager", False), ("compiled", True))
-            }
-            out = take_turns(runs, args.rounds)
-            eager, compiled = out["eager"], out["compiled"]
-            tokens = sum(len(r.tokens) for r in eager[1])
-            rate = {mode: tokens / min(seconds) for mode, (seconds, _, _) in out.items()}
-            same = [r.tokens for r in eager[1]] == [r.tokens for r in compiled[1]]
-            failure = compiled[2]["compile"]["fell_back_to_eager"]
-            if failure:
-                print(f"compiling failed, the compiled run decoded eagerly: {failure}")
-            warm = compiled[0][0] - min(compiled[0])  # the first round compiles whatever graphs are new
-            lines.append(
-                f"| {cap} | {name} | {rate['eager']:.0f} | {rate['compiled']:.0f} | "
-                f"{rate['compiled'] / rate['eager']:.2f}x | {'yes' if same else 'NO'} | {warm:.1f} |"
-            )
-            print(lines[-1], flush=True)
-            args.out.write_text("\n".join(lines) + "\n")
+    settings = dict(max_new_tokens=args.max_new_tokens, eos=eos, rounds=args.rounds)
+    for row in compare(target.model, drafts, requests, tuple(args.caps), **settings):
+        if row.fell_back:
+            print(f"compiling failed, the compiled run decoded eagerly: {row.fell_back}")
+        lines.append(row.table_row())
+        print(lines[-1], flush=True)
+        args.out.write_text("\n".join(lines) + "\n")
     lines += [
         "",
         "The first round's extra seconds are its compile: the first setting compiles the graphs, the others "

@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.utils import logging as hf_logging
 
-from specvlm.demo import ASSETS
 from specvlm.engine import AUTO_DEPTH
-from specvlm.evaluation.throughput import decode, take_turns, world_requests
-from specvlm.models.loading import LoadedTarget, decode_parameters, load_draft_model, load_target
-from specvlm.specdec.decode import generation_eos
+from specvlm.evaluation.demo_family import DEMO_MODELS, load_demo_family, world_requests
+from specvlm.evaluation.throughput import decode, take_turns
+from specvlm.models.loading import LoadedTarget, decode_parameters, load_draft_model
 from specvlm.specdec.drafts import ModelDraft
 
 WITHIN = 0.9  # the adaptive engine must reach this share of the better of plain and the best fixed depth
@@ -129,7 +127,7 @@ def measure(name: str, target, draft, requests, cap: int, gammas: list[int], arg
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=ASSETS / "models")
+    parser.add_argument("--models", type=Path, default=DEMO_MODELS)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="3 trials, fixed depths 1, 2, 4 and 8")
     parser.add_argument("--caps", type=int, nargs="+", default=[1, 8])
@@ -143,13 +141,10 @@ def main(argv=None) -> None:
     if args.quick:
         args.trials = min(args.trials, 3)
     gammas = [1, 2, 4, AUTO_DEPTH] if args.quick else list(range(1, AUTO_DEPTH + 1))
-    hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    target = load_target(str(args.models / "target"), device="cpu", dtype="float32")
-    eos = generation_eos(target.model)
+    family = load_demo_family(args.models, args.threads)
+    target, eos = family.target, family.eos
     copy = load_draft_model("vlm", target, str(args.models / "target"))
     noise = random_draft_model(target)
     drafts = {

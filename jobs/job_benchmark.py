@@ -33,7 +33,7 @@ from pipeline.stages import Preparer, decode_config, load_processor
 from specvlm.data.sources import list_shards, read_shard
 from specvlm.demo.shards import write_webdataset_shards
 from specvlm.engine import build_engine
-from specvlm.evaluation.throughput import HELD_OUT_SEED
+from specvlm.evaluation.demo_family import HELD_OUT_SEED
 
 DEFAULT = "default (VLM draft, gamma auto, batch auto)"
 PLAIN = (8, 64, 256)  # plain decoding's batch sizes: the best of them is the bar

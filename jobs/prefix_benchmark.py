@@ -29,7 +29,7 @@ from specvlm.demo.shards import encode_image
 from specvlm.demo.world import make_scene
 from specvlm.demo.world_data import scene_questions
 from specvlm.engine import build_engine
-from specvlm.evaluation.throughput import HELD_OUT_SEED
+from specvlm.evaluation.demo_family import HELD_OUT_SEED
 
 QUESTIONS = 5
 

@@ -10,25 +10,20 @@ Writes a Markdown report (default out/throughput.md). See specvlm/evaluation/thr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as hf_logging
 
-from specvlm.demo import ASSETS
-from specvlm.engine import DraftSettings, build_draft
-from specvlm.evaluation.throughput import cap_sweep, cap_table, continuous_vs_static, world_requests
-from specvlm.models.loading import load_target
-from specvlm.specdec.decode import generation_eos
+from specvlm.evaluation.demo_family import DEMO_MODELS, load_demo_family
+from specvlm.evaluation.throughput import cap_sweep, cap_table, continuous_vs_static
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=ASSETS / "models")
+    parser.add_argument("--models", type=Path, default=DEMO_MODELS)
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--caps", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -37,20 +32,13 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-caps", action="store_true", help="only continuous vs static batching")
     parser.add_argument("--out", type=Path, default=Path("out/throughput.md"))
     args = parser.parse_args(argv)
-    hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after each section: a long run that dies keeps what it measured
         args.out.write_text("\n".join(lines) + "\n")
 
-    target = load_target(str(args.models / "target"), device="cpu", dtype="float32")
-    eos = generation_eos(target.model)
-    vlm = DraftSettings("vlm", str(args.models / "draft-vlm"))
-
-    def draft(**changes):
-        return lambda: build_draft(dataclasses.replace(vlm, **changes), target)
+    family = load_demo_family(args.models, args.threads)
+    target, eos, draft = family.target, family.eos, family.vlm_draft
 
     lines = [
         f"# Throughput under load\n\nCPU ({platform.machine()}, {torch.get_num_threads()} torch threads); demo "
@@ -59,7 +47,7 @@ def main(argv=None) -> None:
         f"`python -m jobs.throughput {' '.join(argv if argv is not None else sys.argv[1:])}`.\n"
     ]
     if not args.skip_caps:
-        requests = world_requests(target.processor, args.requests)
+        requests = family.requests(args.requests)
         drafts = {"speculative (default: VLM draft, gamma auto, adaptive)": draft(), "fixed chain γ=3": draft(gamma=3)}
         runs = cap_sweep(
             target.model,
@@ -76,7 +64,7 @@ def main(argv=None) -> None:
         save()
 
     # Short answers mixed with captions: output lengths from a few tokens to dozens.
-    mixed = world_requests(target.processor, max(args.requests // 2, 64), tasks=("vqa", "caption"))
+    mixed = family.requests(max(args.requests // 2, 64), tasks=("vqa", "caption"))
     lines.append("## Continuous against static batching (short answers mixed with captions)\n")
     lines.append("| draft | cap | output lengths | static tok/s | continuous tok/s | continuous / static | identical |")
     lines.append("|---|---:|---|---:|---:|---:|---|")

@@ -8,7 +8,8 @@ Two measurements, each as ratios from runs that take turns in one process:
 - continuous vs static: the same cap, requests of widely varying output lengths (short answers mixed with
   captions); static batching decodes fixed groups of `cap` requests, each group waiting for its slowest row.
 
-Requests are demo-world scenes of a seed the demo models never trained on.
+The jobs run these on the demo family's held-out requests (demo_family.py) and on random-weight targets of real
+size (jobs/gpu_benchmark.py).
 """
 
 from __future__ import annotations
@@ -19,23 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specvlm.demo.quality import scene_requests
-from specvlm.demo.world import make_scene
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import Draft
 from specvlm.specdec.metrics import pool
 from specvlm.specdec.requests import Request, Result
-
-HELD_OUT_SEED = 3  # the demo family trained on seed 0 and is evaluated on seeds 1 and 2
-
-
-def world_requests(processor, count: int, tasks=("caption",), seed: int = HELD_OUT_SEED) -> list[Request]:
-    """`count` held-out scenes, cycling through `tasks` (so a mixed workload alternates them)."""
-    requests = []
-    for i in range(count):
-        task = tasks[i % len(tasks)]
-        requests += scene_requests([make_scene(seed, i)], task, processor)
-    return requests
 
 
 @dataclass

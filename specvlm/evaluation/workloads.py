@@ -38,7 +38,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 
 from specvlm.data.prompts import instruction, render
 from specvlm.demo.world import make_scene
-from specvlm.evaluation.throughput import HELD_OUT_SEED, world_requests
+from specvlm.evaluation.demo_family import HELD_OUT_SEED, world_requests
 from specvlm.specdec.requests import Request
 
 LONG_OUTPUT = (200, 400)  # new tokens per row, spread evenly over the requests
