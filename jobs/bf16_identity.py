@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
 from jobs.gpu_benchmark import SHAPES
-from specvlm.evaluation.replay import ReplayDraft
+from specvlm.evaluation.replay import ReplayDraft, record_scripts
 from specvlm.models.build import build_llava, build_tokenizer
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.float32_head import Float32Head
@@ -107,8 +107,9 @@ def engine(target, prompts, new_tokens: int, batch: int, reference, gamma: int, 
     requests = [Request(p) for p in prompts]
     draft = None
     if reference is not None:
-        scripts = {tuple(p): r for p, r in zip(prompts, reference)}
-        draft = ReplayDraft(scripts, error_rate=0.0, target_vocab=VOCAB, device=target.device, gamma=gamma)
+        draft = ReplayDraft(
+            record_scripts(requests, reference), error_rate=0.0, target_vocab=VOCAB, device=target.device, gamma=gamma
+        )
     config = DecodeConfig(
         max_new_tokens=new_tokens, eos_token_ids=(-1,), max_rows=batch, adaptive=False, float32_head=float32_head
     )
