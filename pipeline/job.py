@@ -332,7 +332,7 @@ def _stop(signum, frame):
 def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=None):
     import ray
 
-    from pipeline.reader import BLOCK_ROWS, READ_TASK_CPUS, ShardDatasource, read_block_size
+    from pipeline.reader import BLOCK_ROWS, READ_TASK_CPUS, ShardDatasource
     from pipeline.stages import decode_stage
 
     c = config.compute
@@ -345,9 +345,7 @@ def build_dataset(config: JobConfig, shards: list, config_hash: str, reports=Non
     # re-cutting below, a 2-CPU node gave the read a budget of one task however small (measured: 4 read tasks of
     # 0.5 CPU, concurrency 2, ran one after another), so one read stuck on a slow store stalled the job. The
     # read's `concurrency` and the actors' tasks in flight bound what each operator holds without them.
-    context = ray.data.DataContext.get_current()
-    context.op_resource_reservation_enabled = False
-    read_block_size(context)  # a shard's rows flow on as they are read, not once it is read whole (reader.py)
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     ds = ray.data.read_datasource(
         source,
         concurrency=reading,

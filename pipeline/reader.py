@@ -20,16 +20,10 @@ decode actors (the GPU actor would read and preprocess, and every shard of its b
 once), and holds each task's output until it ends. A read task is its own operator, never fused into the
 actors, and `concurrency` caps how many shards are read at once.
 
-Rows reach the actors while their shard is still being read: Ray Data gathers what a read task yields into
-blocks of its target size, 128 MiB by default (thousands of small images: a whole 4,000-image demo shard came as
-one block, once read to its end), so the job sets READ_BLOCK_BYTES (read_block_size).
-
 What a crash can lose is what is in flight: the shards being read (compute.shards_per_actor per actor), and the
-rows each decode actor holds, a fixed number of blocks (its tasks in flight). The job re-cuts blocks to
-BLOCK_ROWS rows (job.build_dataset), so the rows in flight per actor stay bounded whatever the size of a row or a
-shard. (What a running read task has read ahead of decoding is not bounded: Ray Data's downstream-capacity
-backpressure compares the blocks queued with the bytes the next operator's tasks hold, and the re-cut between the
-read and the actors never holds any for long.)
+rows each decode actor holds, a fixed number of blocks (its tasks in flight). Ray Data would size blocks in
+bytes (up to 128 MiB: thousands of small images, whole shards), so the job re-cuts them to BLOCK_ROWS rows
+(job.build_dataset), and the rows in flight per actor stay bounded whatever the size of a row or a shard.
 """
 
 from __future__ import annotations
@@ -57,15 +51,6 @@ READ_TASK_CPUS = 0.5
 # Rows per block into the decode actors: a few of their batches, so that each task keeps the engine fed
 # (stages.DecodeActor decodes up to 4 batches of a task at once) while tasks in flight stay small.
 BLOCK_ROWS = 64
-# Bytes per block out of a read task: about 70 demo rows (28 KiB of pixels each), or a row of LLaVA's 336-px
-# float32 pixels (1.3 MiB) alone.
-READ_BLOCK_BYTES = 2 * 1024 * 1024
-
-
-def read_block_size(context) -> None:
-    """Ray Data's block size (`context`: its DataContext), for the read's blocks (and the others': the decode
-    actors' output rows are small)."""
-    context.target_max_block_size = READ_BLOCK_BYTES
 
 
 def shard_groups(shards: list[Shard], readers: int) -> list[list[Shard]]:
