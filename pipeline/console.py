@@ -20,6 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.expected_rows import ExpectedRows
+
 PROGRESS_EVERY_S = 5.0
 HEARTBEAT_EVERY_S = 15.0  # the longest the console stays silent
 
@@ -57,17 +59,23 @@ def stderr_to_file(path: Path):
 
 class Progress:
     """Counts the decoded rows streaming into the driver and logs a line every `every_s` seconds: shards done of
-    the total, rows, rows/s, tokens/s, τ so far and the time left, estimated from the rows per finished shard."""
+    the total, rows done of the rows expected (pipeline/expected_rows.py; "~" while some are estimated), rows/s,
+    tokens/s, τ so far and the time left at the rows/s so far. Rows, not shards, measure how far the job got: a
+    job of a few big shards finishes none of them for most of its run."""
 
-    def __init__(self, shards_total: int, log, every_s: float = PROGRESS_EVERY_S, clock=time.monotonic):
+    def __init__(
+        self, shards_total: int, expected: ExpectedRows, log, every_s: float = PROGRESS_EVERY_S, clock=time.monotonic
+    ):
         self.shards_total = shards_total
+        self.expected = expected
         self.log = log
         self.every_s = every_s
         self.clock = clock
         self.started = self.last = clock()
         self.rows = self.tokens = self.target_calls = 0
 
-    def add(self, batch: pa.Table, shards_done: int, rows_in_done_shards: int) -> None:
+    def add(self, batch: pa.Table, shards_done: int, counted: dict[str, int]) -> None:
+        """counted: shard id -> rows, for the shards whose row count the driver has seen (ShardCollector)."""
         rows = batch.filter(pc.invert(batch["is_end"]))
         self.rows += rows.num_rows
         self.tokens += int(pc.sum(rows["new_tokens"]).as_py() or 0)
@@ -75,19 +83,17 @@ class Progress:
         now = self.clock()
         if now - self.last >= self.every_s:
             self.last = now
-            self.log(self.line(shards_done, rows_in_done_shards))
+            self.log(self.line(shards_done, counted))
 
-    def line(self, shards_done: int, rows_in_done_shards: int) -> str:
+    def line(self, shards_done: int, counted: dict[str, int]) -> str:
         elapsed = max(self.clock() - self.started, 1e-9)
         rows_per_s, tokens_per_s = self.rows / elapsed, self.tokens / elapsed
         tau = f"{self.tokens / self.target_calls:.2f}" if self.target_calls else "-"
-        eta = "-"
-        if shards_done and rows_per_s > 0:
-            rows_expected = rows_in_done_shards / shards_done * self.shards_total
-            eta = duration(max(rows_expected - self.rows, 0) / rows_per_s)
+        total, exact = self.expected.total(counted)
+        eta = duration(max(total - self.rows, 0) / rows_per_s) if rows_per_s > 0 else "-"
         return (
-            f"progress: {shards_done}/{self.shards_total} shards, {self.rows} rows, {rows_per_s:.1f} rows/s, "
-            f"{tokens_per_s:.0f} tokens/s, tau {tau}, ETA {eta}"
+            f"progress: {shards_done}/{self.shards_total} shards, {self.rows}/{'' if exact else '~'}{total} rows, "
+            f"{rows_per_s:.1f} rows/s, {tokens_per_s:.0f} tokens/s, tau {tau}, ETA {eta}"
         )
 
 

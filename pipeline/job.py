@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.console import Heartbeat, Progress, duration, quiet_ray
+from pipeline.expected_rows import expected_rows
 from pipeline.resume import ShardPlan, plan_shards
 from pipeline.run_history import RUNS, run_history, run_record
 from pipeline.sink import MANIFEST, PARTIAL, OutputDir, ShardCollector
@@ -418,10 +419,12 @@ def _run_job(config: JobConfig, heartbeat: Heartbeat, retry_errors: bool, verbos
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         reports = ray.remote(OperatingPoints).options(num_cpus=0, scheduling_strategy=here).remote()
         heartbeat.phase("choosing compute.compile")
-        config, compile_reason = compiling.resolve(config, pending, gpus_per_actor(config), count_rows(config))
+        # Memoised: the compile decision and the rows expected both count the first shard, which is read once.
+        count = functools.lru_cache(count_rows(config))
+        config, compile_reason = compiling.resolve(config, pending, gpus_per_actor(config), count)
         log(f"compiled decode steps: {config.compute.compile} ({compile_reason})")
         dataset = build_dataset(config, pending, config_hash, reports)
-        progress = Progress(len(pending), log)
+        progress = Progress(len(pending), expected_rows(config, pending, count), log)
         compiles = ", compiling their decode steps" if config.compute.compile == "on" else ""
         heartbeat.phase(
             f"loading models on {config.compute.actors} decode actor(s){compiles}, waiting for the first rows"
@@ -433,7 +436,7 @@ def _run_job(config: JobConfig, heartbeat: Heartbeat, retry_errors: bool, verbos
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 heartbeat.phase("decoding, waiting for the next rows", shards_so_far)
                 collector.add(batch)
-                progress.add(batch, len(collector.written) + len(collector.failed), sum(collector.written.values()))
+                progress.add(batch, len(collector.written) + len(collector.failed), collector.row_counts)
         heartbeat.phase("writing the last shards and the manifest", shards_so_far)
         collector.close()
         operating_points = ray.get(reports.get.remote())

@@ -181,6 +181,7 @@ class ShardCollector:
         self.parts: dict[str, list[pa.Table]] = {}  # shard id -> its rows received so far
         self.indexes: dict[str, set[int]] = {}  # shard id -> the row_index values among them
         self.closing: dict[str, dict] = {}  # shard id -> {"rows": its row count, "error": why it was cut short}
+        self.row_counts: dict[str, int] = {}  # shard id -> its row count, once the row closing it has come
         self.stale_partials = set(stale_partials)  # partial files left by earlier runs
         self.written: dict[str, int] = {}  # shard id -> rows
         self.failed: dict[str, str] = {}  # shard id -> why
@@ -208,6 +209,7 @@ class ShardCollector:
             if shard in closing:
                 p = closing[shard]
                 self.closing[shard] = {"rows": counts[p], "error": batch["shard_error"][p].as_py()}
+                self.row_counts[shard] = counts[p]
             seen = self.indexes.setdefault(shard, set())
             fresh = [p for p in positions if indexes[p] not in seen]  # a retried task may deliver rows again
             if fresh:
