@@ -87,10 +87,11 @@ def test_report_says_why_an_adaptive_strategy_stepped_aside(tmp_path):
     _, chain, tree = report.results
     assert chain.label == "vlm chain γ=5 (chain, adaptive γ ≤ 5)"
     assert (chain.steps.drafted, chain.steps.undrafted, chain.steps.accepted) == (2, 6, [5, 3])
-    assert chain.stepped_aside.startswith("drafted on 25% of 8 steps. The depth controller chose")
+    assert chain.stepped_aside.startswith("drafted on 25% of its rows' 8 steps. The depth controller chose")
     why = chain.stepped_aside
     assert "depth 0 on 75%, depth 5 on 25% (of 8 steps when last reported); level acceptance 0.80" in why
     assert "a target pass over 6 tokens cost 4.00x one over 1, a draft pass 0.40x" in why
+    assert "not in the manifest" not in why  # its report counted all 8 steps
     assert tree.stepped_aside is None and tree.steps.accepted == [4, 4, 3, 0]  # drafted every step
 
     text = write_report(report, tmp_path / "report").read_text()
@@ -98,6 +99,18 @@ def test_report_says_why_an_adaptive_strategy_stepped_aside(tmp_path):
     row = "| caption | 8 | vlm chain γ=5 | chain, adaptive γ ≤ 5 | 1 | 100% | yes | - | - | 1.00x | 25% | 2.00 | 0.80 |"
     assert row in text
     assert "## Where a strategy stepped aside" in text
-    assert "- caption, batch 8, vlm chain γ=5 (chain, adaptive γ ≤ 5): drafted on 25% of 8 steps." in text
+    assert "- caption, batch 8, vlm chain γ=5 (chain, adaptive γ ≤ 5): drafted on 25% of its rows' 8 steps." in text
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert [(s["drafted_steps"], s["undrafted_steps"]) for s in metrics["strategies"]] == [(0, 8), (2, 6), (4, 0)]
+
+
+def test_a_controller_report_from_early_in_the_run_is_said_to_be_early(tmp_path):
+    # Decode actors report now and then: this one after the engine's first step, a plain one.
+    early = {**CONTROLLER, "depth_chosen_steps": {"0": 1}}
+    runs = [
+        Run("caption", "autoregressive", 8, _run_output(tmp_path / "ar", [0] * 6, [0] * 6, None)),
+        Run("caption", "chain", 8, _run_output(tmp_path / "chain", [0, 2, 2, 0, 2, 0], [0, 5, 5, 0, 5, 0], early)),
+    ]
+    why = build_report(runs, meteor=False).results[1].stepped_aside
+    assert why.startswith("drafted on 50% of its rows' 6 steps.")
+    assert "That report came after 1 engine steps, fewer than its longest row took (6)" in why

@@ -22,6 +22,7 @@ class DraftedSteps:
     drafted: int = 0  # steps that verified at least one draft token
     undrafted: int = 0  # plain steps: the target alone, one token
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted at each drafted step
+    longest: int = 0  # steps of the longest row: the engine took at least as many
 
     @property
     def drafted_fraction(self) -> float:
@@ -36,6 +37,7 @@ def drafted_steps(rows: list[dict]) -> DraftedSteps:
     for row in rows:
         accepted = row["accepted_per_step"] or []
         nodes = row.get("nodes_per_step") or [1] * len(accepted)
+        steps.longest = max(steps.longest, len(accepted))
         for n, a in zip(nodes, accepted):
             if n > 0:
                 steps.drafted += 1
@@ -65,7 +67,7 @@ def controllers(uri: str, storage_options: dict | None = None) -> list[dict]:
 
 def stepping_aside(steps: DraftedSteps, controller_views: list[dict]) -> str:
     """Why a strategy drafted on fewer than every step, in a sentence or two, from what its controllers saw."""
-    undrafted = f"drafted on {steps.drafted_fraction:.0%} of {steps.drafted + steps.undrafted} steps"
+    undrafted = f"drafted on {steps.drafted_fraction:.0%} of its rows' {steps.drafted + steps.undrafted} steps"
     adaptive = [c for c in controller_views if c.get("adaptive")]
     if not controller_views:
         return f"{undrafted}; the run's manifest holds no controller report to say why."
@@ -77,6 +79,15 @@ def stepping_aside(steps: DraftedSteps, controller_views: list[dict]) -> str:
     parts = [undrafted + ". The depth controller chose each step's depth from the costs it measured:"]
     for view in adaptive:
         parts.append(_controller_sentence(view))
+    reported = max(sum((v.get("depth_chosen_steps") or {}).values()) for v in adaptive)
+    if reported < steps.longest:
+        # A decode actor reports its operating point now and then during the run, not at its end.
+        parts.append(
+            f"That report came after {reported} engine steps, fewer than its longest row took ({steps.longest}): "
+            "the choices made after it are not in the manifest. While it learns the costs of a row count, the "
+            "controller takes turns between plain and drafted steps, so a job of few steps drafts on about two "
+            "in three whatever the draft."
+        )
     return " ".join(parts)
 
 
