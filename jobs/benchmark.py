@@ -83,6 +83,7 @@ def main(argv=None) -> None:
         batches=tuple(args.batches),
         repeats=args.repeats,
         replay_acceptance=(0.9,) if args.quick else (0.5, 0.7, 0.9),
+        log=lambda line: print(line, flush=True),  # each line as it comes, also through a pipe (| tee)
     )
 
     device = (

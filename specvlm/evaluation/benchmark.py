@@ -199,6 +199,7 @@ def _rows_at(
     counter: RunCounter,
 ) -> list[Row]:
     """Every mode at one batch size."""
+    counter.log(f"batch {batch}: timing a one-token pass and decoding the reference (the target alone)")
     one_token = forward_time(target, requests[:batch], True)  # the unit of c and r at this batch size
     reference = [r.tokens for r in _engine(target, None, requests, batch, max_new_tokens, eos)[0]]
     scripts = record_scripts(requests, reference)
