@@ -1,7 +1,7 @@
 """Benchmark: every decoding mode side by side on the same models and images, as ratios.
 
     python -m jobs.benchmark                               # the demo family on the bundled demo shards
-    python -m jobs.benchmark --quick                       # two drafts, one replay rate, 8 images, batch 1
+    python -m jobs.benchmark --quick                       # two drafts, one replay rate, 4 images, batch 1
     python -m jobs.benchmark --target DIR --text-draft DIR --vlm-draft DIR --shards 's3://b/x/*.tar'
     python -m jobs.benchmark --out results/benchmark       # refresh the committed results on purpose
 
@@ -40,11 +40,18 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="out/benchmark", help="path of the .md and .json results, no suffix")
-    parser.add_argument("--quick", action="store_true", help="fewer modes and images, for a first look")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer modes and images, for a first look: a few minutes on a quiet 2-core CPU, several times that on "
+        "a busy one",
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        # A first look in about a minute on a 2-core CPU: batch 1 only, 8 images, two timed rounds.
-        args.requests, args.batches, args.repeats = min(args.requests, 8), [1], min(args.repeats, 2)
+        # A first look: batch 1 only, 4 images, two timed rounds (a spread needs two). With 8 images and both HF
+        # assisted modes it took 6 CPU-minutes (27 min of wall time on 2 cores at load 20-30); the target alone
+        # decoding the images is its largest part, so fewer images is what shortens it.
+        args.requests, args.batches, args.repeats = min(args.requests, 4), [1], min(args.repeats, 2)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -71,6 +78,8 @@ def main(argv=None) -> None:
     if args.quick:
         drafts = {name: drafts[name] for name in ("vlm chain γ=5", "text chain γ=3")}
     assistants = {"text draft": drafts["text chain γ=3"]().model, "vlm draft": drafts["vlm chain γ=5"]().model}
+    if args.quick:
+        del assistants["text draft"]  # one HF assisted mode is enough for a first look
     eos = generation_eos(target.model)
     rows = run_suite(
         target.model,
@@ -83,6 +92,7 @@ def main(argv=None) -> None:
         batches=tuple(args.batches),
         repeats=args.repeats,
         replay_acceptance=(0.9,) if args.quick else (0.5, 0.7, 0.9),
+        log=lambda line: print(line, flush=True),  # each line as it comes, also through a pipe (| tee)
     )
 
     device = (

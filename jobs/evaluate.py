@@ -13,8 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.cli import PROJECT
+from pipeline.cli import PROJECT, stamp, usable_log_dir
 from pipeline.config import ConfigError, load_config
+from pipeline.console import stderr_to_file
 from pipeline.evaluation_run import load_evaluate_config, run_evaluation, with_locations
 from pipeline.job import JobFailed
 from specvlm.evaluation.report import build_report, write_report
@@ -43,13 +44,23 @@ def main(argv=None) -> int:
         dest="report",
         help="local folder for report.md, metrics.json and the plots (default: the config's, else <output>/report)",
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's progress bars and log lines, and its workers' output"
+    )
     args = parser.parse_args(argv)
     try:
         config = load_evaluate_config(args.config, args.set)
         name = Path(args.config).stem.removeprefix("evaluate-")
         config, overrides = with_locations(config, name, args.set, args.output, args.report)
-        runs = run_evaluation(config, overrides)
-        storage_options = load_config(config.job, overrides).output.storage_options
+        # The run log beside the runs, where a job's goes (pipeline/cli.py): the evaluation's output as the job's.
+        job = load_config(config.job, [*overrides, f"output.uri={config.output}"])
+        if args.verbose:
+            runs = run_evaluation(config, overrides, verbose=True)
+        else:  # Ray's and the libraries' messages go to the run log; the console shows the runs and the report
+            with stderr_to_file(usable_log_dir(job, "evaluate") / f"evaluate-{stamp()}.log") as log:
+                print(f"messages from Ray and the libraries go to {log}")
+                runs = run_evaluation(config, overrides, verbose=False)
+        storage_options = job.output.storage_options
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -67,7 +67,7 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> i
         elif args.verbose:
             run_job(config, retry_errors=args.retry_errors, verbose=True)
         else:  # Ray's and the libraries' messages go to a log file; the console shows progress and the summary
-            with stderr_to_file(usable_log_dir(config, task) / f"run-{_stamp()}.log") as log:
+            with stderr_to_file(usable_log_dir(config, task) / f"run-{stamp()}.log") as log:
                 run_job(config, retry_errors=args.retry_errors, verbose=False, messages=str(log))
     except (ConfigError, ResumeConflict) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -110,7 +110,7 @@ def usable_log_dir(config: JobConfig, name: str) -> Path:
 
 def unexpected_failure(exc: BaseException, folder: Path) -> str:
     """Write the traceback to a log file in `folder`; return the one line the user sees."""
-    path = folder / f"failure-{_stamp()}.log"
+    path = folder / f"failure-{stamp()}.log"
     line = f"job failed: {describe_cause(exc)}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def unexpected_failure(exc: BaseException, folder: Path) -> str:
     return f"{line} (traceback in {path})"
 
 
-def _stamp() -> str:
+def stamp() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.expected_rows import ExpectedRows
+from specvlm.evaluation.countdown import duration
 
 PROGRESS_EVERY_S = 5.0
 HEARTBEAT_EVERY_S = 15.0  # the longest the console stays silent
@@ -138,9 +139,3 @@ class Heartbeat:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def duration(seconds: float) -> str:
-    minutes, s = divmod(round(seconds), 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{s}s"

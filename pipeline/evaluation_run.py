@@ -18,8 +18,10 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import ConfigError, load_config, rebase, resolve_relative_path
+from pipeline.config import ConfigError, JobConfig, load_config, rebase, resolve_relative_path
 from pipeline.job import init_ray, run_job
+from specvlm.evaluation.countdown import RunCounter
+from specvlm.evaluation.drafting import what_ran
 from specvlm.evaluation.report import BASELINE, INDEX, Run, read_index
 
 
@@ -110,41 +112,55 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run_evaluation(config: EvaluateConfig, overrides: list[str] = (), log=print) -> list[Run]:
+def run_evaluation(config: EvaluateConfig, overrides: list[str] = (), log=print, verbose: bool = True) -> list[Run]:
     """Run every task x strategy (x batch size, for the first task) as a job; return the runs, also written to the
-    index. A run whose output was already complete keeps the wall time an earlier evaluation measured."""
+    index. A run whose output was already complete keeps the wall time an earlier evaluation measured. Before
+    each run `log` gets "run N/M: ..." with the time left. verbose=False: Ray's log lines and progress bars stay
+    off the console, as in a job (run_job)."""
     root = config.output.rstrip("/")
     storage_options = load_config(config.job, overrides).output.storage_options
     timed = {
         (r["task"], r["strategy"], r["batch"]): r["wall_s"]
         for r in (read_index(root, storage_options) or {}).get("runs", [])
     }
+    planned = _planned_runs(config, load_config(config.job, overrides).compute.batch_size)
+    counter = RunCounter(len(planned), log)
     runs = []
-    first_task = next(iter(config.tasks))
-    default_batch = load_config(config.job, overrides).compute.batch_size
-    sweep = [b for b in config.batch_sizes if b != default_batch]
-    for task, task_sets in config.tasks.items():
-        for batch in [default_batch] + (sweep if task == first_task else []):
-            for strategy, sets in config.strategies.items():
-                if (
-                    batch != default_batch
-                    and config.sweep_strategies
-                    and strategy not in (config.sweep_strategies + [BASELINE])
-                ):
-                    continue
-                uri = f"{root}/runs/{slug(task)}/b{batch}/{slug(strategy)}"
-                extra = [f"output.uri={uri}", f"compute.batch_size={batch}", "output.max_error_fraction=1"]
-                if config.max_shards:
-                    extra.append(f"input.max_shards={config.max_shards}")
-                job = load_config(config.job, [*task_sets, *sets, *overrides, *extra])
-                init_ray(job)  # before the first timed job: Ray's start-up is no strategy's time
-                log(f"== {task} / {strategy} / batch {batch}")
-                summary = run_job(job, log=lambda *_: None)
-                whole = summary.rows > 0 and summary.run_rows == summary.rows
-                wall = summary.run_seconds if whole else timed.get((task, strategy, batch))
-                runs.append(Run(task, strategy, batch, uri, wall))
-                _write_index(root, storage_options, config, runs)
+    for task, batch, strategy in planned:
+        uri = f"{root}/runs/{slug(task)}/b{batch}/{slug(strategy)}"
+        extra = [f"output.uri={uri}", f"compute.batch_size={batch}", "output.max_error_fraction=1"]
+        if config.max_shards:
+            extra.append(f"input.max_shards={config.max_shards}")
+        job = load_config(config.job, [*config.tasks[task], *config.strategies[strategy], *overrides, *extra])
+        init_ray(job, verbose)  # before the first timed job: Ray's start-up is no strategy's time
+        counter.start(f"{strategy} on {task}, batch {batch}")
+        summary = run_job(job, log=lambda *_: None, verbose=verbose)
+        whole = summary.rows > 0 and summary.run_rows == summary.rows
+        wall = summary.run_seconds if whole else timed.get((task, strategy, batch))
+        runs.append(Run(task, strategy, batch, uri, wall, ran=_what_ran(job)))
+        _write_index(root, storage_options, config, runs)
     return runs
+
+
+def _what_ran(job: JobConfig) -> str:
+    """The job's draft as the engine runs it: the controller adapts the depth only under greedy decoding."""
+    greedy = job.decode.greedy
+    draft = job.draft
+    return what_ran(draft.kind, draft.mode, draft.depth(greedy), draft.adaptive and greedy)
+
+
+def _planned_runs(config: EvaluateConfig, default_batch) -> list[tuple[str, int | str, str]]:
+    """(task, batch size, strategy) of every run, in the order they run: each task at the job's batch size, then
+    the first task at the other batch sizes, with the sweep's strategies."""
+    first_task = next(iter(config.tasks))
+    sweep = [b for b in config.batch_sizes if b != default_batch]
+    swept = config.sweep_strategies + [BASELINE] if config.sweep_strategies else list(config.strategies)
+    planned = []
+    for task in config.tasks:
+        for batch in [default_batch] + (sweep if task == first_task else []):
+            strategies = config.strategies if batch == default_batch else [s for s in config.strategies if s in swept]
+            planned += [(task, batch, strategy) for strategy in strategies]
+    return planned
 
 
 def _write_index(root: str, storage_options: dict, config: EvaluateConfig, runs: list[Run]) -> None:

@@ -2,6 +2,7 @@
 task quality stated once and checked for every strategy; jobs.score rebuilds the report from the outputs."""
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -51,7 +52,11 @@ def test_evaluate_runs_every_strategy_through_the_pipeline_and_reports(models, t
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation, allow_unicode=True))
     config = load_evaluate_config(str(tmp_path / "eval.yaml"))
-    runs = run_evaluation(config, log=lambda *_: None)
+    lines = []
+    runs = run_evaluation(config, log=lines.append)
+    assert lines[0] == "run 1/10: autoregressive on caption, batch 2"
+    assert [line.split(":")[0] for line in lines] == [f"run {n}/10" for n in range(1, 11)]
+    assert lines[-1].startswith("run 10/10: vlm tree on mc, batch 2 (ETA ")  # safe_dump sorted the names
     assert {(r.task, r.strategy, r.batch) for r in runs} == {
         *[(task, s, 2) for task in ("caption", "mc") for s in evaluation["strategies"]],
         ("caption", "autoregressive", 1),
@@ -72,7 +77,7 @@ def test_evaluate_runs_every_strategy_through_the_pipeline_and_reports(models, t
     assert sum(g["samples"] for g in report.quality["caption"]["slices"]["shapes"].values()) == 8
 
     text = write_report(report, tmp_path / "report").read_text()
-    assert "| caption | 2 | vlm tree | 8 | 100% | yes |" in text and "**NO**" not in text
+    assert "| caption | 2 | vlm tree | tree, fixed depth 3 | 8 | 100% | yes |" in text and "**NO**" not in text
     for figure in ("time.png", "tau.png", "speedup.png", "accepted_lengths.png", "speedup_vs_batch.png"):
         assert (tmp_path / "report" / figure).stat().st_size > 1000 and f"]({figure})" in text
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -132,12 +137,38 @@ def test_report_flags_a_row_that_differs_and_a_quality_that_does_not_match(tmp_p
     assert not report.all_match
     text = write_report(report, tmp_path / "report").read_text()
     assert "**Not every strategy matches the target**" in text
-    assert "| vqa | 8 | bad draft | 4 | **75% (1 differ)** | **NO** | 10.0 | 3.00x |" in text
+    assert "| vqa | 8 | bad draft | - | 4 | **75% (1 differ)** | **NO** | 10.0 | 3.00x |" in text
     assert "| vqa | bad draft | 8 | s0 | k1 | red | blue |" in text
     assert "| colour | 2 | 1.000 |" in text  # the target's quality by slice
 
 
 DEMO_JOB = str(Path("configs/demo.yaml").resolve())  # the evaluation config lives elsewhere, in tmp_path
+
+
+def test_evaluate_sends_ray_and_library_messages_to_the_run_log(tmp_path, monkeypatch, capfd):
+    from jobs import evaluate
+
+    target = {"k0": "red", "k1": "blue"}
+    runs = [
+        Run("vqa", "autoregressive", 8, _output(tmp_path / "ar", target, 2.0), wall_s=30.0),
+        Run("vqa", "chain", 8, _output(tmp_path / "chain", target, 1.0), wall_s=20.0),
+    ]
+
+    def chatty_evaluation(config, overrides, verbose):
+        assert not verbose  # so Ray starts and runs without its console lines (pipeline.job.init_ray)
+        os.write(2, b"INFO worker.py:2003 -- Started a local Ray instance.\n")  # as Ray's own C++ core writes
+        return runs
+
+    monkeypatch.setattr(evaluate, "run_evaluation", chatty_evaluation)
+    evaluation = {"job": DEMO_JOB, "tasks": {"vqa": ["task.kind=vqa"]}, "strategies": {"autoregressive": []}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    flags = ["--config", str(tmp_path / "eval.yaml"), "--output", str(tmp_path / "eval")]
+    assert evaluate.main([*flags, "--report", str(tmp_path / "report")]) == 0
+    out, err = capfd.readouterr()
+    assert "INFO" not in out + err
+    (log,) = (tmp_path / "eval" / "_logs").glob("evaluate-*.log")
+    assert "Started a local Ray instance" in log.read_text()
+    assert f"messages from Ray and the libraries go to {log}" in out and "| vqa | 8 | chain |" in out
 
 
 def test_evaluate_config_errors_name_the_problem(tmp_path):
@@ -169,6 +200,7 @@ def test_benchmark_suite_compares_every_mode_with_the_target(family):
         "text chain": lambda: family.draft("text_copy", gamma=3),
         "prompt lookup": lambda: family.draft("prompt_lookup", gamma=3),
     }
+    lines = []
     rows = run_suite(
         family.target,
         drafts,
@@ -179,8 +211,14 @@ def test_benchmark_suite_compares_every_mode_with_the_target(family):
         pad_id=0,
         batches=(1, 2),
         repeats=1,
-        log=lambda *_: None,
+        log=lines.append,
     )
+    # A warm-up and one timed round of every mode: (2 baselines, 4 drafts, HF assisted, 3 replays) at batch 1,
+    # the same less HF assisted at batch 2.
+    counted = [line for line in lines if line.startswith("run ")]
+    assert [line.split(":")[0] for line in counted] == [f"run {n}/38" for n in range(1, 39)]
+    assert counted[0] == "run 1/38: engine autoregressive, batch 1, warm-up"
+    assert counted[-1].startswith("run 38/38: replay a=0.9, batch 2, round 1/1 (ETA ")
     modes = {(r.batch, r.mode) for r in rows}
     assert (1, "HF assisted (text)") in modes and (2, "engine vlm tree") in modes and (2, "replay a=0.9") in modes
     for r in rows:

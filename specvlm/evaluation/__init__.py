@@ -12,4 +12,5 @@ captions.py      BLEU-4, METEOR, ROUGE-L, CIDEr through pycocoevalcap, with a Py
 quality.py       a task's quality from output rows, overall and per metadata slice
 report.py        the evaluation report: quality once, every strategy checked against the target, time beside it
 plots.py         the report's figures
+countdown.py     "run N/M" lines with the time left, for commands that run many runs in turn
 """

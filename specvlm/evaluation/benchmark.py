@@ -37,6 +37,7 @@ from specvlm.data.images import decode_image
 from specvlm.data.prompts import instruction, render
 from specvlm.data.sources import list_shards, read_shard
 from specvlm.evaluation.baselines import draft_forward_time, forward_time, hf_generate
+from specvlm.evaluation.countdown import RunCounter
 from specvlm.evaluation.replay import ReplayDraft, record_scripts
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.drafts import Draft
@@ -116,13 +117,19 @@ def _identity(outputs: list[list[int]], reference: list[list[int]]) -> float:
     return sum(a == b for a, b in zip(outputs, reference)) / len(reference)
 
 
-def _timed_rounds(modes: dict[str, Callable[[], tuple]], repeats: int) -> tuple[dict[str, list], dict[str, Timing]]:
+def _timed_rounds(
+    modes: dict[str, Callable[[], tuple]], repeats: int, counter: RunCounter, batch: int
+) -> tuple[dict[str, list], dict[str, Timing]]:
     """Each mode once to warm up, then `repeats` rounds in which every mode runs once, in turn. A mode returns
     its outputs and the seconds of its decoding steps (None where it cannot tell)."""
-    outputs = {name: run()[0] for name, run in modes.items()}
+    outputs = {}
+    for name, run in modes.items():
+        counter.start(f"{name}, batch {batch}, warm-up")
+        outputs[name] = run()[0]
     timings = {name: Timing([]) for name in modes}
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for name, run in modes.items():
+            counter.start(f"{name}, batch {batch}, round {round_ + 1}/{repeats}")
             start = time.perf_counter()
             outputs[name], decoding = run()
             if torch.cuda.is_available():
@@ -149,7 +156,13 @@ def run_suite(
     replay_trees: tuple[int, ...] = (),
     log=print,
 ) -> list[Row]:
-    """replay_trees: sibling counts of replayed trees (acceptance 0.9), which exercise tree verification."""
+    """replay_trees: sibling counts of replayed trees (acceptance 0.9), which exercise tree verification. `log`
+    gets "run N/M: ..." before each mode's warm-up and each of its timed rounds, and each row's speedup."""
+
+    def modes_at(batch: int) -> int:  # as _rows_at makes them: two baselines, drafts, HF assisted, replays
+        return 2 + len(drafts) + (len(assistants) if batch == 1 else 0) + len(replay_acceptance) + len(replay_trees)
+
+    counter = RunCounter(sum(modes_at(b) for b in batches) * (1 + repeats), log)
     rows: list[Row] = []
     for batch in batches:
         rows += _rows_at(
@@ -165,7 +178,7 @@ def run_suite(
             replay_acceptance,
             replay_gamma,
             replay_trees,
-            log,
+            counter,
         )
     return rows
 
@@ -183,9 +196,10 @@ def _rows_at(
     replay_acceptance,
     replay_gamma,
     replay_trees,
-    log,
+    counter: RunCounter,
 ) -> list[Row]:
     """Every mode at one batch size."""
+    counter.log(f"batch {batch}: timing a one-token pass and decoding the reference (the target alone)")
     one_token = forward_time(target, requests[:batch], True)  # the unit of c and r at this batch size
     reference = [r.tokens for r in _engine(target, None, requests, batch, max_new_tokens, eos)[0]]
     scripts = record_scripts(requests, reference)
@@ -216,7 +230,7 @@ def _rows_at(
                 scripts, error_rate=0.1, target_vocab=vocab, device=target.device, gamma=replay_gamma, siblings=k
             )
         )
-    outputs, timings = _timed_rounds(modes, repeats)
+    outputs, timings = _timed_rounds(modes, repeats, counter, batch)
 
     r_of: dict[int, float] = {}  # tokens per verification pass -> r
 
@@ -255,7 +269,7 @@ def _rows_at(
             )
         row.check()
         flags = "".join(f" [{f}]" for f in row.flags)
-        log(f"batch {batch}: {row.mode}: {row.speedup_vs_ar:.2f}x autoregressive{flags}")
+        counter.log(f"batch {batch}: {row.mode}: {row.speedup_vs_ar:.2f}x autoregressive{flags}")
     return rows
 
 

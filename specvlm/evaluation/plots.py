@@ -1,6 +1,7 @@
 """The evaluation report's figures: the time each strategy took for the same quality, tau and decode speedup per
 strategy and task, the distribution of accepted lengths, and speedup against batch size. Each figure is a PNG
-beside report.md; each title says the task, batch size and, where it matters, the sample count."""
+beside report.md; each title says the task, batch size and, where it matters, the sample count. Strategies are
+labelled by what they ran (adaptive or fixed, and the deepest draft): an adaptive strategy may not draft at all."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def draw_figures(results: list, baseline: str, out: Path) -> list[str]:
     default = [r for r in results if r.batch == results[0].batch]
     tasks = list(dict.fromkeys(r.task for r in default))
     strategies = list(dict.fromkeys(r.strategy for r in default))
+    # A strategy's label from its run on the first task (what it ran is the same on every task, given the config).
+    labels = {s: next(r.label for r in default if r.strategy == s) for s in strategies}
 
     def save(fig, ax, name: str, title: str, xlabel: str | None, ylabel: str) -> str:
         ax.set_title(title, fontsize=9)
@@ -40,7 +43,10 @@ def draw_figures(results: list, baseline: str, out: Path) -> list[str]:
         if one_line:
             ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xticks(
-            [x + width * (len(tasks) - 1) / 2 for x in range(len(strategies))], strategies, rotation=30, ha="right"
+            [x + width * (len(tasks) - 1) / 2 for x in range(len(strategies))],
+            [labels[s] for s in strategies],
+            rotation=30,
+            ha="right",
         )
         return save(fig, ax, name, title, None, ylabel)
 
@@ -58,15 +64,27 @@ def draw_figures(results: list, baseline: str, out: Path) -> list[str]:
             "decode_speedup", "decode speedup vs target alone", "speedup.png", f"Decode speedup ({batch})", True
         ),
     ]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for r in default:
-        if r.task == tasks[0] and r.strategy != baseline and r.accepted_lengths:
-            # Bins centred on the integers 0..max: bar k counts steps that accepted exactly k draft tokens.
-            edges = [k - 0.5 for k in range(max(r.accepted_lengths) + 2)]
-            ax.hist(r.accepted_lengths, bins=edges, histtype="step", label=r.strategy, density=True)
+    # The share of steps each strategy drafted on, beside the accepted lengths of its drafted steps alone: a step
+    # that drafted nothing accepted nothing, and is no rejection.
+    drafting = [r for r in default if r.task == tasks[0] and r.strategy != baseline]
+    fig, (share, ax) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [2, 3]})
+    drafted = [r.steps.drafted_fraction for r in drafting]
+    names = [r.label for r in drafting]
+    share.barh(names, drafted, color="tab:blue", label="drafted")
+    share.barh(names, [1 - d for d in drafted], left=drafted, color="lightgray", label="target alone")
+    share.set_xlim(0, 1)
+    share.set_xlabel("share of steps")
+    share.invert_yaxis()  # the strategies top to bottom, in the order of the histogram's legend
+    share.legend(fontsize=7, loc="lower right")
+    for r in drafting:
+        if r.steps.accepted:
+            # Bins centred on the integers 0..max: bar k counts drafted steps that accepted exactly k draft tokens.
+            edges = [k - 0.5 for k in range(max(r.steps.accepted) + 2)]
+            ax.hist(r.steps.accepted, bins=edges, histtype="step", label=r.label, density=True)
     samples = next((r.samples for r in default if r.task == tasks[0]), 0)
-    title = f"Accepted draft tokens per step ({tasks[0]}, batch {results[0].batch}, {samples} samples)"
-    figures.append(save(fig, ax, "accepted_lengths.png", title, "accepted draft tokens", "fraction of steps"))
+    share.set_title(f"Steps drafted ({tasks[0]}, batch {results[0].batch})", fontsize=9)
+    title = f"Accepted draft tokens per drafted step ({samples} samples)"
+    figures.append(save(fig, ax, "accepted_lengths.png", title, "accepted draft tokens", "fraction of drafted steps"))
 
     batches = sorted({r.batch for r in results if isinstance(r.batch, int)})  # not "auto": it has no place on the axis
     if len(batches) > 1:
@@ -78,7 +96,7 @@ def draw_figures(results: list, baseline: str, out: Path) -> list[str]:
                 if r.strategy == s and r.task == tasks[0] and r.batch in batches
             )
             if s != baseline and len(points) > 1:
-                ax.plot(*zip(*points), marker="o", label=s)
+                ax.plot(*zip(*points), marker="o", label=labels[s])
         ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 from fsspec.core import url_to_fs
 
+from specvlm.evaluation.drafting import DraftedSteps, controllers, drafted_steps, stepping_aside
 from specvlm.evaluation.quality import score_rows
 from specvlm.specdec.metrics import pool
 
@@ -44,8 +45,12 @@ COLUMNS = [
     "mbsu",
     "latency_s",
     "accepted_per_step",
+    "nodes_per_step",
 ]
 SHOWN_MISMATCHES = 20  # rows listed in report.md; metrics.json lists them all
+# A strategy drafting on fewer of its steps than this stepped aside, and the report says why. (A row's last step,
+# with one token left to generate, is never drafted: a fixed depth drafts on most steps, not all.)
+DRAFTED_MOSTLY = 0.9
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Run:
     batch: int | str  # compute.batch_size: rows decoded together, or "auto"
     uri: str  # the job's output
     wall_s: float | None = None  # the job's wall time, when one run decoded all of its rows
+    ran: str | None = None  # its draft as it ran (drafting.what_ran); None in indexes written before it was kept
 
 
 @dataclass
@@ -73,7 +79,14 @@ class StrategyResult:
     decode_speedup: float  # the target's mean per-sample latency over this strategy's, same task and batch
     wall_s: float | None
     wall_speedup: float | None  # the target's job wall time over this strategy's
-    accepted_lengths: list[int] = field(default_factory=list, repr=False)
+    ran: str | None = None  # what its draft ran: "chain, adaptive γ ≤ 5" (drafting.what_ran)
+    stepped_aside: str | None = None  # why it drafted on few of its steps, where it did (drafting.stepping_aside)
+    steps: DraftedSteps = field(default_factory=DraftedSteps, repr=False)  # its steps, drafted and not
+
+    @property
+    def label(self) -> str:
+        """The strategy's name with what it ran, for figures: a name alone hides that an adaptive γ=5 may not draft."""
+        return f"{self.strategy} ({self.ran})" if self.ran else self.strategy
 
 
 @dataclass
@@ -90,7 +103,11 @@ class Report:
         return {
             "all_match": self.all_match,
             "quality": self.quality,
-            "strategies": [{k: v for k, v in asdict(r).items() if k != "accepted_lengths"} for r in self.results],
+            "strategies": [
+                {k: v for k, v in asdict(r).items() if k != "steps"}
+                | {"drafted_steps": r.steps.drafted, "undrafted_steps": r.steps.undrafted}
+                for r in self.results
+            ],
             "mismatched_rows": self.mismatches,
         }
 
@@ -125,19 +142,24 @@ def build_report(runs: list[Run], slices: list[str] = (), *, storage_options: di
         differing = _differing_rows(rows[base], rows[run.task, run.strategy, run.batch])
         mismatches += [{"task": run.task, "strategy": run.strategy, "batch": run.batch, **d} for d in differing]
         same = _same_quality(quality[base], quality[run.task, run.strategy, run.batch])
-        results.append(
-            _result(run, rows[run.task, run.strategy, run.batch], rows[base], differing, same, baseline.wall_s)
-        )
+        own = rows[run.task, run.strategy, run.batch]
+        results.append(_result(run, own, rows[base], differing, same, baseline.wall_s, storage_options))
     target_quality = {r.task: quality[r.task, BASELINE, r.batch] for r in runs if r.batch == first_batch}
     return Report(target_quality, results, mismatches)
 
 
-def _result(run: Run, rows: list[dict], base_rows: list[dict], differing: list[dict], same: bool, base_wall):
+def _result(
+    run: Run, rows: list[dict], base_rows: list[dict], differing: list[dict], same: bool, base_wall, storage_options
+):
     decoded = [r for r in rows if r["error"] is None]
     pooled = pool(decoded)
     samples = sum(r["error"] is None for r in base_rows)
     latency = _mean([r["latency_s"] for r in decoded])
     base_latency = _mean([r["latency_s"] for r in base_rows if r["error"] is None])
+    steps = drafted_steps(decoded)
+    aside = None
+    if run.strategy != BASELINE and steps.drafted_fraction < DRAFTED_MOSTLY:
+        aside = stepping_aside(steps, controllers(run.uri, storage_options))
     return StrategyResult(
         task=run.task,
         strategy=run.strategy,
@@ -153,7 +175,9 @@ def _result(run: Run, rows: list[dict], base_rows: list[dict], differing: list[d
         decode_speedup=base_latency / latency if latency else 0.0,
         wall_s=run.wall_s,
         wall_speedup=base_wall / run.wall_s if base_wall and run.wall_s else None,
-        accepted_lengths=[a for r in decoded for a in r["accepted_per_step"] or []],
+        ran=run.ran,
+        stepped_aside=aside,
+        steps=steps,
     )
 
 
@@ -211,6 +235,7 @@ def write_report(report: Report, out: Path) -> Path:
     figures = draw_figures(report.results, BASELINE, out)
     lines = ["# Evaluation report", "", *_intro(report), "", "## Quality", "", *_quality_tables(report.quality)]
     lines += ["", "## Same quality, how much sooner", "", *_strategy_table(report.results), ""]
+    lines += _stepped_aside_lines(report.results)
     lines += ["## Rows that differ from the target's", "", *_mismatch_lines(report.mismatches), ""]
     lines += [f"![{f}]({f})" for f in figures]
     path = out / "report.md"
@@ -269,22 +294,34 @@ def _quality_tables(quality: dict[str, dict]) -> list[str]:
 def _strategy_table(results: list[StrategyResult]) -> list[str]:
     lines = [
         "Wall time is each job's, start-up (actors, model loading) included; decode speedup compares mean "
-        "per-sample latency with the target's, at the same batch size.",
+        "per-sample latency with the target's, at the same batch size. `drafted`: the share of decoding steps "
+        "that verified draft tokens (an adaptive strategy drafts only where it expects drafting to pay); τ and "
+        "acceptance count every step.",
         "",
-        "| task | batch | strategy | samples | identical | quality = target's | wall s | vs target | decode speedup "
-        "| τ | acceptance | MBSU |",
-        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| task | batch | strategy | ran | samples | identical | quality = target's | wall s | vs target | "
+        "decode speedup | drafted | τ | acceptance | MBSU |",
+        "|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         identical = f"{r.identical:.0%}" if not r.mismatched else f"**{r.identical:.0%} ({r.mismatched} differ)**"
         wall = f"{r.wall_s:.1f}" if r.wall_s is not None else "-"
         wall_speedup = f"{r.wall_speedup:.2f}x" if r.wall_speedup else "-"
+        drafted = f"{r.steps.drafted_fraction:.0%}" if r.steps.drafted + r.steps.undrafted else "-"
         lines.append(
-            f"| {r.task} | {r.batch} | {r.strategy} | {r.samples} | {identical} | "
+            f"| {r.task} | {r.batch} | {r.strategy} | {r.ran or '-'} | {r.samples} | {identical} | "
             f"{'yes' if r.quality_matches else '**NO**'} | {wall} | {wall_speedup} | {r.decode_speedup:.2f}x | "
-            f"{r.tau:.2f} | {r.acceptance:.2f} | {r.mbsu:.2f} |"
+            f"{drafted} | {r.tau:.2f} | {r.acceptance:.2f} | {r.mbsu:.2f} |"
         )
     return lines
+
+
+def _stepped_aside_lines(results: list[StrategyResult]) -> list[str]:
+    aside = [r for r in results if r.stepped_aside]
+    if not aside:
+        return []
+    lines = ["## Where a strategy stepped aside", ""]
+    lines += [f"- {r.task}, batch {r.batch}, {r.label}: {r.stepped_aside}" for r in aside]
+    return lines + [""]
 
 
 def _mismatch_lines(mismatches: list[dict]) -> list[str]:
