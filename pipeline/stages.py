@@ -202,7 +202,6 @@ class DecodeActor:
         self.service = EngineService(lambda: SpeculativeDecoder(engine.target.model, engine.draft, decode))
         self.identity = {"model": config.model.target, "draft": config.draft.label, "config_hash": config_hash}
         self.reports = reports  # where the actor's operating point goes, for the job's manifest
-        self.batches = 0
 
     async def __call__(self, batch: pa.Table):
         import asyncio
@@ -216,8 +215,9 @@ class DecodeActor:
         }
         results = dict(zip(pending, await asyncio.gather(*pending.values())))
         yield pa.Table.from_pylist([self._output(r, results.get(i)) for i, r in enumerate(rows)], schema=DECODED_SCHEMA)
-        self.batches += 1
-        if self.reports is not None and self.batches % REPORT_EVERY == 1:
+        # After every batch: an actor does not know which batch is its last, and the manifest should hold the
+        # operating point as of the end of the run (one small message per batch of rows).
+        if self.reports is not None:
             self.reports.record.remote(self.service.describe())
 
     def _output(self, row: dict, result) -> dict:
@@ -263,9 +263,6 @@ def gpus_per_actor(config: JobConfig) -> float:
     if config.compute.num_gpus != "auto":
         return float(config.compute.num_gpus)
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
-REPORT_EVERY = 8  # batches between an actor's reports of its operating point
 
 
 class OperatingPoints:

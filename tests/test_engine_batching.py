@@ -7,7 +7,7 @@ import pytest
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.requests import Request, Result
 from specvlm.specdec.sampling import SamplingParams
-from specvlm.specdec.service import EngineService
+from specvlm.specdec.service import SNAPSHOT_EVERY, EngineService
 
 DRAFTS = ["none", "vlm_noisy", "text_copy", "prompt_lookup"]
 
@@ -217,3 +217,17 @@ def test_rows_moved_by_compaction_leave_nothing_behind_in_the_draft(family, mixe
         state = engine.state
         assert not state.drafted[state.n :].any(), "a row beyond the batch is still marked as drafted"
     assert [results[i].tokens for i in ids] == expected
+
+
+def test_the_service_snapshot_covers_every_step_once_its_rows_are_done(family, mixed):
+    """A job's manifest reports the operating point its decode actors read after their rows: the snapshot must
+    hold the whole run then, not its first step only (runs shorter than SNAPSHOT_EVERY steps had only that)."""
+    requests, _ = mixed
+    service = EngineService(lambda: decoder(family, rows=3, adaptive=True))
+    results = [f.result(timeout=300) for f in [service.submit(r) for r in requests]]
+    snapshot = service.describe()
+    service.close()
+    assert all(r.error is None for r in results)
+    assert 1 < service.steps < SNAPSHOT_EVERY
+    assert snapshot["controller"] == service.decoder.describe()["controller"]  # as of the last step
+    assert sum(snapshot["controller"]["depth_chosen_steps"].values()) > 1

@@ -97,11 +97,14 @@ class EngineService:
             except Exception:  # a failure of one input must not fail the others: isolate it
                 self._isolate()
                 continue
+            self.steps += 1
+            # Also when the engine drains, before its last results are handed back: a caller that reports the
+            # operating point once its rows are done (the job's decode actors) then sees the whole run, not the
+            # first step of a run shorter than SNAPSHOT_EVERY steps.
+            if self.steps % SNAPSHOT_EVERY == 1 or not self.decoder.busy:
+                self.snapshot = self.decoder.describe()
             for rid, result in finished:
                 self.in_flight.pop(rid)[1].set_result(result)
-            self.steps += 1
-            if self.steps % SNAPSHOT_EVERY == 1:
-                self.snapshot = self.decoder.describe()
 
     def _isolate(self) -> None:
         self.isolations += 1
