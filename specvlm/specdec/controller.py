@@ -44,13 +44,16 @@ reads much more cache) is caught by checking the model against what the steps de
 the last SHORTFALL_STEPS steps of a bucket took so much longer than predicted that it realised less than SHORTFALL
 of the tokens per second the model promised, the bucket re-learns its costs instead of waiting for the refresh.
 Noise only adds time, so one undisturbed step among them is enough to keep a correct model.
+On a machine so busy that none is, a re-learning is wasted; so a check may start one only RELEARN_SPACING
+learning rounds' worth of steps after the last, which keeps learning a small share of the steps whatever the load.
+
 Fastest-of costs can only be priced too high, never too low (noise adds time; a cost that truly rose is caught
 by that check), and a depth priced too high is never chosen, so never timed again. So every PROBE_EVERY steps
-the controller takes a depth next to the best one instead (one side, then the other): near the best the rate
-changes little with the depth, so a probe costs a fraction of a step, and it finds a neighbour that is better
-than it looked; following such neighbours, the choice climbs to the best depth. On a machine so busy
-that none is, a re-learning is wasted; so a check may start one only RELEARN_SPACING learning rounds' worth of
-steps after the last, which keeps learning a small share of the steps whatever the load.
+the controller takes instead the most promising depth deeper than the best, or the most promising shallower one,
+one side and then the other: each is the cheapest probe on its side (near the best, usually a neighbour, whose
+rate differs little: the probe costs a fraction of a step), and where it was priced too high it is found out and
+taken. Both sides, not just the neighbours: with a draft as costly as the target, depth 1 can lose to plain
+decoding while deep drafts win, and a plain decoder that only ever tried depth 1 would never find them.
 
 A step of depth d does all the work of a step of depth d - 1 and more, so a deeper step is never priced below a
 shallower one: with acceptance near zero, a plain step timed on a disturbed moment cannot make drafting look
@@ -85,10 +88,10 @@ SHORTFALL_STEPS = 8  # recent steps that check compares: on two cores at load 6 
 # chance that 8 in a row all are is small enough; more would delay noticing a real change by as many steps
 RELEARN_SPACING = 20  # a re-learning started by the check waits this many times the steps a learning takes: at
 # most about 1/20 of the steps learn, so that on a machine too busy to check the model learning costs under 5%
-PROBE_EVERY = 16  # steps between probes of a depth next to the best: near its best depth the rate changes little
-# with the depth, so a probe costs a fraction of a step, and one step in 16 keeps the cost near 2% even for a
-# neighbour 30% slower (plain decoding beside a draft that is rarely right); a neighbour priced too high is found
-# within a second on a GPU (16 steps of 10-20 ms), within a few seconds on the demo's CPU
+PROBE_EVERY = 16  # steps between probes of a depth other than the best: the most promising one on a side is
+# usually a neighbour, whose rate differs little, and one step in 16 keeps the cost near 2% even for a depth 30%
+# slower (plain decoding beside a draft that is rarely right); a depth priced too high is found within a second
+# on a GPU (16 steps of 10-20 ms), within a few seconds on the demo's CPU
 PRIOR_ACCEPTANCE = 0.5  # the level acceptance assumed before any row tried a level: neither condemns nor trusts
 PRIOR_WEIGHT = 4.0  # levels' worth of evidence that prior counts for (for the rows together, and for one row
 # against the acceptance of all rows): a few rejected levels move an estimate, one does not settle it
@@ -135,7 +138,7 @@ class DepthController:
         self.accepted = np.zeros(rows)
         self.tried = np.zeros(rows)
         self.depths: dict[int, int] = {}  # how often each depth was chosen
-        self.until_probe = PROBE_EVERY  # steps before the next neighbour probe
+        self.until_probe = PROBE_EVERY  # steps before the next probe of a depth other than the best
         self.probe_deeper = False  # the side of the last one
         self.wants_drafting = True
 
@@ -283,23 +286,25 @@ class DepthController:
             rates = [tokens / s for tokens, s in zip(actual, seconds)]
             depth = min(max(range(len(rates)), key=rates.__getitem__) if any_drafted else 0, reach)
             if any_drafted:
-                depth = self._probe_neighbour(depth, reach)
+                depth = self._probe_runner_up(depth, rates[: reach + 1])
             self.prediction = (bucket, seconds[depth])
             best_for_all = max(t / s for t, s in zip(everyone, seconds))
             plain = everyone[0] / seconds[0]
             self.wants_drafting = best_for_all > plain * (1.0 if self.wants_drafting else HYSTERESIS)
         return self._chosen(min(depth, reach))
 
-    def _probe_neighbour(self, best: int, reach: int) -> int:
-        """Every PROBE_EVERY steps, a depth next to the best one instead, one side then the other: the way a
-        neighbour that was priced too high gets timed again (see the docstring)."""
+    def _probe_runner_up(self, best: int, rates: list[float]) -> int:
+        """Every PROBE_EVERY steps, instead of the best depth, the most promising one deeper than it, or the most
+        promising one shallower, taking turns (one side only where the other has none): the way a depth that was
+        priced too high gets timed again (see the docstring). rates: predicted tokens/s of the depths rows can use."""
         self.until_probe -= 1
         if self.until_probe > 0:
             return best
         self.until_probe = PROBE_EVERY
         self.probe_deeper = not self.probe_deeper
-        sides = (best + 1, best - 1) if self.probe_deeper else (best - 1, best + 1)
-        return next((d for d in sides if 0 <= d <= min(self.max_depth, reach)), best)
+        deeper, shallower = range(best + 1, len(rates)), range(best)
+        side = (deeper or shallower) if self.probe_deeper else (shallower or deeper)
+        return max(side, key=rates.__getitem__, default=best)
 
     def _chosen(self, depth: int) -> int:
         self.depths[depth] = self.depths.get(depth, 0) + 1

@@ -52,7 +52,7 @@ from specvlm.specdec.rotary import RequestRotary, refuse_recomputing_generate
 from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams
 from specvlm.specdec.shapes import EXACT, STATIC, ShapeBuckets
-from specvlm.specdec.timing import StepTimer, seconds
+from specvlm.specdec.timing import StepTimer, host_clock, seconds
 from specvlm.specdec.verify import Verdict, verify_greedy, verify_sampling
 
 WARM_UP_SLOTS = 64  # cache slots per scratch row of the warm-up (warm_up)
@@ -147,7 +147,7 @@ class _Host:
     nodes: np.ndarray  # [n] draft tokens it verified
     row_depth: np.ndarray  # [n] depth of its deepest proposed node
     draft_calls: int  # draft passes the step made
-    read_at: float = field(default_factory=time.perf_counter)
+    read_at: float = field(default_factory=host_clock)  # on the clock that prices steps (timing.py)
 
 
 class SpeculativeDecoder:
@@ -319,7 +319,7 @@ class SpeculativeDecoder:
         finished = self._retire(state, host)
         if self.controller is not None:
             draft_s, verify_s, queued_s = timer.phases()
-            rest_s = queued_s + time.perf_counter() - host.read_at
+            rest_s = queued_s + host_clock() - host.read_at
             self.controller.observe(
                 n, depth, host.row_depth, host.counts - 1, (draft_s, verify_s, rest_s), proposal.draft_calls
             )
