@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import platform
 import statistics
 import sys
@@ -147,6 +148,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()[0]  # how busy the machine was: on a shared one, it decides the noise
 
     target = load_target(str(args.models / "target"), device="cpu", dtype="float32")
     eos = generation_eos(target.model)
@@ -180,6 +182,7 @@ def main(argv=None) -> None:
             print(row, flush=True)
             args.out.write_text("\n".join(lines) + "\n")  # a long run that dies keeps what it measured
     lines.append(f"\nTrials more than {100 * (1 - WITHIN):.0f}% below the better baseline: {below}.")
+    lines.append(f"Load average (1 min): {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"written: {args.out}")

@@ -1,8 +1,11 @@
 """The speculation controller and the batch-size calibration, on costs and rates given outright: each picks what
 the numbers say pays."""
 
+import time
+
 import numpy as np
 import pytest
+import torch
 
 from specvlm.specdec.autobatch import START, WARMUP, WINDOW, AutoRows
 from specvlm.specdec.controller import (
@@ -12,6 +15,7 @@ from specvlm.specdec.controller import (
     SHORTFALL_STEPS,
     DepthController,
 )
+from specvlm.specdec.timing import StepTimer
 
 DEPTH, ROWS = 5, 32
 
@@ -242,3 +246,19 @@ def test_the_batch_cap_stays_within_memory():
         for _ in range(WARMUP + WINDOW):
             auto.observe(auto.cap, True, auto.cap, 1.0)  # tokens/s rise with every row
     assert auto.cap == START // 2 + 3
+
+
+def test_on_one_torch_thread_a_step_is_timed_by_its_own_work():
+    # Another process taking the core stops the decoding thread as sleeping does: the step's own work is unchanged,
+    # and so must be its measured time, or a busy machine misprices whichever depth ran at the busy moment.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timer = StepTimer(torch.device("cpu"))
+        timer.mark()
+        time.sleep(0.05)
+        timer.mark()
+        (seconds,) = timer.phases()
+    finally:
+        torch.set_num_threads(threads)
+    assert seconds < 0.01
