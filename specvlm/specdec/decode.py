@@ -33,7 +33,6 @@ draft's bookkeeping) is decided from that and from host copies of the lengths, k
 from __future__ import annotations
 
 import collections
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -340,16 +339,14 @@ class SpeculativeDecoder:
 
     def _probe(self, state: DecodeState, q: int) -> float:
         """Seconds of a target pass over q tokens per row, at the current rows; writes only scratch slots.
-        (Timing a pass on its own waits for the device: the controller asks for this rarely, see controller.py.)"""
+        (Timing a pass on its own waits for the device: the controller asks for this rarely, and takes the fastest
+        of several, which leaves out a new shape's one-off set-up; see controller.py.)"""
         n = state.n
         tokens = state.tokens[:n].gather(1, (state.length[:n] - 1)[:, None]).expand(n, q)
         attend = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(n, q, q)
-        best = math.inf
-        for _ in range(2):  # the first pass of a new shape can pay one-off set-up costs
-            start = seconds(self.device)
-            state.target.forward(tokens, attend)
-            best = min(best, seconds(self.device) - start)
-        return best
+        start = seconds(self.device)
+        state.target.forward(tokens, attend)
+        return seconds(self.device) - start
 
     def _draft(self, state: DecodeState, depth: int) -> Proposal:
         n = state.n
