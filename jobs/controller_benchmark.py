@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -76,9 +77,14 @@ def trial_runs(target: LoadedTarget, draft, requests, cap: int, gammas: list[int
     """name -> a run of all requests through a fresh engine: plain, each fixed depth, adaptive at full depth."""
 
     def run(make, adaptive=True):
-        return lambda: decode(
-            target.model, make(), requests, cap, max_new_tokens=args.max_new_tokens, eos=eos, adaptive=adaptive
-        )
+        def timed():
+            start = time.process_time()
+            results, describe = decode(
+                target.model, make(), requests, cap, max_new_tokens=args.max_new_tokens, eos=eos, adaptive=adaptive
+            )
+            return results, describe | {"cpu_seconds": time.process_time() - start}
+
+        return timed
 
     runs = {"plain": run(lambda: None)}
     for gamma in gammas:
@@ -107,7 +113,7 @@ def measure(
             reference = reference or tokens
             if tokens != reference:
                 raise RuntimeError(f"{name}, {run_name}: output differs from plain decoding")
-            rate = sum(len(t) for t in tokens) / seconds[0]
+            rate = sum(len(t) for t in tokens) / (describe["cpu_seconds"] if args.clock == "cpu" else seconds[0])
             rates[run_name].append(rate)
             if run_name == "adaptive":
                 trials.append((rate, collections.Counter(describe["controller"]["depth_chosen_steps"])))
@@ -150,6 +156,10 @@ def main(argv=None) -> None:
     # One thread by default: where other processes share the cores, threads that wait on each other make every
     # pass several times slower and its time a matter of luck (measured: 10x on two cores at load 5).
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
+    # On a machine other processes share, the wall clock charges each run for the time the others took the core,
+    # which changes 2x from one run to the next; with one torch thread the process's CPU time is what the run
+    # would take alone on its core.
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what tokens/s are counted on")
     parser.add_argument("--out", type=Path, default=Path("out/controller-benchmark.md"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -176,7 +186,8 @@ def main(argv=None) -> None:
         f"{args.trials} trials per setting, each running plain, fixed depths {', '.join(map(str, gammas))} "
         f"(adaptive off) and the adaptive engine (depth up to {max(gammas)}, no costs learned at the start) on "
         f"the same {args.requests_per_row} requests per row, taking turns; max {args.max_new_tokens} new tokens. "
-        f"Plain and fixed depths: the median tokens/s over the trials. `vs better`: an adaptive trial's tokens/s "
+        f"Tokens/s on the {args.clock} clock. Plain and fixed depths: the median tokens/s over the trials. "
+        f"`vs better`: an adaptive trial's tokens/s "
         f"over the better of plain and the best fixed depth (their medians; `same trial`: that trial's own runs "
         f"of the two). Depths: share of the adaptive steps at each depth "
         f"(all trials; the worst trial). Command: `python -m jobs.controller_benchmark {command}`.\n",
