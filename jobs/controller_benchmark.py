@@ -9,7 +9,9 @@ accepts next to nothing) at a running-batch cap (1 and 8 rows). A trial runs, ta
 plain decoding (no draft), the draft at every fixed depth (adaptive off), and the adaptive engine, which starts
 with no costs learned, so that each trial is one more chance for a noisy first measurement to mislead it. The
 adaptive run is compared with the better of plain decoding and the best fixed depth, each taken as its median
-over the trials (a median, not the best round, so that no baseline is flattered by the luckiest of many runs).
+over the trials (a median, not the best round, so that no baseline is flattered by the luckiest of many runs), and
+with the better of the two in its own trial (the best fixed depth still chosen by the medians), which a machine
+whose load changes from trial to trial disturbs far less.
 
 Writes a Markdown report (default out/controller-benchmark.md).
 """
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -71,9 +75,14 @@ def trial_runs(target: LoadedTarget, draft, requests, cap: int, gammas: list[int
     """name -> a run of all requests through a fresh engine: plain, each fixed depth, adaptive at full depth."""
 
     def run(make, adaptive=True):
-        return lambda: decode(
-            target.model, make(), requests, cap, max_new_tokens=args.max_new_tokens, eos=eos, adaptive=adaptive
-        )
+        def timed():
+            start = time.process_time()
+            results, describe = decode(
+                target.model, make(), requests, cap, max_new_tokens=args.max_new_tokens, eos=eos, adaptive=adaptive
+            )
+            return results, describe | {"cpu_seconds": time.process_time() - start}
+
+        return timed
 
     runs = {"plain": run(lambda: None)}
     for gamma in gammas:
@@ -87,8 +96,11 @@ def histogram(depths: collections.Counter) -> str:
     return " ".join(f"{d}:{100 * n / total:.0f}%" for d, n in sorted(depths.items()))
 
 
-def measure(name: str, target, draft, requests, cap: int, gammas: list[int], args, eos, log) -> tuple[str, list]:
-    """One table row: the adaptive trials against the medians of plain and of each fixed depth."""
+def measure(
+    name: str, target, draft, requests, cap: int, gammas: list[int], args, eos, log
+) -> tuple[str, list[float], list[float]]:
+    """One table row: the adaptive trials against the medians of plain and of each fixed depth, and against the
+    better of plain and that best fixed depth in their own trial. Returns the row and both lists of ratios."""
     rates = collections.defaultdict(list)  # run name -> tokens/s per trial
     trials = []  # per adaptive trial: (tokens/s, depth histogram)
     reference = None
@@ -99,7 +111,7 @@ def measure(name: str, target, draft, requests, cap: int, gammas: list[int], arg
             reference = reference or tokens
             if tokens != reference:
                 raise RuntimeError(f"{name}, {run_name}: output differs from plain decoding")
-            rate = sum(len(t) for t in tokens) / seconds[0]
+            rate = sum(len(t) for t in tokens) / (describe["cpu_seconds"] if args.clock == "cpu" else seconds[0])
             rates[run_name].append(rate)
             if run_name == "adaptive":
                 trials.append((rate, collections.Counter(describe["controller"]["depth_chosen_steps"])))
@@ -109,6 +121,9 @@ def measure(name: str, target, draft, requests, cap: int, gammas: list[int], arg
     best_fixed = max((n for n in median if n.startswith("fixed")), key=median.__getitem__)
     better = max(median["plain"], median[best_fixed])
     ratios = [rate / better for rate, _ in trials]
+    # The same trial's baselines ran just before, so a machine whose load changes between trials (on a shared
+    # one, by 2x) moves them with the adaptive run instead of making its trial look good or bad.
+    paired = [rate / max(plain, fixed) for (rate, _), plain, fixed in zip(trials, rates["plain"], rates[best_fixed])]
     worst = min(range(len(trials)), key=ratios.__getitem__)
     every = sum((depths for _, depths in trials), collections.Counter())
     cells = [
@@ -119,10 +134,13 @@ def measure(name: str, target, draft, requests, cap: int, gammas: list[int], arg
         f"{statistics.median(ratios):.2f}",
         f"{ratios[worst]:.2f}",
         f"{sum(r < WITHIN for r in ratios)}/{len(ratios)}",
+        f"{statistics.median(paired):.2f}",
+        f"{min(paired):.2f}",
+        f"{sum(r < WITHIN for r in paired)}/{len(paired)}",
         histogram(every),
         histogram(trials[worst][1]),
     ]
-    return "| " + " | ".join(cells) + " |", ratios
+    return "| " + " | ".join(cells) + " |", ratios, paired
 
 
 def main(argv=None) -> None:
@@ -136,12 +154,17 @@ def main(argv=None) -> None:
     # One thread by default: where other processes share the cores, threads that wait on each other make every
     # pass several times slower and its time a matter of luck (measured: 10x on two cores at load 5).
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
+    # On a machine other processes share, the wall clock charges each run for the time the others took the core,
+    # which changes 2x from one run to the next; with one torch thread the process's CPU time is what the run
+    # would take alone on its core.
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what tokens/s are counted on")
     parser.add_argument("--out", type=Path, default=Path("out/controller-benchmark.md"))
     args = parser.parse_args(argv)
     if args.quick:
         args.trials = min(args.trials, 3)
     gammas = [1, 2, 4, AUTO_DEPTH] if args.quick else list(range(1, AUTO_DEPTH + 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()[0]  # how busy the machine was: on a shared one, it decides the noise
 
     family = load_demo_family(args.models, args.threads)
     target, eos = family.target, family.eos
@@ -158,23 +181,31 @@ def main(argv=None) -> None:
         f"{args.trials} trials per setting, each running plain, fixed depths {', '.join(map(str, gammas))} "
         f"(adaptive off) and the adaptive engine (depth up to {max(gammas)}, no costs learned at the start) on "
         f"the same {args.requests_per_row} requests per row, taking turns; max {args.max_new_tokens} new tokens. "
-        f"Plain and fixed depths: the median tokens/s over the trials. `vs better`: an adaptive trial's tokens/s "
-        f"over the better of plain and the best fixed depth. Depths: share of the adaptive steps at each depth "
+        f"Tokens/s on the {args.clock} clock. Plain and fixed depths: the median tokens/s over the trials. "
+        f"`vs better`: an adaptive trial's tokens/s "
+        f"over the better of plain and the best fixed depth (their medians; `same trial`: that trial's own runs "
+        f"of the two). Depths: share of the adaptive steps at each depth "
         f"(all trials; the worst trial). Command: `python -m jobs.controller_benchmark {command}`.\n",
         "| draft | cap | plain tok/s | best fixed vs plain | adaptive vs better: median | worst | "
-        f"trials below {WITHIN} | depths, all trials | depths, worst trial |",
-        "|---|---:|---:|---|---:|---:|---:|---|---|",
+        f"trials below {WITHIN} | same trial: median | worst | below {WITHIN} | depths, all trials | "
+        "depths, worst trial |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    below = 0
+    below = below_paired = 0
     for name, draft in drafts.items():
         for cap in args.caps:
             requests = world_requests(target.processor, args.requests_per_row * cap)
-            row, ratios = measure(name, target, draft, requests, cap, gammas, args, eos, log=print)
+            row, ratios, paired = measure(name, target, draft, requests, cap, gammas, args, eos, log=print)
             below += sum(r < WITHIN for r in ratios)
+            below_paired += sum(r < WITHIN for r in paired)
             lines.append(row)
             print(row, flush=True)
             args.out.write_text("\n".join(lines) + "\n")  # a long run that dies keeps what it measured
-    lines.append(f"\nTrials more than {100 * (1 - WITHIN):.0f}% below the better baseline: {below}.")
+    lines.append(
+        f"\nTrials more than {100 * (1 - WITHIN):.0f}% below the better baseline: {below} against the medians, "
+        f"{below_paired} against their own trial's."
+    )
+    lines.append(f"Load average (1 min): {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"written: {args.out}")

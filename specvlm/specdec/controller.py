@@ -33,19 +33,35 @@ between measured ones, or extrapolated along the last two. The deeper step is wh
 from 1 to 2 tokens is often steeper than the ones after it (a one-token pass takes a faster path), and a line
 through those two alone would overprice every deeper window.
 
-Every step then refines what it used: its phases are timed and folded into moving averages, which adds the
-deeper counts as the controller drafts deeper. A step's verification time moves every count of its row bucket,
-not just its own: passes grow slower as outputs grow (attention reads more cache), and a count that is not
-being chosen would otherwise keep the time it had when the outputs were short, and look cheaper than the one in
-use for no reason but staleness. It moves them by the same time, not the same factor: what grows is the read of
-each row's cache, which a window of one token pays as much as a deep one (by the same factor, measured, the
-deep windows came out overpriced late in a run).
-Moving every count by the same time keeps the differences between counts as they were learned, so the steps also
-check the model against what they deliver: when the recent steps of a bucket (about SHORTFALL_STEPS of them) took
-so much longer than predicted, together, that they realised less than SHORTFALL of the tokens per second the model
-promised, the bucket re-learns its costs at once instead of at the next refresh (a machine whose load changed can
-turn a target from bound by reading weights, where deep windows cost little more than one token, to bound by
-arithmetic, where they cost in proportion).
+Every step then refines what it used: a cost is the fastest of the steps that timed it since the bucket learned,
+and a count timed for the first time (a depth deeper than the learning steps) is taken as measured. Fastest, not
+an average, for the same reason as above, and because the choice compares costs with each other: a machine that
+is busier slows every depth alike and leaves the best one where it was, while an average of disturbed steps
+would price only the depth in use at the busy machine's rate and make the depths not in use look cheap.
+A cost that really rises (the machine turned from bound by reading weights, where deep windows cost little more
+than one token, to bound by arithmetic, where they cost in proportion; outputs grown long enough that attention
+reads much more cache) is caught by checking the model against what the steps deliver: when even the fastest of
+the last SHORTFALL_STEPS steps of a bucket took so much longer than predicted that it realised less than SHORTFALL
+of the tokens per second the model promised, the bucket re-learns its costs instead of waiting for the refresh.
+Noise only adds time, so one undisturbed step among them is enough to keep a correct model.
+On a machine so busy that none is, a re-learning is wasted; so a check may start one only RELEARN_SPACING
+learning rounds' worth of steps after the last, which keeps learning a small share of the steps whatever the load.
+
+Fastest-of costs can only be priced too high, never too low (noise adds time; a cost that truly rose is caught
+by that check), and a depth priced too high is never chosen, so never timed again. So every PROBE_EVERY steps
+the controller takes instead the most promising depth deeper than the best, or the most promising shallower one,
+one side and then the other: each is the cheapest probe on its side (near the best, usually a neighbour, whose
+rate differs little: the probe costs a fraction of a step), and where it was priced too high it is found out and
+taken. Both sides, not just the neighbours: with a draft as costly as the target, depth 1 can lose to plain
+decoding while deep drafts win, and a plain decoder that only ever tried depth 1 would never find them.
+
+A step of depth d does all the work of a step of depth d - 1 and more, so a deeper step is never priced below a
+shallower one: with acceptance near zero, a plain step timed on a disturbed moment cannot make drafting look
+cheaper than not drafting. And drafting costs are only learned while they could pay: when even free drafting, at
+the acceptance seen so far, would commit less than HYSTERESIS times the tokens of plain decoding, the controller
+decodes plain and times nothing else (a probe of a draft that is never right costs a whole step and can win
+nothing). The acceptance of all rows is counted from the levels they tried, starting from PRIOR_ACCEPTANCE with
+PRIOR_WEIGHT levels' worth of weight, so that one rejected first proposal does not condemn a good draft.
 Tables are indexed by a bucket of the row count, so they follow the load and the machine, and hold seconds per
 row, because within a bucket a pass costs about in proportion to its rows (a batch that drains stays priced).
 
@@ -57,6 +73,7 @@ its batch and whenever it joined.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable
@@ -66,11 +83,20 @@ import numpy as np
 REFRESH_S = 60.0  # seconds between re-measurements of a bucket: a cost measured badly once cannot stick, and
 # the scratch passes stay a small share of the time (four passes a minute)
 LEARNING_SAMPLES = 3  # steps that time each cost while a bucket learns: the fastest counts (see the docstring)
-SHORTFALL = 0.75  # predicted over realised seconds of recent steps, below which a bucket re-learns its costs
-SHORTFALL_STEPS = 8  # about how many recent steps that compares; also the steps after learning before it may
-PRIOR_WEIGHT = 4.0  # steps' worth of evidence the running acceptance of all rows counts for in a row's estimate
-SMOOTHING = 0.2  # weight of a new measurement in the moving averages
-HYSTERESIS = 1.03  # drafting for rows that join must promise this much over plain decoding
+SHORTFALL = 0.75  # predicted over realised seconds of the fastest recent step, below which a bucket re-learns
+SHORTFALL_STEPS = 8  # recent steps that check compares: on two cores at load 6 most steps are disturbed, and the
+# chance that 8 in a row all are is small enough; more would delay noticing a real change by as many steps
+RELEARN_SPACING = 20  # a re-learning started by the check waits this many times the steps a learning takes: at
+# most about 1/20 of the steps learn, so that on a machine too busy to check the model learning costs under 5%
+PROBE_EVERY = 16  # steps between probes of a depth other than the best: the most promising one on a side is
+# usually a neighbour, whose rate differs little, and one step in 16 keeps the cost near 2% even for a depth 30%
+# slower (plain decoding beside a draft that is rarely right); a depth priced too high is found within a second
+# on a GPU (16 steps of 10-20 ms), within a few seconds on the demo's CPU
+PRIOR_ACCEPTANCE = 0.5  # the level acceptance assumed before any row tried a level: neither condemns nor trusts
+PRIOR_WEIGHT = 4.0  # levels' worth of evidence that prior counts for (for the rows together, and for one row
+# against the acceptance of all rows): a few rejected levels move an estimate, one does not settle it
+HYSTERESIS = 1.03  # drafting for rows that join must promise this much over plain decoding; also the least gain
+# that free drafting must promise before drafting costs are learned at all
 
 
 def rows_bucket(n: int) -> int:
@@ -102,14 +128,18 @@ class DepthController:
         # rows bucket -> what its steps are timing while it learns (token counts, "draft") -> the seconds per row
         # measured so far; a bucket's entry goes when every cost has LEARNING_SAMPLES of them
         self.learning: dict[int, dict[int | str, list[float]]] = {}
-        # rows bucket -> (steps checked since it learned, moving averages of the predicted and the realised seconds)
-        self.realised: dict[int, tuple[int, float, float]] = {}
+        # rows bucket -> (steps since it learned, realised over predicted seconds of its last SHORTFALL_STEPS steps)
+        self.realised: dict[int, tuple[int, collections.deque[float]]] = {}
         self.prediction: tuple[int, float] | None = None  # (rows bucket, seconds) the chosen step was priced at
-        self.level_acceptance: float | None = None  # running value over all rows
+        # Levels accepted out of levels tried, all rows together, since the decoder started.
+        self.all_accepted = 0.0
+        self.all_tried = 0.0
         # Per row, on the host (the controller never reads the device): levels accepted out of levels tried.
         self.accepted = np.zeros(rows)
         self.tried = np.zeros(rows)
         self.depths: dict[int, int] = {}  # how often each depth was chosen
+        self.until_probe = PROBE_EVERY  # steps before the next probe of a depth other than the best
+        self.probe_deeper = False  # the side of the last one
         self.wants_drafting = True
 
     # Rows follow the engine's row moves.
@@ -128,10 +158,15 @@ class DepthController:
         self.accepted[dst] = self.accepted[src]
         self.tried[dst] = self.tried[src]
 
+    @property
+    def level_acceptance(self) -> float:
+        """The level acceptance of all rows together, shrunk towards PRIOR_ACCEPTANCE while few levels were tried."""
+        return (self.all_accepted + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (self.all_tried + PRIOR_WEIGHT)
+
     def expected_tokens(self, n: int, drafted: np.ndarray, left: np.ndarray) -> tuple[list[float], list[float]]:
         """Expected tokens committed by a step of each depth 0..max_depth, summed over rows [0, n): as the rows
         are (only `drafted` rows can accept drafts), and were the draft to hold every row."""
-        prior = 0.5 if self.level_acceptance is None else self.level_acceptance
+        prior = self.level_acceptance
         a = (self.accepted[:n] + PRIOR_WEIGHT * prior) / (self.tried[:n] + PRIOR_WEIGHT)  # [n]
         depth = np.arange(self.max_depth + 1)
         cumulative = np.cumsum(a[:, None] ** depth, axis=1)  # [n, D+1]: 1 + a + ... + a^d
@@ -149,8 +184,12 @@ class DepthController:
             items = {1} | windows | ({"draft"} if self.calls(1) > 0 else set())
             self.learning[bucket] = {item: [] for item in items}
             self.measured_at[bucket] = time.perf_counter()
-            # Deeper counts were timed on the old costs; the deeper steps chosen from the new ones time them again.
+            # Every cost is the fastest since the bucket learned: the old ones go, and the deeper counts, timed on
+            # the old costs, are timed again by the deeper steps chosen from the new ones.
             self.verify_s.pop(bucket, None)
+            self.draft_s.pop(bucket, None)
+            for drafting in (False, True):
+                self.rest_s.pop((bucket, drafting), None)
         learning = self.learning.get(bucket, {})
         for d in self.learning_depths:
             if d > reach:
@@ -191,14 +230,18 @@ class DepthController:
             return table[above]
         return table[below] + (table[above] - table[below]) * (q - below) / (above - below)
 
-    def step_seconds(self, n: int, depth: int) -> float:
-        """Predicted seconds of a step of this depth over n rows."""
+    def step_seconds(self, n: int) -> list[float]:
+        """Predicted seconds of a step of each depth 0..max_depth over n rows, never less than a shallower one's
+        (see the docstring)."""
         bucket = rows_bucket(n)
-        seconds = self.verify_seconds(bucket, 1 + self.nodes(depth))
-        if depth > 0:
-            seconds += self.calls(depth) * self.draft_s.get(bucket, 0.0)
-        seconds += self.rest_s.get((bucket, depth > 0), self.rest_s.get((bucket, depth == 0), 0.0))
-        return n * seconds
+        seconds = []
+        for depth in range(self.max_depth + 1):
+            s = self.verify_seconds(bucket, 1 + self.nodes(depth))
+            if depth > 0:
+                s += self.calls(depth) * self.draft_s.get(bucket, 0.0)
+            s += self.rest_s.get((bucket, depth > 0), self.rest_s.get((bucket, depth == 0), 0.0))
+            seconds.append(max([n * s, *seconds[-1:]]))
+        return seconds
 
     def choose(
         self,
@@ -221,6 +264,11 @@ class DepthController:
         depth = self.max_depth if any_drafted else 0
         self.prediction = None
         if self.adaptive:
+            actual, everyone = self.expected_tokens(n, drafted, left)
+            if max(everyone) < HYSTERESIS * everyone[0]:
+                # Even free drafting would not pay at this acceptance: nothing worth timing (see the docstring).
+                self.wants_drafting = False
+                return self._chosen(0)
             bucket = rows_bucket(n)
             needed = self._learn(bucket, reach)
             if needed and any_drafted:
@@ -234,15 +282,29 @@ class DepthController:
                 return self._chosen(0)
             if needed:
                 self._scratch(n, probe_verify, probe_draft)
-            seconds = [self.step_seconds(n, d) for d in range(self.max_depth + 1)]
-            actual, everyone = self.expected_tokens(n, drafted, left)
+            seconds = self.step_seconds(n)
             rates = [tokens / s for tokens, s in zip(actual, seconds)]
             depth = min(max(range(len(rates)), key=rates.__getitem__) if any_drafted else 0, reach)
+            if any_drafted:
+                depth = self._probe_runner_up(depth, rates[: reach + 1])
             self.prediction = (bucket, seconds[depth])
             best_for_all = max(t / s for t, s in zip(everyone, seconds))
             plain = everyone[0] / seconds[0]
             self.wants_drafting = best_for_all > plain * (1.0 if self.wants_drafting else HYSTERESIS)
         return self._chosen(min(depth, reach))
+
+    def _probe_runner_up(self, best: int, rates: list[float]) -> int:
+        """Every PROBE_EVERY steps, instead of the best depth, the most promising one deeper than it, or the most
+        promising one shallower, taking turns (one side only where the other has none): the way a depth that was
+        priced too high gets timed again (see the docstring). rates: predicted tokens/s of the depths rows can use."""
+        self.until_probe -= 1
+        if self.until_probe > 0:
+            return best
+        self.until_probe = PROBE_EVERY
+        self.probe_deeper = not self.probe_deeper
+        deeper, shallower = range(best + 1, len(rates)), range(best)
+        side = (deeper or shallower) if self.probe_deeper else (shallower or deeper)
+        return max(side, key=rates.__getitem__, default=best)
 
     def _chosen(self, depth: int) -> int:
         self.depths[depth] = self.depths.get(depth, 0) + 1
@@ -263,58 +325,37 @@ class DepthController:
         tried = np.minimum(accepted + 1, proposed)
         self.accepted[:n] += accepted
         self.tried[:n] += tried
-        total_tried = float(tried.sum())
-        if total_tried > 0:
-            step_rate = float(accepted.sum()) / total_tried
-            self.level_acceptance = (
-                step_rate
-                if self.level_acceptance is None
-                else ((1 - SMOOTHING) * self.level_acceptance + SMOOTHING * step_rate)
-            )
+        self.all_accepted += float(accepted.sum())
+        self.all_tried += float(tried.sum())
         bucket = rows_bucket(n)
         self._check_prediction(bucket, sum(seconds))
         draft_s, verify_s, rest_s = (s / n for s in seconds)
         learning = self.learning.get(bucket, {})
         q = 1 + self.nodes(depth)
-        # What the bucket is (re)learning is the fastest of its samples so far, and what it times for the first time
-        # is taken as measured; anything else moves the whole table (see the docstring).
-        table = self.verify_s.setdefault(bucket, {})
+        # Every cost is the fastest of its samples since the bucket (re)learned (see the docstring).
         if q in learning:
             learning[q].append(verify_s)
-            table[q] = min(learning[q])
-        elif q not in table:
-            table[q] = verify_s
-        else:
-            drift = SMOOTHING * (verify_s - table[q])
-            for count in table:
-                table[count] = max(table[count] + drift, table[count] / 2)  # one odd step cannot zero a cost
+        _fastest(self.verify_s.setdefault(bucket, {}), q, verify_s)
         if draft_calls > 0:
             per_call = draft_s / draft_calls
             if "draft" in learning:
                 learning["draft"].append(per_call)
-                self.draft_s[bucket] = min(learning["draft"])
-            elif bucket not in self.draft_s:
-                self.draft_s[bucket] = per_call
-            else:
-                self.draft_s[bucket] = _smoothed(self.draft_s[bucket], per_call)
-        _average(self.rest_s, (bucket, depth > 0), rest_s)
+            _fastest(self.draft_s, bucket, per_call)
+        _fastest(self.rest_s, (bucket, depth > 0), rest_s)
 
     def _check_prediction(self, bucket: int, seconds: float) -> None:
-        """Re-learn the bucket's costs when its steps keep taking longer than the cost model priced them at, so
-        deliver fewer tokens per second than it promised: costs timed on odd steps, or on a machine that has
-        changed since, would otherwise steer every step until the next refresh. (The tokens half of the promise
-        needs no check: each row's acceptance is counted at every step.) Seconds are averaged before they are
-        compared, over about SHORTFALL_STEPS steps, so that slow steps among fast ones, which the predictions
-        follow on average, do not start it."""
+        """Re-learn the bucket's costs when even the fastest of its recent steps took much longer than the cost
+        model priced it at, so delivered fewer tokens per second than it promised: costs that have risen since
+        they were timed would otherwise steer every step until the next refresh (see the docstring). (The tokens
+        half of the promise needs no check: each row's acceptance is counted at every step.)"""
         if self.prediction is None or self.prediction[0] != bucket:
             return
-        weight = 1 / SHORTFALL_STEPS
-        steps, predicted, realised = self.realised.get(bucket, (0, self.prediction[1], seconds))
-        predicted = (1 - weight) * predicted + weight * self.prediction[1]
-        realised = (1 - weight) * realised + weight * seconds
+        steps, ratios = self.realised.get(bucket, (0, collections.deque(maxlen=SHORTFALL_STEPS)))
+        ratios.append(seconds / self.prediction[1])
         steps += 1
-        self.realised[bucket] = (steps, predicted, realised)
-        if steps >= SHORTFALL_STEPS and predicted < SHORTFALL * realised:
+        self.realised[bucket] = (steps, ratios)
+        spacing = RELEARN_SPACING * LEARNING_SAMPLES * (1 + len(self.learning_depths))  # steps of a learning round
+        if steps >= spacing and len(ratios) == SHORTFALL_STEPS and SHORTFALL * min(ratios) > 1:
             self.measured_at[bucket] = -math.inf
             del self.realised[bucket]
 
@@ -333,9 +374,5 @@ class DepthController:
         }
 
 
-def _smoothed(old: float, new: float) -> float:
-    return (1 - SMOOTHING) * old + SMOOTHING * new
-
-
-def _average(table: dict, key, value: float) -> None:
-    table[key] = value if key not in table else _smoothed(table[key], value)
+def _fastest(table: dict, key, seconds: float) -> None:
+    table[key] = min(table.get(key, seconds), seconds)

@@ -33,7 +33,6 @@ draft's bookkeeping) is decided from that and from host copies of the lengths, k
 from __future__ import annotations
 
 import collections
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -52,7 +51,7 @@ from specvlm.specdec.rotary import RequestRotary, refuse_recomputing_generate
 from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams
 from specvlm.specdec.shapes import EXACT, STATIC, ShapeBuckets
-from specvlm.specdec.timing import StepTimer, seconds
+from specvlm.specdec.timing import StepTimer, host_clock, seconds
 from specvlm.specdec.verify import Verdict, verify_greedy, verify_sampling
 
 WARM_UP_SLOTS = 64  # cache slots per scratch row of the warm-up (warm_up)
@@ -147,7 +146,7 @@ class _Host:
     nodes: np.ndarray  # [n] draft tokens it verified
     row_depth: np.ndarray  # [n] depth of its deepest proposed node
     draft_calls: int  # draft passes the step made
-    read_at: float = field(default_factory=time.perf_counter)
+    read_at: float = field(default_factory=host_clock)  # on the clock that prices steps (timing.py)
 
 
 class SpeculativeDecoder:
@@ -319,7 +318,7 @@ class SpeculativeDecoder:
         finished = self._retire(state, host)
         if self.controller is not None:
             draft_s, verify_s, queued_s = timer.phases()
-            rest_s = queued_s + time.perf_counter() - host.read_at
+            rest_s = queued_s + host_clock() - host.read_at
             self.controller.observe(
                 n, depth, host.row_depth, host.counts - 1, (draft_s, verify_s, rest_s), proposal.draft_calls
             )
@@ -340,16 +339,14 @@ class SpeculativeDecoder:
 
     def _probe(self, state: DecodeState, q: int) -> float:
         """Seconds of a target pass over q tokens per row, at the current rows; writes only scratch slots.
-        (Timing a pass on its own waits for the device: the controller asks for this rarely, see controller.py.)"""
+        (Timing a pass on its own waits for the device: the controller asks for this rarely, and takes the fastest
+        of several, which leaves out a new shape's one-off set-up; see controller.py.)"""
         n = state.n
         tokens = state.tokens[:n].gather(1, (state.length[:n] - 1)[:, None]).expand(n, q)
         attend = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(n, q, q)
-        best = math.inf
-        for _ in range(2):  # the first pass of a new shape can pay one-off set-up costs
-            start = seconds(self.device)
-            state.target.forward(tokens, attend)
-            best = min(best, seconds(self.device) - start)
-        return best
+        start = seconds(self.device)
+        state.target.forward(tokens, attend)
+        return seconds(self.device) - start
 
     def _draft(self, state: DecodeState, depth: int) -> Proposal:
         n = state.n
