@@ -163,3 +163,12 @@ def test_a_prefix_cache_too_small_for_every_image_evicts_and_stays_exact(family,
     # evicted then, and is read again.
     assert 5 < sum(calls) < len(requests)
     assert engine.prefix_cache.hits == len(requests) - sum(calls)
+
+
+def test_a_kept_prefix_serves_only_the_same_image_content(family):
+    """The same question about different images, admitted one at a time: no request starts from another image's
+    kept prefix, and each decodes like target generate."""
+    requests = [family.request(QUESTIONS[0], image_seed=seed) for seed in (0, 1, 0, 2, 1)]
+    engine = decoder(family, "vlm_noisy", share=True, rows=1)
+    assert [r.tokens for r in engine.generate(requests)] == [family.reference(r, MAX_NEW) for r in requests]
+    assert engine.prefix_cache.hits == 2  # the second request about image 0, and the second about image 1
