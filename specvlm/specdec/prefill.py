@@ -152,12 +152,10 @@ def prefill(
         alike = [i for i in good if i not in hits]
         found = shared_prefixes([requests[i] for i in alike], [prompts[i] for i in alike], token, use_images)
         groups = [SharedPrefix(tuple(alike[k] for k in g.members), g.length) for g in found]
-    if groups or hits:
-        runner, good = _prefill_shared(model, prompts, features, good, groups, hits, cache, capacity, lean, like)
+    if good:
+        runner, good = _prefill_rows(model, prompts, features, good, groups, hits, cache, capacity, lean, like)
     else:
-        runner = _scratch(model, max(1, len(good)), capacity, lean, like)
-        if good:
-            _cache(model, runner, [prompts[i][:-1] for i in good], [features[i] for i in good])
+        runner = _scratch(model, 1, capacity, lean, like)
     if cache is not None:
         cache.hits += len(hits)
         _keep(cache, runner, good, hits, keys, prompts)
@@ -193,7 +191,7 @@ def _keep(
             cache.store(keys[i], prompts[i][:-1], runner, row)
 
 
-def _prefill_shared(
+def _prefill_rows(
     model: torch.nn.Module,
     prompts: list[list[int]],
     features: list[torch.Tensor | None],
@@ -205,44 +203,37 @@ def _prefill_shared(
     lean: LeanLlama | None,
     like: ModelRunner | None,
 ) -> tuple[ModelRunner, list[int]]:
-    """Two passes: each group's prefix once (one row per group) beside the requests that share nothing (their whole
-    prompts), then the rest of each grouped prompt, and of each prompt found in the cache (hits: request -> entry
-    row, its slots to copy), in rows that start from a copy of their group's prefix or of their cache entry.
-    Returns the runner and the requests its rows hold: the grouped ones first, then the cached ones, then the
-    others."""
+    """The good requests' cached prompts, in one pass, or two where requests of this admission share a prefix:
+    first each group's prefix (one row per group); then, in one pass, the rest of each grouped prompt after a copy
+    of its group's prefix, the rest of each prompt found in the cache (hits: request -> entry row, its slots to
+    copy) after a copy of its entry, and the whole prompt of each other request. A pass costs more than its tokens
+    (the launch of every layer), so the requests that share nothing ride with the others, never in a pass of
+    their own. Returns the runner and the requests its rows hold: the grouped ones first, then the cached ones,
+    then the others."""
     grouped = [i for g in groups for i in g.members]
     found = [i for i in good if i in hits]
     alone = [i for i in good if i not in set(grouped) and i not in hits]
-    extended = grouped + found  # rows whose prompts continue after a copied prefix
-    starts = [g.length for g in groups for _ in g.members] + [hits[i][1] for i in found]
-    rest = [prompts[i][start:-1] for i, start in zip(extended, starts)]
+    order = grouped + found + alone
+    starts = [g.length for g in groups for _ in g.members] + [hits[i][1] for i in found] + [0] * len(alone)
+    rest = [prompts[i][start:-1] for i, start in zip(order, starts)]
     width = max(map(len, rest))
-    runner = _scratch(model, len(extended) + len(alone), max(capacity, max(starts) + width), lean, like)
-    if groups or alone:
-        first = _scratch(model, len(groups) + len(alone), capacity, lean, like)
-        _cache(
-            model,
-            first,
-            [prompts[g.members[0]][: g.length] for g in groups] + [prompts[i][:-1] for i in alone],
-            [features[g.members[0]] for g in groups] + [features[i] for i in alone],
-        )
-        rows = list(range(len(grouped))) + list(range(len(extended), len(extended) + len(alone)))
-        sources = [k for k, g in enumerate(groups) for _ in g.members] + [len(groups) + k for k in range(len(alone))]
-        runner.take_rows(rows, first, sources)
+    runner = _scratch(model, len(order), max(capacity, max(starts) + width), lean, like)
+    if groups:
+        first = _scratch(model, len(groups), capacity, lean, like)
+        prefixes = [prompts[g.members[0]][: g.length] for g in groups]
+        _cache(model, first, prefixes, [features[g.members[0]] for g in groups])
+        runner.take_rows(list(range(len(grouped))), first, [k for k, g in enumerate(groups) for _ in g.members])
     if found:
-        rows = list(range(len(grouped), len(extended)))
+        rows = list(range(len(grouped), len(grouped) + len(found)))
         entries = torch.tensor([hits[i][0] for i in found], dtype=torch.long, device=model.device)
         copied = [hits[i][1] for i in found]
         # Only the slots a row shares with its entry: an entry may hold a longer prompt than this runner's rows.
         index = torch.tensor(rows, dtype=torch.long, device=model.device)
         runner.cache.take_rows(index, cache.runner.cache, max(copied), entries)
         runner.set_lengths(rows, torch.tensor(copied, device=model.device), copied)
-    # A prefix holds every image token, so the rest of each prompt is text.
-    tokens = torch.zeros(len(rest), width, dtype=torch.long, device=model.device)
-    for row, suffix in enumerate(rest):
-        tokens[row, : len(suffix)] = torch.tensor(suffix, dtype=torch.long, device=model.device)
-    runner.extend(tokens, [len(suffix) for suffix in rest])
-    return runner, extended + alone
+    # A copied prefix holds every image token of its prompt: only the whole prompts show images.
+    _cache(model, runner, rest, [None] * (len(grouped) + len(found)) + [features[i] for i in alone])
+    return runner, order
 
 
 def _scratch(
@@ -254,8 +245,8 @@ def _scratch(
 def _cache(
     model: torch.nn.Module, runner: ModelRunner, cached: list[list[int]], features: list[torch.Tensor | None]
 ) -> None:
-    """Prefill runner's rows [0, len(cached)) with cached[row], its image placeholders replaced by features[row]
-    (all of that row's image features, or None)."""
+    """Runner's rows [0, len(cached)) cache cached[row] after what they hold, its image placeholders replaced by
+    features[row] (all of that row's image features, or None)."""
     lengths = [len(c) for c in cached]
     width = max(lengths)
     tokens = torch.zeros(len(cached), width, dtype=torch.long, device=model.device)
@@ -271,4 +262,4 @@ def _cache(
         # Placeholder ids may lie outside the embedding table; their embeddings are replaced anyway.
         embeds = table(tokens.masked_fill(placeholders, 0) if token >= table.num_embeddings else tokens)
         embeds[placeholders] = torch.cat(images).to(embeds.dtype)
-    runner.prefill(tokens, lengths, inputs_embeds=embeds)
+    runner.extend(tokens, lengths, inputs_embeds=embeds)
