@@ -1,13 +1,18 @@
-"""Several questions per image: the VQA job with image prefill sharing on against the same job with it off.
+"""Several questions per image: the VQA job with image prefill sharing on against the same job with it off, and
+against plain decoding (draft.kind=none, sharing on, at each of a few batch sizes), a user's alternative.
 
     python -m jobs.prefix_benchmark                       # 64 held-out scenes x 5 questions, 2 rounds
-    python -m jobs.prefix_benchmark --scenes 16 --rounds 1
+    python -m jobs.prefix_benchmark --scenes 16 --rounds 1 --plain-batches 64
 
 The questions come from the demo world (each scene's own question and four others it can answer), one JSONL line
 each, the five lines of one image next to each other, as a VQAv2-style layout lists them. Every job is a fresh
-process, timed from start to exit; the settings take turns and each keeps its best round. The outputs must be
-identical row for row. The prefill share (admission seconds over the engine's seconds) is measured on the engine
-alone, in this process, on the same prepared rows.
+process, timed from start to exit; the settings take turns and each keeps its best round. The outputs of
+sharing on and off must be identical row for row.
+
+The engine alone (in this process, on the same prepared rows, after a warm-up) gives where the time goes:
+admission (the vision tower and every prefill pass) against decoding steps, the prefill share of the engine's
+time, how many requests started from a kept prefix, and the ceiling: the engine's speed-up over sharing off if
+prefill cost nothing at all (its time over its decoding time).
 """
 
 from __future__ import annotations
@@ -55,50 +60,81 @@ def outputs(uri: Path) -> list[dict]:
     return sorted(({"key": r["key"], "output_ids": r["output_ids"], "text": r["text"]} for r in rows), key=str)
 
 
-def engine_prefill_share(overrides: list[str]) -> tuple[float, float, int]:
-    """(prefill share, questions/s, questions) of the engine alone on the job's prepared rows."""
+def prepared_requests(overrides: list[str]) -> list:
     config = load_config("configs/demo-vqa.yaml", overrides)
     prepare = Preparer(config, load_processor(config.model))
     requests = []
     for shard in list_shards(config.input.uri, config.input.format):
         for index, record in enumerate(read_shard(shard)):
             requests.append(row_to_request(prepare({**record, "row_index": index, "is_end": False})))
+    return requests
+
+
+def engine_alone(overrides: list[str], requests: list) -> dict:
+    """The engine's seconds (admission, decoding), questions/s and kept-prefix hits on the prepared requests."""
+    config = load_config("configs/demo-vqa.yaml", overrides)
     decoder = build_engine(config.model, config.draft, decode_config(config)).decoder
     start = time.perf_counter()
     decoder.generate(requests)
     elapsed = time.perf_counter() - start
-    seconds = decoder.seconds
-    return seconds["admission"] / (seconds["admission"] + seconds["decoding"]), len(requests) / elapsed, len(requests)
+    cache = decoder.prefix_cache
+    return {**decoder.seconds, "rate": len(requests) / elapsed, "hits": cache.hits if cache is not None else 0}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--plain-batches", default="8,64", help="plain decoding's batch sizes, comma-separated")
     parser.add_argument("--work", type=Path, default=Path("out/prefix-benchmark"))
     args = parser.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
     layout = write_layout(args.work / "in", args.scenes)
     common = [f"input.uri={layout}", "input.format=jsonl"]
-    settings = {"sharing on": "true", "sharing off": "false"}
+    settings = {
+        "speculative, sharing on": ["compute.share_image_prefill=true"],
+        "speculative, sharing off": ["compute.share_image_prefill=false"],
+        **{
+            f"plain, sharing on, batch {b}": ["draft.kind=none", f"compute.batch_size={b}"]
+            for b in args.plain_batches.split(",")
+        },
+    }
     best, rows = {}, {}
     for _ in range(args.rounds):
-        for name, share in settings.items():
-            out = args.work / name.replace(" ", "-")
+        for name, sets in settings.items():
+            out = args.work / name.replace(" ", "-").replace(",", "")
             shutil.rmtree(out, ignore_errors=True)
-            sets = [*common, f"output.uri={out}", f"compute.share_image_prefill={share}"]
-            seconds = timed(job(["jobs.vqa", "--config", "configs/demo-vqa.yaml", *(f"--set={s}" for s in sets)]))
+            command = ["jobs.vqa", "--config", "configs/demo-vqa.yaml"]
+            seconds = timed(job([*command, *(f"--set={s}" for s in [*common, f"output.uri={out}", *sets])]))
             best[name] = min(best.get(name, seconds), seconds)
             rows[name] = outputs(out)
-    questions = len(rows["sharing on"])
-    identical = rows["sharing on"] == rows["sharing off"]
+            print(f"{name}: {len(rows[name]) / seconds:.2f} questions/s", flush=True)
+    on, off = "speculative, sharing on", "speculative, sharing off"
+    questions = len(rows[on])
+    identical = rows[on] == rows[off]
+    plain = min((n for n in settings if n.startswith("plain")), key=best.get)  # the fastest
     print(f"{args.scenes} images x {QUESTIONS} questions = {questions} rows; identical row for row: {identical}")
-    print("| setting | job questions/s | engine questions/s | prefill share of the engine's time |")
+    print("| setting | job questions/s | vs sharing off | vs best plain |")
     print("|---|---:|---:|---:|")
-    for name, share in settings.items():
-        prefill, rate, _ = engine_prefill_share([*common, "output.uri=unused", f"compute.share_image_prefill={share}"])
-        print(f"| {name} | {questions / best[name]:.2f} | {rate:.2f} | {prefill:.1%} |")
-    print(f"job speed-up, sharing on vs off: {best['sharing off'] / best['sharing on']:.2f}x")
+    for name in settings:
+        rate = questions / best[name]
+        print(f"| {name} | {rate:.2f} | {best[off] / best[name]:.2f}x | {best[plain] / best[name]:.2f}x |")
+
+    requests = prepared_requests([*common, "output.uri=unused"])
+    engine_alone([*common, "output.uri=unused"], requests[: 2 * QUESTIONS])  # the process's one-off warm-up
+    print("\nThe engine alone on the same prepared rows:\n")
+    print("| setting | questions/s | admission s | decoding s | prefill share | started from a kept prefix |")
+    print("|---|---:|---:|---:|---:|---:|")
+    engine = {}
+    for name in (on, off):
+        e = engine[name] = engine_alone([*common, "output.uri=unused", *settings[name]], requests)
+        share = e["admission"] / (e["admission"] + e["decoding"])
+        print(f"| {name} | {e['rate']:.2f} | {e['admission']:.1f} | {e['decoding']:.1f} | {share:.1%} | {e['hits']} |")
+    ceiling = (engine[off]["admission"] + engine[off]["decoding"]) / engine[off]["decoding"]
+    print(f"\nengine speed-up, sharing on vs off: {engine[on]['rate'] / engine[off]['rate']:.2f}x; ceiling if prefill")
+    print(f"cost nothing (sharing off's engine time over its decoding time): {ceiling:.2f}x")
+    print(f"job speed-up, sharing on vs off: {best[off] / best[on]:.2f}x; vs the best plain job ({plain}):")
+    print(f"{best[plain] / best[on]:.2f}x")
     if not identical:
         raise SystemExit("outputs differ between sharing on and off")
 

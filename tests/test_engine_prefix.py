@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 
+from specvlm.specdec import prefix_cache
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.prefill import prefill
 from specvlm.specdec.prefix import image_key, shared_prefixes
@@ -129,3 +130,45 @@ def test_only_the_same_image_behind_the_same_tokens_shares(family):
     named = [Request(r.input_ids, r.pixel_values, image_key="sha256:abc") for r in (one, other)]
     assert image_key(named[0]) == image_key(named[1]) == "sha256:abc"
     assert image_key(Request(one.input_ids)) is None
+
+
+@pytest.mark.parametrize("draft", ["none", "vlm_noisy", "text_copy"])
+def test_requests_admitted_one_by_one_start_from_a_prefix_an_earlier_admission_kept(family, mixed, draft, monkeypatch):
+    """At one row, every request is admitted alone: those about an image a recent request showed copy its cached
+    prefix (the vision tower reads each distinct image once, the draft's too) and decode like target generate."""
+    requests, expected = mixed
+    target_calls = counting_tower(monkeypatch, family.target)
+    engine = decoder(family, draft, share=True, rows=1)
+    draft_calls = counting_tower(monkeypatch, engine.draft.model) if draft == "vlm_noisy" else []
+    results = engine.generate(requests)
+    assert [r.tokens for r in results] == expected
+    assert sum(target_calls) == 5  # images 0 and 1, and three images asked about once
+    assert engine.prefix_cache.hits == len(requests) - 5
+    if draft == "vlm_noisy":
+        assert sum(draft_calls) == 5
+        assert engine.draft.prefix_cache.hits == len(requests) - 5
+    off = decoder(family, draft, share=False, rows=1).generate(requests)
+    assert [r.metrics.accepted_per_step for r in results] == [r.metrics.accepted_per_step for r in off]
+
+
+def test_a_prefix_cache_too_small_for_every_image_evicts_and_stays_exact(family, mixed, monkeypatch):
+    """Two entries for five images asked about in turn: the least recently used prefix makes way, and a request
+    whose image was evicted prefills it again."""
+    monkeypatch.setattr(prefix_cache, "MAX_ENTRIES", 2)
+    requests, expected = mixed
+    calls = counting_tower(monkeypatch, family.target)
+    engine = decoder(family, "vlm_noisy", share=True, rows=1)
+    assert [r.tokens for r in engine.generate(requests)] == expected
+    # Images 0 and 1 alternate, an image asked about once sits between them every other turn: one of them is
+    # evicted then, and is read again.
+    assert 5 < sum(calls) < len(requests)
+    assert engine.prefix_cache.hits == len(requests) - sum(calls)
+
+
+def test_a_kept_prefix_serves_only_the_same_image_content(family):
+    """The same question about different images, admitted one at a time: no request starts from another image's
+    kept prefix, and each decodes like target generate."""
+    requests = [family.request(QUESTIONS[0], image_seed=seed) for seed in (0, 1, 0, 2, 1)]
+    engine = decoder(family, "vlm_noisy", share=True, rows=1)
+    assert [r.tokens for r in engine.generate(requests)] == [family.reference(r, MAX_NEW) for r in requests]
+    assert engine.prefix_cache.hits == 2  # the second request about image 0, and the second about image 1

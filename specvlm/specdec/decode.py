@@ -45,6 +45,7 @@ from specvlm.specdec.controller import DepthController
 from specvlm.specdec.drafts import Commit, Draft, ModelDraft, append_tokens
 from specvlm.specdec.metrics import SampleMetrics
 from specvlm.specdec.prefill import image_token_id, prefill
+from specvlm.specdec.prefix_cache import PrefixCache
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request, Result, TargetSpec, validate
 from specvlm.specdec.rotary import RequestRotary, refuse_recomputing_generate
@@ -56,6 +57,7 @@ from specvlm.specdec.verify import Verdict, verify_greedy, verify_sampling
 
 WARM_UP_SLOTS = 64  # cache slots per scratch row of the warm-up (warm_up)
 CAPACITY_STEP = 64  # cache slots per row grow in these steps, so that a slightly longer prompt rarely reallocates
+PREFIX_CACHE_SHARE = 16  # the prefixes kept across admissions may hold 1/16 of the cache slot budget
 
 
 @dataclass(frozen=True)
@@ -178,10 +180,15 @@ class SpeculativeDecoder:
         if isinstance(draft, ModelDraft):
             self.slot_bytes += kv_bytes_per_slot(draft.model)
         self.max_batch_tokens = slot_budget(config.max_batch_tokens, self.slot_bytes, free_memory(self.device))
+        # Prefixes kept across admissions (prefix_cache.py), the target's and the draft's, hold their slots out of
+        # the running batch's budget.
+        prefix_slots = self.max_batch_tokens // PREFIX_CACHE_SHARE if self.share_prefill else 0
+        self.max_batch_tokens -= prefix_slots
+        self.prefix_cache = PrefixCache(prefix_slots) if self.share_prefill else None
         self.controller = None
         if draft is not None:
             draft.reset()
-            draft.use(self.shapes, self.compiler, self.share_prefill)
+            draft.use(self.shapes, self.compiler, PrefixCache(prefix_slots) if self.share_prefill else None)
             self.controller = DepthController(self.max_depth, draft.max_nodes, draft.calls, 1, config.adaptive)
         self.timer = StepTimer(self.device)
         self.waiting: collections.deque[tuple[int, Request, int]] = collections.deque()  # (id, request, limit)
@@ -510,6 +517,7 @@ class SpeculativeDecoder:
             max(len(r.input_ids) for r in requests),
             share=self.share_prefill,
             like=state.target,
+            cache=self.prefix_cache,
         )
         for i, message in errors.items():
             self.ready.append((chosen[i][0], Result.failed(message)))

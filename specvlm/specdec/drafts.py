@@ -27,6 +27,7 @@ import torch
 from specvlm.specdec.compiled import StepCompiler
 from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.prefill import prefill
+from specvlm.specdec.prefix_cache import PrefixCache
 from specvlm.specdec.proposal import Proposal
 from specvlm.specdec.requests import Request
 from specvlm.specdec.runner import ModelRunner, causal_attend
@@ -63,9 +64,9 @@ class Draft(ABC):
     def reset(self) -> None:
         """Forget every row: a new decoder starts with this draft."""
 
-    def use(self, shapes: ShapeBuckets, compiler: StepCompiler | None, share_prefill: bool = False) -> None:
-        """The shapes and the compiler the decoder runs its forwards with, and whether admission shares prefixes
-        between requests (prefix.py); drafts without a model ignore them."""
+    def use(self, shapes: ShapeBuckets, compiler: StepCompiler | None, prefix_cache: PrefixCache | None = None) -> None:
+        """The shapes and the compiler the decoder runs its forwards with, and where admission keeps the prefixes
+        it shares between requests (prefix_cache.py; None: it shares none); drafts without a model ignore them."""
         return None
 
     def probe(self, n: int) -> float:
@@ -169,13 +170,13 @@ class ModelDraft(Draft):
         self.device = model.device
         self.runner: ModelRunner | None = None
         self.fed_drafts = 0
-        self.shapes, self.compiler, self.share_prefill = EXACT, None, False
+        self.shapes, self.compiler, self.prefix_cache = EXACT, None, None
 
     def reset(self):
         self.runner = None
 
-    def use(self, shapes, compiler, share_prefill=False):
-        self.shapes, self.compiler, self.share_prefill = shapes, compiler, share_prefill
+    def use(self, shapes, compiler, prefix_cache=None):
+        self.shapes, self.compiler, self.prefix_cache = shapes, compiler, prefix_cache
 
     def scratch(self) -> int:
         """Cache slots needed past the committed tokens: a chain of max_depth after up to 2 pending tokens."""
@@ -222,8 +223,9 @@ class ModelDraft(Draft):
             max(map(len, prompts)),
             use_images=not self.text_only,
             lean=self.lean,
-            share=self.share_prefill,
+            share=self.prefix_cache is not None,
             like=self.runner,
+            cache=self.prefix_cache,
         )
         if good:
             taken = [rows[i] for i in good]

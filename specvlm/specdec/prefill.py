@@ -15,7 +15,8 @@ import inspect
 import torch
 
 from specvlm.specdec.lean_llama import LeanLlama
-from specvlm.specdec.prefix import SharedPrefix, image_key, shared_prefixes
+from specvlm.specdec.prefix import SharedPrefix, group_key, image_key, shared_prefixes
+from specvlm.specdec.prefix_cache import PrefixCache
 from specvlm.specdec.requests import Request
 from specvlm.specdec.runner import ModelRunner
 
@@ -124,66 +125,115 @@ def prefill(
     lean: LeanLlama | None = None,
     share: bool = False,
     like: ModelRunner | None = None,
+    cache: PrefixCache | None = None,
 ) -> tuple[ModelRunner, list[int], dict[int, str]]:
     """Cache every prompt but its last token (the first decode step feeds that one, like every later last token).
 
     prompts[i] is what the model reads for requests[i] (the request's ids, or a draft's own view of them).
-    share: requests with the same image and leading tokens prefill them once (prefix.py).
+    share: requests with the same image and leading tokens prefill them once (prefix.py); with a cache, a request
+    whose prefix an earlier admission prefilled starts from it, and the prefixes prefilled now are kept for later
+    ones (prefix_cache.py).
     like: the runner the rows go to; the prefill runs through its forms (lean, compiled) and cache layout.
     Returns a runner whose rows [0, len(good)) hold the good requests, row j holding requests[good[j]], and an
     error message for each of the others.
     """
-    features = image_features(requests, model, share) if use_images else [None] * len(requests)
+    token = image_token_id(model)
+    keys = [group_key(r, p, token, use_images) if share else None for r, p in zip(requests, prompts)]
+    hits = _cached_prefixes(cache, keys, prompts)
+    fresh = [i for i in range(len(requests)) if i not in hits]
+    features: list[torch.Tensor | str | None] = [None] * len(requests)
+    if use_images:  # a request starting from a cached prefix needs no image features: the prefix holds them
+        for i, found in zip(fresh, image_features([requests[i] for i in fresh], model, share)):
+            features[i] = found
     errors = {i: f for i, f in enumerate(features) if isinstance(f, str)}
     good = [i for i in range(len(requests)) if i not in errors]
     groups = []
-    if share and good:
-        token = image_token_id(model)
-        found = shared_prefixes([requests[i] for i in good], [prompts[i] for i in good], token, use_images)
-        groups = [SharedPrefix(tuple(good[k] for k in g.members), g.length) for g in found]
-    if groups:
-        runner, good = _prefill_shared(model, prompts, features, good, groups, capacity, lean, like)
-        return runner, good, errors
-    runner = _scratch(model, max(1, len(good)), capacity, lean, like)
+    if share:
+        alike = [i for i in good if i not in hits]
+        found = shared_prefixes([requests[i] for i in alike], [prompts[i] for i in alike], token, use_images)
+        groups = [SharedPrefix(tuple(alike[k] for k in g.members), g.length) for g in found]
     if good:
-        _cache(model, runner, [prompts[i][:-1] for i in good], [features[i] for i in good])
+        runner, good = _prefill_rows(model, prompts, features, good, groups, hits, cache, capacity, lean, like)
+    else:
+        runner = _scratch(model, 1, capacity, lean, like)
+    if cache is not None:
+        cache.hits += len(hits)
+        _keep(cache, runner, good, hits, keys, prompts)
     return runner, good, errors
 
 
-def _prefill_shared(
+def _cached_prefixes(
+    cache: PrefixCache | None, keys: list[tuple | None], prompts: list[list[int]]
+) -> dict[int, tuple[int, int]]:
+    """request -> (cache entry row, slots to copy from it), for the requests whose prefix the cache holds."""
+    hits = {}
+    for i, key in enumerate(keys):
+        found = None if cache is None or key is None else cache.find(key, prompts[i][:-1])
+        # Every image token must come from the entry: the rest of a prompt is prefilled as text.
+        if found is not None and found[1] >= max(1, len(key[1])):
+            hits[i] = found
+    return hits
+
+
+def _keep(
+    cache: PrefixCache,
+    runner: ModelRunner,
+    good: list[int],
+    hits: dict[int, tuple[int, int]],
+    keys: list[tuple | None],
+    prompts: list[list[int]],
+) -> None:
+    """Keep what rows of `runner` (row j holding requests[good[j]]) now hold as the cache's entries: for each key,
+    the cached prompt of its first request, whose first slots are the key's prefix. A copy, and cheap beside the
+    prefill that computed it, so every key is kept and the least recently used ones make way."""
+    for row, i in enumerate(good):
+        if keys[i] is not None and i not in hits:
+            cache.store(keys[i], prompts[i][:-1], runner, row)
+
+
+def _prefill_rows(
     model: torch.nn.Module,
     prompts: list[list[int]],
     features: list[torch.Tensor | None],
     good: list[int],
     groups: list[SharedPrefix],
+    hits: dict[int, tuple[int, int]],
+    cache: PrefixCache | None,
     capacity: int,
     lean: LeanLlama | None,
     like: ModelRunner | None,
 ) -> tuple[ModelRunner, list[int]]:
-    """Two passes: each group's prefix once (one row per group) beside the requests that share nothing (their whole
-    prompts), then the rest of each grouped prompt in rows that start from a copy of their group's prefix. Returns
-    the runner and the requests its rows hold: the grouped ones first, then the others."""
+    """The good requests' cached prompts, in one pass, or two where requests of this admission share a prefix:
+    first each group's prefix (one row per group); then, in one pass, the rest of each grouped prompt after a copy
+    of its group's prefix, the rest of each prompt found in the cache (hits: request -> entry row, its slots to
+    copy) after a copy of its entry, and the whole prompt of each other request. A pass costs more than its tokens
+    (the launch of every layer), so the requests that share nothing ride with the others, never in a pass of
+    their own. Returns the runner and the requests its rows hold: the grouped ones first, then the cached ones,
+    then the others."""
     grouped = [i for g in groups for i in g.members]
-    alone = [i for i in good if i not in set(grouped)]
-    first = _scratch(model, len(groups) + len(alone), capacity, lean, like)
-    _cache(
-        model,
-        first,
-        [prompts[g.members[0]][: g.length] for g in groups] + [prompts[i][:-1] for i in alone],
-        [features[g.members[0]] for g in groups] + [features[i] for i in alone],
-    )
-    # The prefix holds every image token, so the rest of each prompt is text.
-    rest = [prompts[i][g.length : -1] for g in groups for i in g.members]
-    starts = [g.length for g in groups for _ in g.members]
+    found = [i for i in good if i in hits]
+    alone = [i for i in good if i not in set(grouped) and i not in hits]
+    order = grouped + found + alone
+    starts = [g.length for g in groups for _ in g.members] + [hits[i][1] for i in found] + [0] * len(alone)
+    rest = [prompts[i][start:-1] for i, start in zip(order, starts)]
     width = max(map(len, rest))
-    runner = _scratch(model, len(grouped) + len(alone), max(capacity, max(starts) + width), lean, like)
-    sources = [k for k, g in enumerate(groups) for _ in g.members] + [len(groups) + k for k in range(len(alone))]
-    runner.take_rows(list(range(len(sources))), first, sources)
-    tokens = torch.zeros(len(rest), width, dtype=torch.long, device=model.device)
-    for row, suffix in enumerate(rest):
-        tokens[row, : len(suffix)] = torch.tensor(suffix, dtype=torch.long, device=model.device)
-    runner.extend(tokens, [len(suffix) for suffix in rest])
-    return runner, grouped + alone
+    runner = _scratch(model, len(order), max(capacity, max(starts) + width), lean, like)
+    if groups:
+        first = _scratch(model, len(groups), capacity, lean, like)
+        prefixes = [prompts[g.members[0]][: g.length] for g in groups]
+        _cache(model, first, prefixes, [features[g.members[0]] for g in groups])
+        runner.take_rows(list(range(len(grouped))), first, [k for k, g in enumerate(groups) for _ in g.members])
+    if found:
+        rows = list(range(len(grouped), len(grouped) + len(found)))
+        entries = torch.tensor([hits[i][0] for i in found], dtype=torch.long, device=model.device)
+        copied = [hits[i][1] for i in found]
+        # Only the slots a row shares with its entry: an entry may hold a longer prompt than this runner's rows.
+        index = torch.tensor(rows, dtype=torch.long, device=model.device)
+        runner.cache.take_rows(index, cache.runner.cache, max(copied), entries)
+        runner.set_lengths(rows, torch.tensor(copied, device=model.device), copied)
+    # A copied prefix holds every image token of its prompt: only the whole prompts show images.
+    _cache(model, runner, rest, [None] * (len(grouped) + len(found)) + [features[i] for i in alone])
+    return runner, order
 
 
 def _scratch(
@@ -195,8 +245,8 @@ def _scratch(
 def _cache(
     model: torch.nn.Module, runner: ModelRunner, cached: list[list[int]], features: list[torch.Tensor | None]
 ) -> None:
-    """Prefill runner's rows [0, len(cached)) with cached[row], its image placeholders replaced by features[row]
-    (all of that row's image features, or None)."""
+    """Runner's rows [0, len(cached)) cache cached[row] after what they hold, its image placeholders replaced by
+    features[row] (all of that row's image features, or None)."""
     lengths = [len(c) for c in cached]
     width = max(lengths)
     tokens = torch.zeros(len(cached), width, dtype=torch.long, device=model.device)
@@ -212,4 +262,4 @@ def _cache(
         # Placeholder ids may lie outside the embedding table; their embeddings are replaced anyway.
         embeds = table(tokens.masked_fill(placeholders, 0) if token >= table.num_embeddings else tokens)
         embeds[placeholders] = torch.cat(images).to(embeds.dtype)
-    runner.prefill(tokens, lengths, inputs_embeds=embeds)
+    runner.extend(tokens, lengths, inputs_embeds=embeds)

@@ -55,27 +55,35 @@ def shared_prefixes(
     without image tokens, which still shares the text around the image. Requests without an image never group."""
     groups: dict[tuple, list[int]] = {}
     for i, (request, prompt) in enumerate(zip(requests, prompts)):
-        key = image_key(request)
-        if key is None:
-            continue
-        # Where the model sees the image, the prefix must hold all of it: the key takes the tokens up to its end. A
-        # text view's cache depends on its tokens alone, so its members share whatever start they have in common.
-        end = _image_end(prompt, image_token_id) if use_images else 0
-        groups.setdefault((key, tuple(prompt[:end])), []).append(i)
+        key = group_key(request, prompt, image_token_id, use_images)
+        if key is not None:
+            groups.setdefault(key, []).append(i)
     shared = []
-    for members in groups.values():
-        length = _common_length([prompts[i][:-1] for i in members])
-        if len(members) > 1 and length > 0:
+    for (_, image_prefix), members in groups.items():
+        length = common_length([prompts[i][:-1] for i in members])
+        # The rest of each prompt is prefilled as text: the prefix must hold every image token (a prompt ending in
+        # one caches it only in its first decoding step).
+        if len(members) > 1 and length >= max(1, len(image_prefix)):
             shared.append(SharedPrefix(tuple(members), length))
     return shared
 
 
-def _image_end(ids: list[int], image_token_id: int | None) -> int:
+def group_key(request: Request, prompt: list[int], image_token_id: int | None, use_images: bool) -> tuple | None:
+    """What the cached prefix of requests sharing it is a function of (None: the request has no image to share).
+    Where the model sees the image, the prefix must hold all of it: the key takes the tokens up to its end. A text
+    view's cache depends on its tokens alone, so its members share whatever start they have in common."""
+    key = image_key(request)
+    if key is None:
+        return None
+    return key, tuple(prompt[: image_end(prompt, image_token_id) if use_images else 0])
+
+
+def image_end(ids: list[int], image_token_id: int | None) -> int:
     """Tokens of `ids` up to and including its last image token."""
     return 1 + max(j for j, t in enumerate(ids) if t == image_token_id)
 
 
-def _common_length(sequences: list[list[int]]) -> int:
+def common_length(sequences: list[list[int]]) -> int:
     """Length of the longest common start of `sequences`."""
     length = 0
     for column in zip(*sequences):
