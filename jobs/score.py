@@ -4,6 +4,10 @@ python -m jobs.score out/evaluate-demo                # an evaluation's output: 
 python -m jobs.score out/demo-vqa --slice kind        # one job's output: its quality, overall and per slice
 python -m jobs.score out/demo-vqa --report out/score  # ... also written as report.md and metrics.json
 python -m jobs.score out/demo-vqa --vqa-convention official    # VQA accuracy as the VQA authors' script gives it
+python -m jobs.score out/captions --processes 8       # a job's output, shard files scored in 8 processes
+
+A job's output is scored a few shard files at a time in worker processes (one per CPU by default), to the same
+numbers as one process gives.
 
 An evaluation's output is scored with the convention and tokenizer its config named (in evaluation.json),
 unless --vqa-convention or --tokenizer say otherwise.
@@ -19,14 +23,14 @@ import time
 from pathlib import Path
 
 from specvlm.evaluation.answers import VQA_CONVENTIONS
+from specvlm.evaluation.output_scoring import default_processes, score_output
 from specvlm.evaluation.ptb import TOKENIZERS
-from specvlm.evaluation.quality import score_rows
+from specvlm.evaluation.quality import Scoring
 from specvlm.evaluation.report import (
     Run,
     build_report,
     quality_markdown,
     read_index,
-    read_output,
     write_quality_report,
     write_report,
 )
@@ -50,7 +54,16 @@ def main(argv=None) -> int:
         help="caption tokens: pycocoevalcap's Java PTB tokenizer or its Python reproduction (default: the "
         "evaluation's, else ptb-java where Java is)",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=default_processes(),
+        help="worker processes scoring a job's output, a few shard files each (default: the CPUs, %(default)s; an "
+        "evaluation's output is scored in this process)",
+    )
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be 1 or more")
     started = time.perf_counter()
     try:
         index = read_index(args.output)
@@ -67,26 +80,20 @@ def main(argv=None) -> int:
             print(path.read_text())
             print(f"written: {path} and metrics.json beside it ({time.perf_counter() - started:.1f} s)")
             return 0 if report.all_match else 1
-        rows = read_output(args.output)
+        scoring = Scoring(
+            tuple(args.slice or ()), not args.no_meteor, args.tokenizer, args.vqa_convention or "lmms-eval"
+        )
+        quality, rows = score_output(args.output, scoring, processes=args.processes)
     except (OSError, ValueError) as exc:
         print(f"error: cannot score {args.output}: {exc}", file=sys.stderr)
         return 2
     if not rows:
         print(f"error: {args.output} holds no output rows (*.parquet); is it a job's output?", file=sys.stderr)
         return 2
-    by_task = {}
-    for row in rows:
-        by_task.setdefault(row["task"], []).append(row)
-    scoring = {
-        "meteor": not args.no_meteor,
-        "tokenizer": args.tokenizer,
-        "vqa_convention": args.vqa_convention or "lmms-eval",
-    }
-    quality = {task: score_rows(task_rows, args.slice or (), **scoring) for task, task_rows in by_task.items()}
     print(quality_markdown(quality))
     if args.report:
         print(f"written: {write_quality_report(quality, args.report)} and metrics.json beside it")
-    print(f"scored {len(rows)} rows in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(f"scored {rows} rows in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
 

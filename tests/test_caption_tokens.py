@@ -105,3 +105,12 @@ def test_java_tokenizer_without_java_says_what_to_do(monkeypatch):
     monkeypatch.setattr(ptb.shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match=r"no `java` is on PATH.*ptb-python"):
         ptb.tokenize_texts(["a cat"], ptb.JAVA)
+
+
+@needs_java
+def test_java_tokens_of_a_caption_do_not_depend_on_the_caption_after_it():
+    # CoreNLP splits a line's final "a." before a capitalised line only: without a fixed line after each caption,
+    # its tokens would change with the set (or the chunk of an output) it is tokenized with.
+    before_lowercase = ptb.tokenize_texts(["two red a.", "the cat"], ptb.JAVA)
+    before_capital = ptb.tokenize_texts(["two red a.", "The cat"], ptb.JAVA)
+    assert before_lowercase["two red a."] == before_capital["two red a."] == ptb.python_tokens("two red a.")

@@ -32,13 +32,15 @@ def _random_set(seed: int, samples: int) -> tuple[dict, dict]:
 
 
 def _ours(gts: dict, res: dict) -> dict[str, float]:
-    frequency = Counter(ngram for key in gts for ngram in coco.document_ngrams(gts[key]))
+    refs = {k: [coco.ngrams(r) for r in gts[k]] for k in gts}
+    tests = {k: coco.ngrams(res[k][0]) for k in gts}
+    frequency = Counter(ngram for key in gts for ngram in coco.document_ngrams(refs[key]))
     cider = coco.Cider(frequency, len(gts))
-    stats = [coco.bleu_stats(res[k][0], gts[k]) for k in gts]
+    stats = [coco.bleu_stats(tests[k], refs[k]) for k in gts]
     return {
         "BLEU-4": coco.bleu4([sum(column) for column in zip(*stats)]),
         "ROUGE-L": coco.mean(coco.rouge_l(res[k][0], gts[k]) for k in gts),
-        "CIDEr": coco.mean(cider.score(res[k][0], gts[k]) for k in gts),
+        "CIDEr": coco.mean(cider.score(tests[k], refs[k]) for k in gts),
     }
 
 

@@ -19,6 +19,7 @@ import shutil
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from specvlm.evaluation import coco
 from specvlm.evaluation.ptb import default_tokenizer, tokenize_texts
@@ -33,8 +34,53 @@ class CaptionScores:
     notes: list[str] = field(default_factory=list)  # why a metric is missing
 
 
+class SampleScores(NamedTuple):
+    """What one sample contributes to its set's scores, whatever set it is scored in (CIDEr-D, which depends on
+    the set's document frequencies, is computed per set: coco.Cider)."""
+
+    bleu: tuple[int, ...]  # coco.bleu_stats
+    rouge: float  # coco.rouge_l
+    meteor: str | None  # METEOR's statistics of the sample (its SCORE line); None when METEOR does not run
+
+
 def meteor_available() -> bool:
     return shutil.which("java") is not None
+
+
+def sample_scores(test: str, refs: Sequence[str], test_ngrams, ref_ngrams, *, meteor: bool) -> SampleScores:
+    """One sample's contribution, from its tokens and their coco.ngrams. `meteor`: compute METEOR's statistics
+    (needs Java; meteor_notes says when it cannot run)."""
+    return SampleScores(
+        coco.bleu_stats(test_ngrams, ref_ngrams),
+        coco.rouge_l(test, refs),
+        _meteor_stat(test, refs) if meteor else None,
+    )
+
+
+def set_scores(samples: Sequence[SampleScores], ciders: Sequence[float], tokenizer: str, meteor: bool):
+    """The corpus scores of a set from its samples' contributions and CIDEr-D scores (in the set's order), as
+    pycocoevalcap combines them."""
+    if not samples:
+        return CaptionScores({}, tokenizer, ["no captions to score"])
+    result = CaptionScores(
+        {"BLEU-4": coco.bleu4([sum(column) for column in zip(*(s.bleu for s in samples))])}, tokenizer
+    )
+    if meteor and meteor_available():
+        result.scores["METEOR"] = _meteor_eval([s.meteor for s in samples])
+    else:
+        result.notes += meteor_notes(meteor)
+    result.scores["ROUGE-L"] = coco.mean(s.rouge for s in samples)
+    result.scores["CIDEr"] = coco.mean(ciders)
+    return result
+
+
+def meteor_notes(meteor: bool) -> list[str]:
+    """Why METEOR is missing, if it is."""
+    if not meteor:
+        return ["METEOR not computed (turned off)"]
+    if not meteor_available():
+        return ["METEOR left out: it is a Java program and no `java` is on PATH (install Java 8+)"]
+    return []
 
 
 def caption_scores(
@@ -59,31 +105,39 @@ def token_scores(
     *,
     meteor: bool = True,
 ) -> CaptionScores:
-    """caption_scores with every text already tokenized by `tokenizer` (`tokens`: text -> its tokens), so that
-    scoring a set and its slices tokenizes each text once."""
-    if not predictions:
-        return CaptionScores({}, tokenizer, ["no captions to score"])
-    res = {key: [tokens[text]] for key, text in predictions.items()}
-    gts = {key: [tokens[r] for r in references[key]] for key in predictions}
-    # coco.py: pycocoevalcap's BLEU, ROUGE-L and CIDEr to the same floats, without its numpy scalar calls.
-    frequency = Counter(ngram for key in gts for ngram in coco.document_ngrams(gts[key]))
-    cider = coco.Cider(frequency, len(gts))
-    stats = [coco.bleu_stats(res[key][0], gts[key]) for key in gts]
-    bleu = coco.bleu4([sum(column) for column in zip(*stats)])
-    result = CaptionScores({"BLEU-4": bleu}, tokenizer)
-    if not meteor:
-        result.notes.append("METEOR not computed (turned off)")
-    elif not meteor_available():
-        result.notes.append("METEOR left out: it is a Java program and no `java` is on PATH (install Java 8+)")
-    else:
-        result.scores["METEOR"] = _meteor(gts, res)
-    result.scores["ROUGE-L"] = coco.mean(coco.rouge_l(res[key][0], gts[key]) for key in gts)
-    result.scores["CIDEr"] = coco.mean(cider.score(res[key][0], gts[key]) for key in gts)
-    return result
+    """caption_scores with every text already tokenized by `tokenizer` (`tokens`: text -> its tokens)."""
+    run_meteor = meteor and meteor_available()
+    samples, ciders, frequency, ngrams = [], [], Counter(), []
+    for key, text in predictions.items():
+        test, refs = tokens[text], [tokens[r] for r in references[key]]
+        test_ngrams, ref_ngrams = coco.ngrams(test), [coco.ngrams(r) for r in refs]
+        samples.append(sample_scores(test, refs, test_ngrams, ref_ngrams, meteor=run_meteor))
+        frequency.update(coco.document_ngrams(ref_ngrams))
+        ngrams.append((test_ngrams, ref_ngrams))
+    cider = coco.Cider(frequency, len(samples))
+    ciders = [cider.score(test, refs) for test, refs in ngrams]
+    return set_scores(samples, ciders, tokenizer, meteor)
 
 
-def _meteor(gts: dict, res: dict) -> float:
-    return float(_meteor_scorer().compute_score(gts, res)[0])
+# pycocoevalcap's Meteor.compute_score sends each sample's SCORE line (its statistics), then one EVAL line with
+# all of them, whose answer is the corpus score. The two halves are called separately here so that samples can
+# be scored in different processes (each with its own METEOR) and combined in one EVAL, to the same float.
+
+
+def _meteor_stat(test: str, refs: Sequence[str]) -> str:
+    scorer = _meteor_scorer()
+    with scorer.lock:
+        return scorer._stat(test, list(refs))
+
+
+def _meteor_eval(stats: Sequence[str]) -> float:
+    scorer = _meteor_scorer()
+    with scorer.lock:
+        scorer.meteor_p.stdin.write("{}\n".format(" ||| ".join(["EVAL", *stats])).encode())
+        scorer.meteor_p.stdin.flush()
+        for _ in stats:  # the per-sample scores, not needed
+            scorer.meteor_p.stdout.readline()
+        return float(scorer.meteor_p.stdout.readline().strip())
 
 
 @functools.cache

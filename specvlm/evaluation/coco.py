@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,34 +29,36 @@ BETA = 1.2  # ROUGE-L's recall weight
 _SMALL, _TINY = 1e-9, 1e-15  # BleuScorer's guards against zero division
 
 
-def ngram_counts(tokens: str) -> dict[tuple[str, ...], int]:
-    """precook: n-grams of orders 1..4 and their counts, in pycocoevalcap's order (order, then position)."""
+class Ngrams(NamedTuple):
+    """A text's n-grams of orders 1..4 and their counts, in pycocoevalcap's order (order, then position), and its
+    length in words: every metric of a text starts from these, so each text is counted once."""
+
+    counts: dict[tuple[str, ...], int]
+    length: int
+
+
+def ngrams(tokens: str) -> Ngrams:
+    """precook, with the tuples made by zip and counted by one Counter (C loops), in the same order."""
     words = tokens.split()
-    counts: dict[tuple[str, ...], int] = {}
-    for k in range(1, N + 1):
-        for i in range(len(words) - k + 1):
-            ngram = tuple(words[i : i + k])
-            counts[ngram] = counts.get(ngram, 0) + 1
-    return counts
+    orders = (zip(*(words[i:] for i in range(k))) for k in range(1, N + 1))
+    return Ngrams(Counter(chain.from_iterable(orders)), len(words))
 
 
 # ---------------------------------------------------------------- BLEU-4
 
 
-def bleu_stats(test: str, refs: Sequence[str]) -> tuple[int, ...]:
+def bleu_stats(test: Ngrams, refs: Sequence[Ngrams]) -> tuple[int, ...]:
     """(testlen, reflen, guess 1..4, correct 1..4) of one sample, the closest reference length as Bleu uses."""
     maxcounts: dict[tuple[str, ...], int] = {}
-    reflens = []
     for ref in refs:
-        reflens.append(len(ref.split()))
-        for ngram, count in ngram_counts(ref).items():
+        for ngram, count in ref.counts.items():
             if count > maxcounts.get(ngram, 0):
                 maxcounts[ngram] = count
-    testlen = len(test.split())
+    testlen = test.length
     correct = [0] * N
-    for ngram, count in ngram_counts(test).items():
+    for ngram, count in test.counts.items():
         correct[len(ngram) - 1] += min(maxcounts.get(ngram, 0), count)
-    reflen = min((abs(length - testlen), length) for length in reflens)[1]
+    reflen = min((abs(ref.length - testlen), ref.length) for ref in refs)[1]
     return (testlen, reflen, *(max(0, testlen - k + 1) for k in range(1, N + 1)), *correct)
 
 
@@ -108,9 +112,9 @@ def mean(scores: Iterable[float]) -> float:
 # ---------------------------------------------------------------- CIDEr-D
 
 
-def document_ngrams(refs: Sequence[str]) -> set[tuple[str, ...]]:
+def document_ngrams(refs: Sequence[Ngrams]) -> set[tuple[str, ...]]:
     """The n-grams a sample's references hold: each counts once towards the set's document frequency."""
-    return {ngram for ref in refs for ngram in ngram_counts(ref)}
+    return set().union(*(ref.counts for ref in refs))
 
 
 class Cider:
@@ -121,16 +125,13 @@ class Cider:
         self._frequency = frequency
         self._ref_len = np.log(float(samples))
         self._idf: dict[tuple[str, ...], float] = {}  # the same np.log per n-gram pycocoevalcap takes, once each
-        self._refs: dict[str, tuple] = {}  # a reference's vector, once per distinct reference
 
-    def score(self, test: str, refs: Sequence[str]) -> float:
-        vec, norm, length = self._vector(ngram_counts(test))
+    def score(self, test: Ngrams, refs: Sequence[Ngrams]) -> float:
+        vec, norm, length = self._vector(test.counts)
         score = np.array([0.0] * N)
         for ref in refs:
-            cached = self._refs.get(ref)
-            if cached is None:
-                cached = self._refs[ref] = self._vector(ngram_counts(ref))
-            score += self._similarity(vec, cached[0], norm, cached[1], length, cached[2])
+            ref_vec, ref_norm, ref_length = self._vector(ref.counts)
+            score += self._similarity(vec, ref_vec, norm, ref_norm, length, ref_length)
         score_avg = np.mean(score)
         score_avg /= len(refs)
         score_avg *= 10.0
@@ -154,16 +155,19 @@ class Cider:
         return vec, [np.sqrt(x) for x in norm], length
 
     @staticmethod
-    def _similarity(vec_hyp, vec_ref, norm_hyp, norm_ref, length_hyp, length_ref) -> np.ndarray:
-        delta = float(length_hyp - length_ref)
-        val = np.array([0.0] * N)
+    def _similarity(vec_hyp, vec_ref, norm_hyp, norm_ref, length_hyp, length_ref) -> list[float]:
+        # Python floats where pycocoevalcap adds into a numpy array: the same IEEE double operations, in its
+        # order, without a numpy scalar call per n-gram.
+        penalty = np.e ** (-(float(length_hyp - length_ref) ** 2) / (2 * SIGMA**2))
+        val = [0.0] * N
         for n in range(N):
             ref = vec_ref[n]
+            total = 0.0
             for ngram, weight in vec_hyp[n].items():
                 # An n-gram the reference lacks adds min(w, 0) * 0 = 0: skipped.
                 if ngram in ref:
-                    val[n] += min(weight, ref[ngram]) * ref[ngram]
+                    total += min(weight, ref[ngram]) * ref[ngram]
             if norm_hyp[n] != 0 and norm_ref[n] != 0:
-                val[n] /= norm_hyp[n] * norm_ref[n]
-            val[n] *= np.e ** (-(delta**2) / (2 * SIGMA**2))
+                total /= norm_hyp[n] * norm_ref[n]
+            val[n] = total * penalty
         return val

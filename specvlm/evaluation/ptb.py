@@ -53,6 +53,7 @@ _ACRONYM = re.compile(r"[^\W\d_](\.[^\W\d_])+|ph\.d|ed\.d", re.IGNORECASE)  # u.
 _WORD_PERIOD = re.compile(r"(?<![\w.])([^\W\d_](?:[\w.]*\w)?)\.(?![\w.])")
 # A quote opening a word ('fine' `back'), which NLTK leaves glued to it; not the apostrophe of 's, 'll, 're...
 _OPENING_QUOTE = re.compile(r"(?<!\S)['`](?=\w)(?!(?:s|d|m|t|ll|re|ve)\b)", re.IGNORECASE)
+_NEXT_LINE = "A"  # the line written after each caption for the Java tokenizer (see _java_tokens)
 _KEPT_PERIOD = "\ue000"  # stands for an abbreviation's period while NLTK tokenizes (it splits off final periods)
 _CHARACTERS = str.maketrans(
     {
@@ -104,16 +105,21 @@ def _java_tokens(texts: list[str]) -> list[str]:
     with tempfile.TemporaryDirectory() as folder:
         lines = Path(folder) / "captions.txt"
         # One caption a line (-preserveLines); any line break inside one would shift every caption after it.
-        lines.write_text("\n".join(_LINE_BREAKS.sub(" ", t) for t in texts) + "\n", encoding="utf-8")
+        # CoreNLP looks past a line's end: a final "a." stays one token before a lowercase line and splits before
+        # a capitalised one. A fixed capitalised line after every caption makes its tokens its own, whatever set
+        # or order it is tokenized in, as after the next caption of a COCO file (they start with a capital).
+        body = "".join(f"{_LINE_BREAKS.sub(' ', t)}\n{_NEXT_LINE}\n" for t in texts)
+        lines.write_text(body, encoding="utf-8")
         command = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
         done = subprocess.run([*command, str(lines)], capture_output=True, check=False)
-    out = done.stdout.decode("utf-8").split("\n")[: len(texts)]
-    if done.returncode != 0 or len(out) != len(texts):
+    out = done.stdout.decode("utf-8").split("\n")[: 2 * len(texts)]
+    if done.returncode != 0 or len(out) != 2 * len(texts):
         raise RuntimeError(
-            f"pycocoevalcap's Java PTB tokenizer failed (exit {done.returncode}, {len(out)} of {len(texts)} lines): "
+            f"pycocoevalcap's Java PTB tokenizer failed (exit {done.returncode}, {len(out)} of {2 * len(texts)} "
+            f"lines): "
             f"{done.stderr.decode(errors='replace')[-500:]}; set the caption tokenizer to {PYTHON!r} to do without"
         )
-    return [" ".join(w for w in line.rstrip().split(" ") if w not in dropped) for line in out]
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in dropped) for line in out[::2]]
 
 
 def python_tokens(text: str) -> str:

@@ -11,33 +11,84 @@ The quality says which convention or tokenizer made its numbers (`vqa_convention
 
 Rows with an error and rows without a reference are counted, not scored. Rows are scored in (shard, key) order,
 so the same outputs always give the same numbers, to the last bit.
+
+Scoring is split so that rows can be measured in separate pieces (output_scoring.py scores shard files in
+parallel processes) and still give the serial numbers exactly:
+
+    measure   each row alone: its slice values and what its metrics need (a VQA or choice score, a caption's
+              BLEU-4 counts, ROUGE-L and METEOR statistics), plus each caption set's document frequencies,
+              which are counts and so add up exactly over pieces
+    ciders    each caption row's CIDEr-D in every set it belongs to (the whole task, its slice of each field),
+              given the document frequencies summed over all pieces
+    qualities the rows of every piece together, in (shard, key) order: means, sums and METEOR's EVAL per set
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from statistics import fmean
 
 from specvlm.data.prompts import choice_count, extract_choice
+from specvlm.evaluation import coco
 from specvlm.evaluation.answers import VQA_CONVENTIONS, VQA_HUMANS, exact_match, vqa_accuracy
-from specvlm.evaluation.captions import token_scores
+from specvlm.evaluation.captions import meteor_available, sample_scores, set_scores
 from specvlm.evaluation.ptb import TOKENIZERS, default_tokenizer, tokenize_texts
 
 VQA_CONVENTION_NOTES = {
     "lmms-eval": "VQA accuracy as lmms-eval scores VQAv2: the prediction always normalised (EvalAI's processor)",
     "official": "VQA accuracy as the VQA authors' vqaEval.py scores it: raw strings where all ten humans agree",
 }
+SCORED, ERROR, UNSCORED = "scored", "error", "unscored"
+
+# A set of caption rows scored together (CIDEr-D's document frequencies are the set's): (task, the slice field's
+# position in Scoring.slices, its value), or (task, None, None) for all of a task's rows.
+SetKey = tuple[str, "int | None", "str | None"]
 
 
 @dataclass(frozen=True)
-class _Scoring:
-    meteor: bool
-    vqa_convention: str
-    tokenizer: str
-    tokens: dict[str, str]  # caption text -> its tokens, every text of the rows scored
+class Scoring:
+    """How rows are scored: the settings of score_rows."""
+
+    slices: tuple[str, ...] = ()
+    meteor: bool = True
+    tokenizer: str | None = None  # ptb.TOKENIZERS; None: ptb-java where Java is
+    vqa_convention: str = "lmms-eval"
+
+    def __post_init__(self):
+        if self.vqa_convention not in VQA_CONVENTIONS:
+            raise ValueError(f"unknown VQA convention {self.vqa_convention!r}; use one of {', '.join(VQA_CONVENTIONS)}")
+        object.__setattr__(self, "tokenizer", self.tokenizer or default_tokenizer())
+
+
+@dataclass(slots=True)
+class RowScore:
+    """What one output row contributes to its task's quality."""
+
+    order: tuple[str, str]  # (shard_id, key): rows are combined in this order
+    task: str
+    state: str  # SCORED, ERROR or UNSCORED (no reference)
+    groups: tuple[str | None, ...]  # the row's value of each slice field (None: it has none)
+    value: tuple = ()  # scored rows: vqa (ten humans?, score), mc (unparsed?, right?), caption SampleScores
+    ciders: tuple[float | None, ...] = ()  # scored captions: CIDEr-D in the whole set, then in each field's slice
+
+
+@dataclass
+class Measured:
+    """measure's result for some rows."""
+
+    rows: list[RowScore]
+    frequencies: dict[SetKey, Counter] = field(default_factory=dict)  # n-gram -> samples whose references hold it
+    samples: Counter = field(default_factory=Counter)  # SetKey -> its scored caption rows
+    captions: list[tuple[int, str, list[str]]] = field(default_factory=list)  # (row index, test, reference tokens)
+
+    def add(self, other: Measured) -> None:
+        """Sum another piece's document frequencies and sample counts into this one's (the rows stay apart)."""
+        for key, counter in other.frequencies.items():
+            self.frequencies.setdefault(key, Counter()).update(counter)
+        self.samples.update(other.samples)
 
 
 def score_rows(
@@ -51,26 +102,104 @@ def score_rows(
     """The quality of one task's output rows (the output schema's columns): JSON-ready, with a block per slice
     field that the rows' metadata has: {field: {value: quality}}. `tokenizer`: ptb.TOKENIZERS (default: ptb-java
     where Java is); `vqa_convention`: answers.VQA_CONVENTIONS."""
-    if vqa_convention not in VQA_CONVENTIONS:
-        raise ValueError(f"unknown VQA convention {vqa_convention!r}; use one of {', '.join(VQA_CONVENTIONS)}")
-    rows = sorted(rows, key=lambda r: (r["shard_id"], r["key"]))
-    tokenizer = tokenizer or default_tokenizer()
-    captions = [r for r in rows if r["task"] == "caption" and r.get("error") is None and _references(r)]
+    scoring = Scoring(tuple(slices), meteor, tokenizer, vqa_convention)
+    measured = measure(rows, scoring)
+    for index, ciders in ciders_of(measured.captions, measured.rows, measured):
+        measured.rows[index].ciders = ciders
+    tasks = sorted({r.task for r in measured.rows})
+    if len(tasks) != 1:
+        raise ValueError(f"rows of one task expected, got {tasks}")
+    return qualities(measured.rows, scoring)[tasks[0]]
+
+
+def measure(rows: Iterable[dict], scoring: Scoring) -> Measured:
+    """Every row's contribution, each caption text tokenized once (one tokenizer call for all of them)."""
+    rows = list(rows)
+    captions = [r for r in rows if _state(r) == SCORED and _kind(r["task"]) == "caption"]
     texts = [t for r in captions for t in (r["text"], *_references(r))]
-    scoring = _Scoring(meteor, vqa_convention, tokenizer, tokenize_texts(texts, tokenizer) if texts else {})
-    quality = _score(rows, scoring)
-    by_field = {}
-    for name in slices:
-        groups = defaultdict(list)
-        for row in rows:
-            value = _meta(row).get(name)
-            if value is not None:
-                groups[json.dumps(value) if isinstance(value, (list, dict)) else str(value)].append(row)
-        if groups:
-            by_field[name] = {value: _score(groups[value], scoring) for value in sorted(groups)}
-    if by_field:
-        quality["slices"] = by_field
-    return quality
+    tokens = tokenize_texts(texts, scoring.tokenizer) if texts else {}
+    run_meteor = scoring.meteor and meteor_available()
+    measured = Measured([])
+    for row in rows:
+        meta = _meta(row)
+        score = RowScore(
+            (row["shard_id"], row["key"]),
+            row["task"],
+            _state(row),
+            tuple(_group(meta.get(name)) for name in scoring.slices),
+        )
+        if score.state == SCORED:
+            references = _references(row)
+            kind = _kind(row["task"])
+            if kind == "vqa" and len(references) == VQA_HUMANS:
+                score.value = (True, vqa_accuracy(row["text"], references, scoring.vqa_convention))
+            elif kind == "vqa":
+                score.value = (False, exact_match(row["text"], references))
+            elif kind == "mc":
+                letter = extract_choice(row["text"], choice_count(row.get("prompt")))
+                score.value = (letter is None, letter == row["reference"].strip().lower())
+            else:
+                test, refs = tokens[row["text"]], [tokens[r] for r in references]
+                ref_ngrams = [coco.ngrams(r) for r in refs]
+                score.value = sample_scores(test, refs, coco.ngrams(test), ref_ngrams, meteor=run_meteor)
+                held = coco.document_ngrams(ref_ngrams)
+                for key in _sets(score):
+                    measured.frequencies.setdefault(key, Counter()).update(held)
+                    measured.samples[key] += 1
+                measured.captions.append((len(measured.rows), test, refs))
+        measured.rows.append(score)
+    return measured
+
+
+def ciders_of(captions, rows: Sequence[RowScore], totals: Measured):
+    """(row index, its CIDEr-D per set) of each caption in `captions` (Measured.captions of `rows`), given the
+    document frequencies and sample counts of all pieces (`totals`)."""
+    scorers: dict[SetKey, coco.Cider] = {}
+    for index, test, refs in captions:
+        test_ngrams, ref_ngrams = coco.ngrams(test), [coco.ngrams(r) for r in refs]
+        ciders = []
+        for key in _sets(rows[index], every=True):
+            if key is None:
+                ciders.append(None)
+                continue
+            if key not in scorers:
+                scorers[key] = coco.Cider(totals.frequencies[key], totals.samples[key])
+            ciders.append(scorers[key].score(test_ngrams, ref_ngrams))
+        yield index, tuple(ciders)
+
+
+def qualities(rows: Iterable[RowScore], scoring: Scoring) -> dict[str, dict]:
+    """task -> its quality, from the contributions of all its rows (any order: they are sorted here)."""
+    by_task = defaultdict(list)
+    for row in sorted(rows, key=lambda r: r.order):
+        by_task[row.task].append(row)
+    result = {}
+    for task, task_rows in by_task.items():
+        quality = _quality(task, task_rows, 0, scoring)
+        by_field = {}
+        for position, name in enumerate(scoring.slices):
+            groups = defaultdict(list)
+            for row in task_rows:
+                if row.groups[position] is not None:
+                    groups[row.groups[position]].append(row)
+            if groups:
+                by_field[name] = {
+                    value: _quality(task, groups[value], position + 1, scoring) for value in sorted(groups)
+                }
+        if by_field:
+            quality["slices"] = by_field
+        result[task] = quality
+    return result
+
+
+def _kind(task: str) -> str:
+    return task if task in ("vqa", "mc") else "caption"
+
+
+def _state(row: dict) -> str:
+    if row.get("error") is not None:
+        return ERROR
+    return SCORED if _references(row) else UNSCORED
 
 
 def _meta(row: dict) -> dict:
@@ -81,53 +210,62 @@ def _meta(row: dict) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def _group(value) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
 def _references(row: dict) -> list[str]:
     return row.get("references") or ([row["reference"]] if row.get("reference") is not None else [])
 
 
-def _score(rows: list[dict], scoring: _Scoring) -> dict:
-    tasks = sorted({r["task"] for r in rows})
-    if len(tasks) != 1:
-        raise ValueError(f"rows of one task expected, got {tasks}")
-    scored = [r for r in rows if r.get("error") is None and _references(r)]
+def _sets(row: RowScore, every: bool = False) -> list:
+    """The caption sets the row belongs to: the whole task's, then its slice of each field; with `every`, None
+    in place of a field the row has no value of (so that positions line up with RowScore.ciders)."""
+    keys = [(row.task, None, None)]
+    for name_index, value in enumerate(row.groups):
+        if value is not None:
+            keys.append((row.task, name_index, value))
+        elif every:
+            keys.append(None)
+    return keys
+
+
+def _quality(task: str, rows: list[RowScore], position: int, scoring: Scoring) -> dict:
+    """The quality of one set of a task's rows; `position`: 0 for the whole task, 1 + i for a slice of field i
+    (which of each row's CIDEr-D scores belongs to this set)."""
+    scored = [r for r in rows if r.state == SCORED]
     quality = {
-        "task": tasks[0],
+        "task": task,
         "samples": len(rows),
-        "errors": sum(r.get("error") is not None for r in rows),
-        "unscored": sum(r.get("error") is None and not _references(r) for r in rows),
+        "errors": sum(r.state == ERROR for r in rows),
+        "unscored": sum(r.state == UNSCORED for r in rows),
         "metrics": {},
         "notes": [],
     }
-    if tasks[0] == "vqa":
-        humans = [r for r in scored if len(_references(r)) == VQA_HUMANS]
-        others = [r for r in scored if len(_references(r)) != VQA_HUMANS]
+    kind = _kind(task)
+    if kind == "vqa":
+        humans = [r.value[1] for r in scored if r.value[0]]
+        others = [r.value[1] for r in scored if not r.value[0]]
         if humans:
             quality["vqa_convention"] = scoring.vqa_convention
             quality["notes"].append(VQA_CONVENTION_NOTES[scoring.vqa_convention])
-            quality["metrics"]["VQA accuracy"] = fmean(
-                vqa_accuracy(r["text"], _references(r), scoring.vqa_convention) for r in humans
-            )
+            quality["metrics"]["VQA accuracy"] = fmean(humans)
         if others:
-            quality["metrics"]["exact match"] = fmean(exact_match(r["text"], _references(r)) for r in others)
+            quality["metrics"]["exact match"] = fmean(others)
         if humans and others:
             quality["notes"].append(
                 f"VQA accuracy over the {len(humans)} rows with {VQA_HUMANS} answers, exact match over the "
                 f"{len(others)} others"
             )
-    elif tasks[0] == "mc":
-        letters = [extract_choice(r["text"], choice_count(r.get("prompt"))) for r in scored]
+    elif kind == "mc":
         if scored:
-            quality["metrics"]["accuracy"] = fmean(
-                letter == r["reference"].strip().lower() for letter, r in zip(letters, scored)
-            )
-        quality["metrics"]["unparsed"] = sum(letter is None for letter in letters)
+            quality["metrics"]["accuracy"] = fmean(r.value[1] for r in scored)
+        quality["metrics"]["unparsed"] = sum(r.value[0] for r in scored)
     else:
-        captions = token_scores(
-            {i: r["text"] for i, r in enumerate(scored)},
-            {i: _references(r) for i, r in enumerate(scored)},
-            scoring.tokens,
-            scoring.tokenizer,
-            meteor=scoring.meteor,
+        captions = set_scores(
+            [r.value for r in scored], [r.ciders[position] for r in scored], scoring.tokenizer, scoring.meteor
         )
         quality["tokenizer"] = captions.tokenizer
         quality["metrics"].update(captions.scores)
