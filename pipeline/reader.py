@@ -1,10 +1,10 @@
 """The read stage: a Ray Data datasource whose read tasks each read a group of consecutive input shards, and the
 block size into decoding.
 
-A read task streams its shards' records one shard after another, prepares them for the decode actors (image
-decoding, prompt, the processor) and yields them in blocks. A shard's last row closes it: it carries the
-shard's row count and why the shard could not be read to its end (None when it was); a shard without rows gets
-an end-marker row (`is_end`) instead. Rows of consecutive shards share blocks, so a shard's rows reach the
+A read task reads its shards' records one shard after another, prepares them for the decode actors (image
+decoding, prompt, the processor) and yields them READ_BATCH_ROWS at a time. A shard's last row closes it: it
+carries the shard's row count and why the shard could not be read to its end (None when it was); a shard
+without rows gets an end-marker row (`is_end`) instead. Rows of consecutive shards share blocks, so a shard's rows reach the
 driver, and its file lands, as soon as they are decoded, whatever else is in flight. (A marker per shard would
 double the rows of one-image shards, and each marker takes a place among the rows a decode actor holds.)
 
@@ -21,9 +21,15 @@ once), and holds each task's output until it ends. A read task is its own operat
 actors, and `concurrency` caps how many shards are read at once.
 
 What a crash can lose is what is in flight: the shards being read (compute.shards_per_actor per actor), and the
-rows each decode actor holds, a fixed number of blocks (its tasks in flight). Ray Data would size blocks in
-bytes (up to 128 MiB: thousands of small images, whole shards), so the job re-cuts them to BLOCK_ROWS rows
-(job.build_dataset), and the rows in flight per actor stay bounded whatever the size of a row or a shard.
+rows each decode actor holds, a fixed number of blocks (its tasks in flight). Ray Data sizes blocks in bytes:
+it gathers what a read task yields into blocks of up to 128 MiB (thousands of small images, whole shards)
+before they leave the task, so the job re-cuts them to BLOCK_ROWS rows (job.build_dataset), and the rows each
+decode actor holds stay bounded whatever the size of a row or a shard.
+
+Known limit: read-ahead is not bounded. A running read task reads its shard to the end whatever the actors
+hold, and its rows wait in Ray's object store until an actor takes them. One 20,000-row shard of demo images
+was read ahead whole (545 MiB of prepared rows, 773 MiB peak in the object store;
+jobs/readahead_benchmark.py). The number of shards read at once is bounded, their rows are not.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from pipeline.stages import Preparer, load_processor
 from specvlm.data.retry import RetryPolicy, with_request_deadline
 from specvlm.data.sources import Shard, ShardError, read_shard
 
-READ_BATCH_ROWS = 32  # prepared rows per block: a shard is streamed, never held whole
+READ_BATCH_ROWS = 32  # prepared rows per yield; Ray Data gathers yields into blocks of up to 128 MiB
 TASKS_PER_READER = 4
 MAX_SHARDS_PER_TASK = 64
 # A read task waits on storage much of its time. With a whole CPU each, a 2-CPU node beside a 1-CPU decode actor
