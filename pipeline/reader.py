@@ -4,9 +4,10 @@ block size into decoding.
 A read task reads its shards' records one shard after another, prepares them for the decode actors (image
 decoding, prompt, the processor) and yields them READ_BATCH_ROWS at a time. A shard's last row closes it: it
 carries the shard's row count and why the shard could not be read to its end (None when it was); a shard
-without rows gets an end-marker row (`is_end`) instead. Rows of consecutive shards share blocks, so a shard's rows reach the
-driver, and its file lands, as soon as they are decoded, whatever else is in flight. (A marker per shard would
-double the rows of one-image shards, and each marker takes a place among the rows a decode actor holds.)
+without rows gets an end-marker row (`is_end`) instead. Rows of consecutive shards share blocks, so a shard's
+rows reach the driver, and its file lands, as soon as they are decoded, whatever else is in flight. (A marker
+per shard would double the rows of one-image shards, and each marker takes a place among the rows a decode
+actor holds.)
 
 Why groups: a read task has a fixed cost (scheduling, its worker's turn, reporting its blocks), about 45 ms on a
 loaded 2-core machine. One task per shard paid it for every shard: 2,048 one-image shards ran at a third of the
