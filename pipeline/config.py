@@ -117,8 +117,8 @@ class TaskConfig(Section):
     # Several prompts per record, name -> instruction, e.g. {short: "Describe the image in one sentence.",
     # long: "Describe the image in detail."}: one output row per record and prompt, keyed "<record key>#<name>".
     # In a vqa or mc prompt, {question} stands for the record's question (with its choices). The rows of one image
-    # decode together and share its prefill (compute.share_image_prefill). Empty: one row per record, the task's
-    # own prompt.
+    # reach the engine together and share its prefill, also across admissions (compute.share_image_prefill).
+    # Empty: one row per record, the task's own prompt.
     prompts: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("prompts")
