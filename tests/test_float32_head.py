@@ -8,16 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.lean_llama import LeanLlama
 from specvlm.specdec.runner import ModelRunner, causal_attend
-
-SMALL = dict(
-    vocab_size=97,
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+from tests.test_lean_llama import SMALL
 
 
 def _model(dtype: torch.dtype) -> torch.nn.Module:
