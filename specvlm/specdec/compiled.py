@@ -82,6 +82,7 @@ class _Compiled:
         else:
             options = {}
         self.compiled = torch.compile(forward.__call__, fullgraph=True, dynamic=True, **options)
+        _configure_dynamo()
 
     @property
     def model(self):
@@ -97,14 +98,7 @@ class _Compiled:
         graphs = _graphs()
         start = time.perf_counter()
         try:
-            # Sizes that happen to be equal at the first call (rows of the batch and of the cache) stay distinct
-            # symbols (no "duck" shapes), or the next batch of other proportions would compile again. A size of 1
-            # is a constant (a one-token forward is a graph of its own; the runner pads rows to 2, see runner.py).
-            with (
-                torch._dynamo.config.patch(cache_size_limit=RECOMPILE_LIMIT),
-                torch.fx.experimental._config.patch(use_duck_shape=False),
-            ):
-                out = self.compiled(*args)
+            out = self.compiled(*args)
         except Exception as exc:  # any failure of the compiler stack: decode eagerly, never fail the job
             self._fall_back(exc)
             return self.eager(*args)
@@ -121,6 +115,16 @@ class _Compiled:
         log.warning("compiled decoding failed, decoding eagerly instead (%s)", self.failure)
         for reporter in self.reporters:
             reporter.failure = self.failure
+
+
+def _configure_dynamo() -> None:
+    """Settings the compiler reads when it compiles, set for the process rather than patched around each call:
+    entering and leaving a config patch costs about half a millisecond, more than a small forward's kernels.
+    Sizes that happen to be equal at the first call (rows of the batch and of the cache) stay distinct symbols (no
+    "duck" shapes), or the next batch of other proportions would compile again. A size of 1 is a constant (a
+    one-token forward is a graph of its own; the runner pads rows to 2, see runner.py)."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+    torch.fx.experimental._config.use_duck_shape = False
 
 
 def _graphs() -> int:

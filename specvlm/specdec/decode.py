@@ -277,10 +277,10 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile the forwards the steps run before the first request comes (compute.compile): the target's
-        one-token pass, its verification pass and its prompt pass, and the draft's, on two scratch rows. Their
-        shapes are dynamic, or bucketed on a GPU, so later steps meet these graphs; the time shows in
-        describe()["compile"]. Graphs stay on the models, so a decoder built again later (after a failure) finds
-        them compiled."""
+        one-token pass, its verification pass and its prompt passes (of one row and of several), and the draft's,
+        on scratch rows. Their shapes are dynamic, or bucketed on a GPU, so later steps meet these graphs; the time
+        shows in describe()["compile"]. Graphs stay on the models, so a decoder built again later (after a failure)
+        finds them compiled."""
         model = getattr(self.draft, "model", None)
         runs = [(self.target, None, "target", sorted({1, self.window}), True, self.config.float32_head)]
         if model is not None:
@@ -303,6 +303,8 @@ class SpeculativeDecoder:
             # Admission's prompt pass: over embeddings where the model reads images (prefill.py), else tokens.
             embeds = model.get_input_embeddings()(tokens) if images and image_token_id(model) is not None else None
             runner.extend(tokens, [4, 3], inputs_embeds=embeds)
+            # A one-row prompt (an admission of one request) is a graph of its own: a size of 1 is a constant.
+            runner.extend(tokens[:1], [4], inputs_embeds=None if embeds is None else embeds[:1])
             for q in widths:
                 tokens = torch.zeros(2, q, dtype=torch.long, device=device)
                 runner.forward(tokens, causal_attend(torch.full((2,), q, device=device), q))

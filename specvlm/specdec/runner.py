@@ -261,10 +261,6 @@ class ModelRunner:
         prompt = prompt_lengths is not None
         # Prompt forwards run at their exact size: each admission brings its own prompt lengths.
         run, shapes, cache = (self.compiled_prompt, EXACT, None) if prompt else (self.compiled, self.shapes, None)
-        if prompt and n == 1:
-            # Compiled graphs treat a size of 1 as a constant. A one-row decode forward is padded to two rows below
-            # (cheap: one query); a one-row prompt is not, it would double the prompt's work.
-            run = None
         if run is None or not self.cache.allocated:
             # The first forward allocates the cache, so it runs eagerly.
             run, cache = self.eager, self.cache
