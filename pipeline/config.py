@@ -184,6 +184,12 @@ class ComputeConfig(Section):
     # prefills its whole prompt, for comparison).
     share_image_prefill: bool = True
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _on_off(cls, value):
+        # YAML reads on and off, unquoted, as booleans: `compile: on` in a file and `--set compute.compile=on`.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("batch_size")
     @classmethod
     def _positive(cls, value):

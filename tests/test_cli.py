@@ -121,6 +121,16 @@ def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path, mo
     assert (absolute.output.uri, absolute.input.uri) == (f"{tmp_path}/o", "s3://bucket/x/*.tar")
 
 
+def test_compile_on_and_off_unquoted_are_the_choices_not_booleans(tmp_path):
+    """YAML reads on/off as booleans; the field means the words, from a --set and from a file alike."""
+    base = [f"output.uri={tmp_path}/o", "input.uri=in/*.tar", "model.target=m"]
+    assert load_config(None, [*base, "compute.compile=on"]).compute.compile == "on"
+    assert load_config(None, [*base, "compute.compile=off"]).compute.compile == "off"
+    config_file = tmp_path / "job.yaml"
+    config_file.write_text("compute: {compile: on}\n")
+    assert load_config(str(config_file), base).compute.compile == "on"
+
+
 def test_the_evaluation_config_resolves_its_paths_and_overrides_against_its_folder(tmp_path, monkeypatch):
     repo = Path.cwd()
     monkeypatch.chdir(tmp_path)
