@@ -7,10 +7,11 @@ import functools
 import pytest
 import torch
 
+from specvlm.specdec import prefill as prefill_module
 from specvlm.specdec import prefix_cache
 from specvlm.specdec.decode import DecodeConfig, SpeculativeDecoder
 from specvlm.specdec.prefill import prefill
-from specvlm.specdec.prefix import image_key, shared_prefixes
+from specvlm.specdec.prefix import common_length, image_key, shared_prefixes
 from specvlm.specdec.requests import Request
 from specvlm.specdec.sampling import SamplingParams
 from tests.fixtures_models import QUESTIONS
@@ -172,3 +173,36 @@ def test_a_kept_prefix_serves_only_the_same_image_content(family):
     engine = decoder(family, "vlm_noisy", share=True, rows=1)
     assert [r.tokens for r in engine.generate(requests)] == [family.reference(r, MAX_NEW) for r in requests]
     assert engine.prefix_cache.hits == 2  # the second request about image 0, and the second about image 1
+
+
+def test_a_whole_prompt_beside_a_kept_prefix_runs_in_its_own_pass_and_stays_exact(family, monkeypatch):
+    """A request that starts from a kept prefix prefills only the rest of its prompt; a long prompt that shares
+    nothing, admitted with it, runs in a pass of its own, so the short rest is not padded to the long prompt."""
+    first = family.request(QUESTIONS[0], image_seed=0)
+    sibling = family.request(QUESTIONS[1], image_seed=0)
+    long = family.request(" ".join(QUESTIONS), image_seed=7)
+    cache = prefix_cache.PrefixCache(max_slots=4096)
+    capacity = len(long.input_ids)
+    prefill(family.target, [first], [first.input_ids], capacity, share=True, cache=cache)
+
+    passes = []
+    original = prefill_module._cache
+
+    def recorded(model, runner, cached, features):
+        passes.append(sorted(len(c) for c in cached))
+        return original(model, runner, cached, features)
+
+    monkeypatch.setattr(prefill_module, "_cache", recorded)
+    requests = [sibling, long]
+    shared, order, _ = prefill(
+        family.target, requests, [r.input_ids for r in requests], capacity, share=True, cache=cache
+    )
+    assert cache.hits == 1 and order == [0, 1]
+    rest = len(sibling.input_ids) - 1 - common_length([sibling.input_ids[:-1], first.input_ids[:-1]])
+    assert passes == [[len(long.input_ids) - 1], [rest]]
+    alone, good, _ = prefill(family.target, requests, [r.input_ids for r in requests], capacity)
+    for row, i in enumerate(order):
+        length = len(requests[i].input_ids) - 1
+        assert shared.kv_host[row] == alone.kv_host[good.index(i)] == length
+        for mine, theirs in zip(shared.cache.keys + shared.cache.values, alone.cache.keys + alone.cache.values):
+            torch.testing.assert_close(mine[row, :, :length], theirs[good.index(i), :, :length], rtol=1e-5, atol=1e-5)

@@ -203,26 +203,39 @@ def _prefill_rows(
     lean: LeanLlama | None,
     like: ModelRunner | None,
 ) -> tuple[ModelRunner, list[int]]:
-    """The good requests' cached prompts, in one pass, or two where requests of this admission share a prefix:
-    first each group's prefix (one row per group); then, in one pass, the rest of each grouped prompt after a copy
-    of its group's prefix, the rest of each prompt found in the cache (hits: request -> entry row, its slots to
-    copy) after a copy of its entry, and the whole prompt of each other request. A pass costs more than its tokens
-    (the launch of every layer), so the requests that share nothing ride with the others, never in a pass of
-    their own. Returns the runner and the requests its rows hold: the grouped ones first, then the cached ones,
-    then the others."""
+    """The good requests' cached prompts, in one pass, or two where some start from a shared prefix: first the
+    long rows, each group's prefix (one row per group) and the whole prompt of each request that shares nothing;
+    then, after a copy of its group's prefix or of its cache entry (hits: request -> entry row, its slots to copy),
+    the rest of each prompt that shares one. A pass runs every row to its longest row's width, so a whole prompt
+    must not ride with the short rests: beside an image of thousands of tokens it would make every rest as long.
+    With nothing shared (or whole prompts no longer than the rests) it is one pass. Returns the runner and the
+    requests its rows hold: the grouped ones first, then the cached ones, then the others."""
     grouped = [i for g in groups for i in g.members]
     found = [i for i in good if i in hits]
     alone = [i for i in good if i not in set(grouped) and i not in hits]
     order = grouped + found + alone
-    starts = [g.length for g in groups for _ in g.members] + [hits[i][1] for i in found] + [0] * len(alone)
-    rest = [prompts[i][start:-1] for i, start in zip(order, starts)]
-    width = max(map(len, rest))
-    runner = _scratch(model, len(order), max(capacity, max(starts) + width), lean, like)
-    if groups:
-        first = _scratch(model, len(groups), capacity, lean, like)
-        prefixes = [prompts[g.members[0]][: g.length] for g in groups]
-        _cache(model, first, prefixes, [features[g.members[0]] for g in groups])
-        runner.take_rows(list(range(len(grouped))), first, [k for k, g in enumerate(groups) for _ in g.members])
+    starts = [g.length for g in groups for _ in g.members] + [hits[i][1] for i in found]
+    rests = [prompts[i][start:-1] for i, start in zip(grouped + found, starts)]
+    shortest_whole = min((len(prompts[i]) - 1 for i in alone), default=0)
+    # Whole prompts go in the first pass when there is one anyway, or when they would stretch the rests' pass.
+    apart = bool(alone) and (bool(groups) or (bool(found) and shortest_whole > 2 * max(map(len, rests))))
+    if not apart:
+        rests += [prompts[i][:-1] for i in alone]
+        starts += [0] * len(alone)
+    width = max(map(len, rests), default=0)
+    runner = _scratch(model, len(order), max(capacity, max(starts, default=0) + width), lean, like)
+    first_rows = [prompts[g.members[0]][: g.length] for g in groups] + (
+        [prompts[i][:-1] for i in alone] if apart else []
+    )
+    if first_rows:
+        first = _scratch(model, len(first_rows), capacity, lean, like)
+        first_features = [features[g.members[0]] for g in groups] + ([features[i] for i in alone] if apart else [])
+        _cache(model, first, first_rows, first_features)
+        sources = [k for k, g in enumerate(groups) for _ in g.members]
+        if apart:
+            sources += list(range(len(groups), len(first_rows)))
+        rows = list(range(len(grouped))) + (list(range(len(grouped) + len(found), len(order))) if apart else [])
+        runner.take_rows(rows, first, sources)
     if found:
         rows = list(range(len(grouped), len(grouped) + len(found)))
         entries = torch.tensor([hits[i][0] for i in found], dtype=torch.long, device=model.device)
@@ -231,8 +244,10 @@ def _prefill_rows(
         index = torch.tensor(rows, dtype=torch.long, device=model.device)
         runner.cache.take_rows(index, cache.runner.cache, max(copied), entries)
         runner.set_lengths(rows, torch.tensor(copied, device=model.device), copied)
-    # A copied prefix holds every image token of its prompt: only the whole prompts show images.
-    _cache(model, runner, rest, [None] * (len(grouped) + len(found)) + [features[i] for i in alone])
+    if rests:
+        # A copied prefix holds every image token of its prompt: only whole prompts show images.
+        shown = [None] * (len(grouped) + len(found)) + ([] if apart else [features[i] for i in alone])
+        _cache(model, runner, rests, shown)
     return runner, order
 
 
