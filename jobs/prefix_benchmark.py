@@ -13,6 +13,11 @@ The engine alone (in this process, on the same prepared rows, after a warm-up) g
 admission (the vision tower and every prefill pass) against decoding steps, the prefill share of the engine's
 time, how many requests started from a kept prefix, and the ceiling: the engine's speed-up over sharing off if
 prefill cost nothing at all (its time over its decoding time).
+
+The demo's images are 9 tokens of a 28-token prompt, so sharing them saves little there. A last section asks the
+same five questions about large images, engine alone: LLaVA-NeXT anyres crops on a tiny random target and its
+truncated-copy draft (specvlm/evaluation/workloads.py), 1,400-2,600 image tokens per prompt, 8 new tokens each,
+plain and speculative with sharing on and off, taking turns (--anyres-images 0 leaves it out).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from transformers import AutoTokenizer
 
 from jobs.job_benchmark import job, timed
 from pipeline.config import load_config
@@ -33,8 +39,12 @@ from specvlm.data.sources import list_shards, read_shard
 from specvlm.demo.shards import encode_image
 from specvlm.demo.world import make_scene
 from specvlm.demo.world_data import scene_questions
-from specvlm.engine import build_engine
-from specvlm.evaluation.demo_family import HELD_OUT_SEED
+from specvlm.engine import DraftSettings, build_draft, build_engine
+from specvlm.evaluation.demo_family import DEMO_MODELS, HELD_OUT_SEED
+from specvlm.evaluation.throughput import decode, take_turns
+from specvlm.evaluation.workloads import anyres_question_requests, build_anyres_models
+from specvlm.models.loading import load_target
+from specvlm.specdec.decode import generation_eos
 
 QUESTIONS = 5
 
@@ -81,11 +91,51 @@ def engine_alone(overrides: list[str], requests: list) -> dict:
     return {**decoder.seconds, "rate": len(requests) / elapsed, "hits": cache.hits if cache is not None else 0}
 
 
+def anyres_engine(work: Path, images: int, rounds: int, cap: int = 16, max_new_tokens: int = 8) -> None:
+    """Engine alone, QUESTIONS questions about each of `images` large images: plain and speculative decoding,
+    image prefill sharing on and off, taking turns; prints the table."""
+    folders = build_anyres_models(AutoTokenizer.from_pretrained(DEMO_MODELS / "target"), work / "anyres")
+    target = load_target(str(folders[0]), device="cpu", dtype="float32")
+    requests = anyres_question_requests(target.processor, images, QUESTIONS)
+    settings = dict(max_new_tokens=max_new_tokens, eos=generation_eos(target.model))
+
+    def run(speculative: bool, share: bool):
+        draft = build_draft(DraftSettings("vlm", str(folders[1])), target) if speculative else None
+        return lambda: decode(target.model, draft, requests, cap, share_prefill=share, **settings)
+
+    names = {
+        (mode, share): f"{mode}, sharing {'on' if share else 'off'}"
+        for mode in ("plain", "speculative")
+        for share in (True, False)
+    }
+    measured = take_turns({name: run(mode == "speculative", share) for (mode, share), name in names.items()}, rounds)
+    tokens = {name: [r.tokens for r in results] for name, (_, results, _) in measured.items()}
+    best = {name: min(seconds) for name, (seconds, _, _) in measured.items()}
+    plain = min(best[names["plain", True]], best[names["plain", False]])
+    lengths = [len(r.input_ids) for r in requests]
+    print(
+        f"\nLarge images, engine alone: {images} anyres images x {QUESTIONS} questions = {len(requests)} rows, "
+        f"prompts of {min(lengths)}-{max(lengths)} tokens, {max_new_tokens} new tokens, cap {cap}, best of "
+        f"{rounds}; identical in every setting: {len({str(t) for t in tokens.values()}) == 1}\n"
+    )
+    print("| setting | questions/s | vs sharing off | vs best plain | admission share |")
+    print("|---|---:|---:|---:|---:|")
+    for (mode, _), name in names.items():
+        seconds = measured[name][2]["seconds"]
+        off = best[names[mode, False]]
+        share_of_time = seconds["admission"] / (seconds["admission"] + seconds["decoding"])
+        print(
+            f"| {name} | {len(requests) / best[name]:.2f} | {off / best[name]:.2f}x | {plain / best[name]:.2f}x "
+            f"| {share_of_time:.0%} |"
+        )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--plain-batches", default="8,64", help="plain decoding's batch sizes, comma-separated")
+    parser.add_argument("--anyres-images", type=int, default=8, help="large images in the last section (0: none)")
     parser.add_argument("--work", type=Path, default=Path("out/prefix-benchmark"))
     args = parser.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -135,6 +185,8 @@ def main(argv=None) -> None:
     print(f"cost nothing (sharing off's engine time over its decoding time): {ceiling:.2f}x")
     print(f"job speed-up, sharing on vs off: {best[off] / best[on]:.2f}x; vs the best plain job ({plain}):")
     print(f"{best[plain] / best[on]:.2f}x")
+    if args.anyres_images:
+        anyres_engine(args.work, args.anyres_images, args.rounds)
     if not identical:
         raise SystemExit("outputs differ between sharing on and off")
 

@@ -55,6 +55,7 @@ def decode(
     static: bool = False,
     compile: bool = False,
     max_batch_tokens: int | None = None,
+    share_prefill: bool = True,
 ) -> tuple[list[Result], dict]:
     """All requests through one engine: continuously (waiting requests join as rows finish), or static groups
     of `cap` requests, each decoded to its last row before the next group starts."""
@@ -65,6 +66,7 @@ def decode(
         max_batch_tokens=max_batch_tokens,
         adaptive=adaptive,
         compile=compile,
+        share_prefill=share_prefill,
     )
     engine = SpeculativeDecoder(target, draft, config)
     if not static:

@@ -38,6 +38,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 
 from specvlm.data.prompts import instruction, render
 from specvlm.demo.world import make_scene
+from specvlm.demo.world_data import scene_questions
 from specvlm.evaluation.demo_family import HELD_OUT_SEED, world_requests
 from specvlm.specdec.requests import Request
 
@@ -116,13 +117,31 @@ def build_anyres_models(tokenizer, root: Path, seed: int = 0) -> tuple[Path, Pat
 def anyres_requests(processor, count: int, seed: int = HELD_OUT_SEED) -> list[Request]:
     """Caption requests about held-out scenes drawn large, in ANYRES_SIZES, as LLaVA-NeXT's processor crops them."""
     prompt = render(instruction("caption", {}), processor)
+    return [_anyres_request(processor, _anyres_scene(seed, i)[1], prompt) for i in range(count)]
+
+
+def anyres_question_requests(processor, images: int, questions: int, seed: int = HELD_OUT_SEED) -> list[Request]:
+    """`questions` questions about each of `images` held-out scenes drawn large (the scene's own and others it
+    answers), the questions about one image next to each other, as a VQAv2-style layout lists them."""
     requests = []
-    for i in range(count):
-        height, width = ANYRES_SIZES[i % len(ANYRES_SIZES)]
-        image = make_scene(seed, i, image_size=max(height, width)).image.resize((width, height))
-        encoded = processor(images=image, text=prompt, return_tensors="pt")
-        requests.append(Request(encoded.input_ids[0].tolist(), encoded.pixel_values, image_sizes=encoded.image_sizes))
+    for i in range(images):
+        scene, image = _anyres_scene(seed, i)
+        for question, _ in scene_questions(scene, questions):
+            prompt = render(instruction("vqa", {"question": question}), processor)
+            requests.append(_anyres_request(processor, image, prompt))
     return requests
+
+
+def _anyres_scene(seed: int, index: int):
+    """Scene `index` and its image at its size in ANYRES_SIZES."""
+    height, width = ANYRES_SIZES[index % len(ANYRES_SIZES)]
+    scene = make_scene(seed, index, image_size=max(height, width))
+    return scene, scene.image.resize((width, height))
+
+
+def _anyres_request(processor, image, prompt: str) -> Request:
+    encoded = processor(images=image, text=prompt, return_tensors="pt")
+    return Request(encoded.input_ids[0].tolist(), encoded.pixel_values, image_sizes=encoded.image_sizes)
 
 
 def _resident_bytes() -> int:
