@@ -34,7 +34,7 @@ from statistics import fmean
 from specvlm.data.prompts import choice_count, extract_choice
 from specvlm.evaluation import coco
 from specvlm.evaluation.answers import VQA_CONVENTIONS, VQA_HUMANS, exact_match, vqa_accuracy
-from specvlm.evaluation.captions import meteor_available, sample_scores, set_scores
+from specvlm.evaluation.captions import corpus_of, meteor_available, sample_scores, set_scores
 from specvlm.evaluation.ptb import TOKENIZERS, default_tokenizer, tokenize_texts
 
 VQA_CONVENTION_NOTES = {
@@ -80,15 +80,24 @@ class Measured:
     """measure's result for some rows."""
 
     rows: list[RowScore]
-    frequencies: dict[SetKey, Counter] = field(default_factory=dict)  # n-gram -> samples whose references hold it
+    frequencies: dict[SetKey, Counter] = field(default_factory=dict)  # n-gram name -> samples whose refs hold it
     samples: Counter = field(default_factory=Counter)  # SetKey -> its scored caption rows
-    captions: list[tuple[int, str, list[str]]] = field(default_factory=list)  # (row index, test, reference tokens)
+    # What the CIDEr-D pass needs, kept where the rows were measured: the caption texts, each counted once, the
+    # caption rows as samples of them, and each sample's row (its index in `rows`).
+    corpus: coco.Corpus | None = None
+    captions: coco.Samples | None = None
+    caption_rows: list[int] = field(default_factory=list)
 
     def add(self, other: Measured) -> None:
         """Sum another piece's document frequencies and sample counts into this one's (the rows stay apart)."""
         for key, counter in other.frequencies.items():
             self.frequencies.setdefault(key, Counter()).update(counter)
         self.samples.update(other.samples)
+
+    def totals(self) -> Measured:
+        """What measuring these rows adds to the set's totals and scores: the rows and counts, without the
+        corpus (which stays for ciders_of)."""
+        return Measured(self.rows, self.frequencies, self.samples)
 
 
 def score_rows(
@@ -104,7 +113,7 @@ def score_rows(
     where Java is); `vqa_convention`: answers.VQA_CONVENTIONS."""
     scoring = Scoring(tuple(slices), meteor, tokenizer, vqa_convention)
     measured = measure(rows, scoring)
-    for index, ciders in ciders_of(measured.captions, measured.rows, measured):
+    for index, ciders in ciders_of(measured, measured):
         measured.rows[index].ciders = ciders
     tasks = sorted({r.task for r in measured.rows})
     if len(tasks) != 1:
@@ -113,15 +122,13 @@ def score_rows(
 
 
 def measure(rows: Iterable[dict], scoring: Scoring) -> Measured:
-    """Every row's contribution, each caption text tokenized once (one tokenizer call for all of them)."""
+    """Every row's contribution, each caption text tokenized once (one tokenizer call for all of them) and
+    counted once."""
     rows = list(rows)
-    captions = [r for r in rows if _state(r) == SCORED and _kind(r["task"]) == "caption"]
-    texts = [t for r in captions for t in (r["text"], *_references(r))]
-    tokens = tokenize_texts(texts, scoring.tokenizer) if texts else {}
-    run_meteor = scoring.meteor and meteor_available()
     measured = Measured([])
     for row in rows:
-        meta = _meta(row)
+        # Slices come from the metadata, which is JSON: parsed only when asked for.
+        meta = _meta(row) if scoring.slices else {}
         score = RowScore(
             (row["shard_id"], row["key"]),
             row["task"],
@@ -139,33 +146,50 @@ def measure(rows: Iterable[dict], scoring: Scoring) -> Measured:
                 letter = extract_choice(row["text"], choice_count(row.get("prompt")))
                 score.value = (letter is None, letter == row["reference"].strip().lower())
             else:
-                test, refs = tokens[row["text"]], [tokens[r] for r in references]
-                ref_ngrams = [coco.ngrams(r) for r in refs]
-                score.value = sample_scores(test, refs, coco.ngrams(test), ref_ngrams, meteor=run_meteor)
-                held = coco.document_ngrams(ref_ngrams)
-                for key in _sets(score):
-                    measured.frequencies.setdefault(key, Counter()).update(held)
-                    measured.samples[key] += 1
-                measured.captions.append((len(measured.rows), test, refs))
+                measured.caption_rows.append(len(measured.rows))
         measured.rows.append(score)
+    if measured.caption_rows:
+        _measure_captions(measured, [rows[i] for i in measured.caption_rows], scoring)
     return measured
 
 
-def ciders_of(captions, rows: Sequence[RowScore], totals: Measured):
-    """(row index, its CIDEr-D per set) of each caption in `captions` (Measured.captions of `rows`), given the
-    document frequencies and sample counts of all pieces (`totals`)."""
-    scorers: dict[SetKey, coco.Cider] = {}
-    for index, test, refs in captions:
-        test_ngrams, ref_ngrams = coco.ngrams(test), [coco.ngrams(r) for r in refs]
-        ciders = []
-        for key in _sets(rows[index], every=True):
-            if key is None:
-                ciders.append(None)
-                continue
-            if key not in scorers:
-                scorers[key] = coco.Cider(totals.frequencies[key], totals.samples[key])
-            ciders.append(scorers[key].score(test_ngrams, ref_ngrams))
-        yield index, tuple(ciders)
+def _measure_captions(measured: Measured, rows: list[dict], scoring: Scoring) -> None:
+    """The caption rows' BLEU-4 counts, ROUGE-L and METEOR statistics, and each caption set's document
+    frequencies."""
+    texts = [t for r in rows for t in (r["text"], *_references(r))]
+    tokens = tokenize_texts(texts, scoring.tokenizer)
+    measured.corpus, measured.captions, texts = corpus_of(
+        [tokens[r["text"]] for r in rows], [[tokens[t] for t in _references(r)] for r in rows]
+    )
+    run_meteor = scoring.meteor and meteor_available()
+    contributions = sample_scores(measured.corpus, measured.captions, texts, meteor=run_meteor)
+    members = defaultdict(list)  # SetKey -> its samples
+    for sample, (index, value) in enumerate(zip(measured.caption_rows, contributions)):
+        measured.rows[index].value = value
+        for key in _sets(measured.rows[index]):
+            members[key].append(sample)
+    frequencies = coco.document_frequencies(measured.corpus, measured.captions, list(members.values()))
+    measured.frequencies = {key: Counter(f) for key, f in zip(members, frequencies)}
+    measured.samples = Counter({key: len(samples) for key, samples in members.items()})
+
+
+def ciders_of(measured: Measured, totals: Measured):
+    """(row index, its CIDEr-D per set) of each caption row `measured` holds, given the document frequencies and
+    sample counts of all pieces (`totals`)."""
+    if not measured.caption_rows:
+        return
+    ciders = {}  # (SetKey, sample) -> its CIDEr-D in that set
+    members = defaultdict(list)
+    for sample, index in enumerate(measured.caption_rows):
+        for key in _sets(measured.rows[index]):
+            members[key].append(sample)
+    for key, samples in members.items():
+        subset = measured.captions.subset(samples)
+        scores = coco.ciders(measured.corpus, subset, totals.frequencies[key], totals.samples[key])
+        ciders.update(zip(((key, s) for s in samples), scores))
+    for sample, index in enumerate(measured.caption_rows):
+        keys = _sets(measured.rows[index], every=True)
+        yield index, tuple(None if key is None else ciders[key, sample] for key in keys)
 
 
 def qualities(rows: Iterable[RowScore], scoring: Scoring) -> dict[str, dict]:
