@@ -34,15 +34,15 @@ def _random_set(seed: int, samples: int) -> tuple[dict, dict]:
 
 def _ours(gts: dict, res: dict) -> dict[str, float]:
     keys = list(gts)
-    corpus, samples, _ = corpus_of([res[k][0] for k in keys], [gts[k] for k in keys])
+    corpus, samples, texts = corpus_of([res[k][0] for k in keys], [gts[k] for k in keys])
     frequency = coco.document_frequencies(corpus, samples, [np.arange(len(keys))])[0]
     stats = coco.bleu_stats(corpus, samples)
     return {
         "BLEU-4": coco.bleu4([sum(column) for column in zip(*stats)]),
-        "ROUGE-L": coco.mean(coco.rouge_l(res[k][0], gts[k]) for k in keys),
+        "ROUGE-L": coco.mean(coco.rouge_ls(corpus, samples, texts)),
         "CIDEr": coco.mean(coco.ciders(corpus, samples, frequency, len(keys))),
         "CIDEr per sample": coco.ciders(corpus, samples, frequency, len(keys)),
-        "ROUGE-L per sample": [coco.rouge_l(res[k][0], gts[k]) for k in keys],
+        "ROUGE-L per sample": coco.rouge_ls(corpus, samples, texts),
     }
 
 
@@ -95,3 +95,16 @@ def test_scores_equal_pycocoevalcap_on_long_repetitive_texts_scored_in_several_b
     }
     res = {i: [" ".join(rng.choice(words[:50]) for _ in range(rng.randint(1, 80)))] for i in range(300)}
     assert _ours(gts, res) == _pycocoevalcap(gts, res)
+
+
+def test_rouge_l_at_the_64_word_limit_of_its_bit_masks_and_on_empty_texts():
+    # Candidates of 63, 64 and 65 words (the last by the big-integer path), repeated words, and an empty text
+    # on either side: Rouge's own numbers, sample by sample.
+    rng = random.Random(4)
+    tests = {i: " ".join(rng.choice("abcdefgh") for _ in range(n)) for i, n in enumerate([63, 64, 65, 64, 1, 2])}
+    tests[6] = ""
+    refs = {i: [" ".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 90))) for _ in range(3)] for i in tests}
+    refs[5] = ["", "a b"]
+    corpus, samples, texts = corpus_of(list(tests.values()), list(refs.values()))
+    expected = Rouge().compute_score(refs, {i: [t] for i, t in tests.items()})[1]
+    assert coco.rouge_ls(corpus, samples, texts) == [float(r) for r in expected]

@@ -51,12 +51,13 @@ def meteor_available() -> bool:
 def sample_scores(corpus: coco.Corpus, samples: coco.Samples, tokens: Sequence[str], *, meteor: bool):
     """Each sample's contribution, from its text and references (positions in `corpus`, whose texts are
     `tokens`). `meteor`: compute METEOR's statistics (needs Java; meteor_notes says when it cannot run)."""
+    bleus, rouges = coco.bleu_stats(corpus, samples), coco.rouge_ls(corpus, samples, tokens)
+    if not meteor:
+        return [SampleScores(bleu, rouge, None) for bleu, rouge in zip(bleus, rouges)]
     refs, result, at = samples.refs.tolist(), [], 0
-    for bleu, test, count in zip(coco.bleu_stats(corpus, samples), samples.tests.tolist(), samples.ref_counts.tolist()):
-        ref_tokens = [tokens[r] for r in refs[at : at + count]]
+    for bleu, rouge, test, count in zip(bleus, rouges, samples.tests.tolist(), samples.ref_counts.tolist()):
+        result.append(SampleScores(bleu, rouge, _meteor_stat(tokens[test], [tokens[r] for r in refs[at : at + count]])))
         at += count
-        meteor_stat = _meteor_stat(tokens[test], ref_tokens) if meteor else None
-        result.append(SampleScores(bleu, coco.rouge_l(tokens[test], ref_tokens), meteor_stat))
     return result
 
 

@@ -66,6 +66,9 @@ class Corpus:
             occurrences.append((at, ngram[at] + sum(sizes)))
             sizes.append(int(ngram.max(initial=-1)) + 1)
         self._ngrams = max(sum(sizes), 1)
+        self.words = occurrences[0][1].astype(np.int32)  # each text's words as unigram ids, text after text
+        self.word_starts = _starts(self.lengths)
+        self.plain = np.fromiter((t.split(" ") == w for t, w in zip(tokens, words)), dtype=bool, count=len(words))
         order_of = np.repeat(np.arange(1, N + 1), sizes)  # per id
         o_word, o_id = (np.concatenate(parts) for parts in zip(*occurrences))
         first_word = np.zeros(sum(sizes), dtype=np.int64)
@@ -221,6 +224,73 @@ def rouge_l(test: str, refs: Sequence[str]) -> float:
     if prec_max != 0 and rec_max != 0:
         return ((1 + BETA**2) * prec_max * rec_max) / float(rec_max + BETA**2 * prec_max)
     return 0.0
+
+
+def rouge_ls(corpus: Corpus, samples: Samples, tokens: Sequence[str]) -> list[float]:
+    """rouge_l of each sample (`tokens`: the corpus's texts), the LCS lengths of all (sample, reference) pairs
+    computed together: each candidate's bit masks in a 64-bit integer. Candidates of more than 64 words, and
+    texts whose split(" ") (Rouge's) is not their split() (empty texts), take rouge_l."""
+    lengths = corpus.lengths
+    fits = corpus.plain[samples.tests] & (lengths[samples.tests] <= 64)
+    np.logical_and.at(fits, samples.pair_sample, corpus.plain[samples.refs])
+    result = np.zeros(len(samples))
+    pairs = np.flatnonzero(fits[samples.pair_sample])
+    if len(pairs):
+        result[fits] = _rouge_fitting(corpus, samples, np.flatnonzero(fits), pairs)
+    refs = samples.refs.tolist()
+    starts = _starts(samples.ref_counts).tolist()
+    for sample in np.flatnonzero(~fits).tolist():
+        sample_refs = [tokens[r] for r in refs[starts[sample] : starts[sample + 1]]]
+        result[sample] = rouge_l(tokens[int(samples.tests[sample])], sample_refs)
+    return result.tolist()
+
+
+def _rouge_fitting(corpus: Corpus, samples: Samples, fitting: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """rouge_l of the `fitting` samples, whose (sample, reference) `pairs` these are, by _lcs on uint64 masks."""
+    vocabulary = int(corpus.words.max(initial=0)) + 1
+    tests = samples.tests[fitting]
+    # Each candidate's words: (sample, word) -> the bits of the word's positions, ORed over its repeats.
+    positions = _ranges(corpus.word_starts[tests], corpus.lengths[tests])
+    which = np.repeat(np.arange(len(fitting)), corpus.lengths[tests])
+    place = positions - corpus.word_starts[tests][which]
+    keys = fitting[which] * vocabulary + corpus.words[positions]
+    order = np.argsort(keys, kind="stable")
+    keys, bits = keys[order], np.left_shift(np.uint64(1), place[order].astype(np.uint64))
+    first = np.concatenate([[True], keys[1:] != keys[:-1]])
+    masks = np.bitwise_or.reduceat(bits, np.flatnonzero(first))
+    keys = keys[first]
+    # Each reference's words, looked up in its candidate's masks, step by step (the j-th word of every pair).
+    refs = samples.refs[pairs]
+    sample = samples.pair_sample[pairs]
+    words_at = _ranges(corpus.word_starts[refs], corpus.lengths[refs])
+    pair = np.repeat(np.arange(len(pairs)), corpus.lengths[refs])
+    step = (words_at - corpus.word_starts[refs][pair]).astype(np.min_scalar_type(int(corpus.lengths.max())))
+    wanted = sample[pair] * vocabulary + corpus.words[words_at]
+    found = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    match = np.where(keys[found] == wanted, masks[found], np.uint64(0))
+    length = corpus.lengths[samples.tests[sample]].astype(np.uint64)
+    full = np.where(length == 64, ~np.uint64(0), np.left_shift(np.uint64(1), length % 64) - np.uint64(1))
+    row = full.copy()  # a 1 bit per candidate word not yet matched
+    order = np.argsort(step, kind="stable")
+    bounds = _starts(np.bincount(step, minlength=1))
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        at = order[start:end]  # one word of each pair long enough: a fancy-indexed update each
+        current = row[pair[at]]
+        matched = current & match[at]
+        row[pair[at]] = (current + matched) | (current - matched)
+    unmatched = np.unpackbits((row & full).view(np.uint8)).reshape(len(pairs), 64).sum(axis=1)
+    lcs = length.astype(np.int64) - unmatched
+    # Rouge.calc_score's floats: precision and recall per reference, their maxima, then F
+    prec = lcs / corpus.lengths[samples.tests[sample]].astype(np.float64)
+    rec = lcs / corpus.lengths[refs].astype(np.float64)
+    slot = np.searchsorted(fitting, sample)
+    prec_max, rec_max = np.zeros(len(fitting)), np.zeros(len(fitting))
+    np.maximum.at(prec_max, slot, prec)
+    np.maximum.at(rec_max, slot, rec)
+    scored = (prec_max != 0) & (rec_max != 0)
+    numerator = (1 + BETA**2) * prec_max * rec_max
+    denominator = rec_max + BETA**2 * prec_max
+    return np.divide(numerator, denominator, out=np.zeros(len(fitting)), where=scored)
 
 
 def mean(scores: Iterable[float]) -> float:
