@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import chain, count, repeat
+from itertools import chain, repeat
 
 import numpy as np
 
@@ -32,6 +32,14 @@ SIGMA = 6.0  # CIDEr-D's length penalty
 BETA = 1.2  # ROUGE-L's recall weight
 _SMALL, _TINY = 1e-9, 1e-15  # BleuScorer's guards against zero division
 _BLOCK = 4096  # samples whose n-gram comparisons are arrays at once: bounds their memory to tens of MB
+
+
+class _Numbering(dict):
+    """key -> a number, 0, 1, ... in order of first sight."""
+
+    def __missing__(self, key) -> int:
+        self[key] = number = len(self)
+        return number
 
 
 class Corpus:
@@ -49,9 +57,8 @@ class Corpus:
         flat = list(chain.from_iterable(words))
         text = np.repeat(np.arange(len(words)), self.lengths)  # per word: its text
         position = np.arange(len(flat)) - np.repeat(_starts(self.lengths)[:-1], self.lengths)  # ... its place
-        vocabulary: dict[str, int] = {}
-        word = np.fromiter(map(vocabulary.setdefault, flat, count()), dtype=np.int64, count=len(flat))
-        ngram = np.unique(word, return_inverse=True)[1]  # unigram ids, 0.. in sorted order
+        word = np.fromiter(map(_Numbering().__getitem__, flat), dtype=np.int64, count=len(flat))
+        ngram = word  # unigram ids: words numbered in order of first sight
         # Per order: the n-gram starting at each word (-1 where the text ends first), numbered as a pair of the
         # (k-1)-gram there and the word k-1 on; ids of order k follow those of order k - 1.
         occurrences, sizes = [], []  # per order: (word where each occurrence starts, its id); how many ids
@@ -159,9 +166,9 @@ def bleu_stats(corpus: Corpus, samples: Samples) -> list[tuple[int, ...]]:
         sample = samples.pair_sample[pairs][pair] - block.start
         slot = first_slot[sample] + entries - corpus.starts[tests][sample]
         most = np.zeros(int(first_slot[-1]), dtype=np.int64)
-        np.maximum.at(most, slot, theirs)
+        np.maximum.at(most, slot, theirs.astype(np.int64))  # ufunc.at is slow when it casts
         own, _ = corpus.entries_of(tests)
-        clipped = np.minimum(corpus.counts[own], most)
+        clipped = np.minimum(corpus.counts[own].astype(np.int64), most)
         np.add.at(correct[block], (np.repeat(np.arange(len(tests)), sizes), corpus.orders[own] - 1), clipped)
     test_lengths = corpus.lengths[samples.tests].tolist()
     ref_lengths = corpus.lengths[samples.refs].tolist()
@@ -331,7 +338,7 @@ def ciders(corpus: Corpus, samples: Samples, frequency: Mapping[str, int], set_s
     # counts2vec: tf-idf values, their norms per (text, order), and the length CIDEr-D compares (bigrams)
     values = np.zeros(len(corpus.ids))
     values[entries] = corpus.counts[entries].astype(np.float64) * weights[corpus.ids[entries]]
-    squares = np.fromiter(map(pow, values[entries].tolist(), repeat(2)), dtype=np.float64, count=len(entries))
+    squares = _squares(values[entries], corpus.counts[entries] == 1, weights, corpus.ids[entries])
     segment = (np.repeat(used, corpus.starts[used + 1] - corpus.starts[used])) * N + corpus.orders[entries] - 1
     norms = np.sqrt(_folds(squares, segment, corpus.places[entries], len(corpus.lengths) * N)).reshape(-1, N)
     bigrams = np.maximum(corpus.lengths - 1, 0)
@@ -365,6 +372,18 @@ def ciders(corpus: Corpus, samples: Samples, frequency: Mapping[str, int], set_s
         score_avg *= 10.0
         result.append(float(score_avg))
     return result
+
+
+def _squares(values: np.ndarray, single: np.ndarray, weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """pow(value, 2) of each value, as the C library's pow gives it. A value of an n-gram counted once is its
+    weight (1.0 * w = w): those squares are taken once per n-gram, the others one by one."""
+    used = np.unique(ids[single])
+    table = np.zeros(len(weights))
+    table[used] = np.fromiter(map(pow, weights[used].tolist(), repeat(2)), dtype=np.float64, count=len(used))
+    squares = table[ids]
+    several = np.flatnonzero(~single)
+    squares[several] = np.fromiter(map(pow, values[several].tolist(), repeat(2)), dtype=np.float64, count=len(several))
+    return squares
 
 
 def _folds(values: np.ndarray, segment: np.ndarray, place: np.ndarray, segments: int) -> np.ndarray:
