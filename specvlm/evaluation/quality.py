@@ -42,6 +42,9 @@ VQA_CONVENTION_NOTES = {
     "official": "VQA accuracy as the VQA authors' vqaEval.py scores it: raw strings where all ten humans agree",
 }
 SCORED, ERROR, UNSCORED = "scored", "error", "unscored"
+# Caption rows counted in one coco.Corpus: its sorts and look-ups stay small enough for the CPU's caches (25,000
+# rows in one corpus took 2.5 times as long per row as 5,000).
+CORPUS_ROWS = 5000
 
 # A set of caption rows scored together (CIDEr-D's document frequencies are the set's): (task, the slice field's
 # position in Scoring.slices, its value), or (task, None, None) for all of a task's rows.
@@ -82,11 +85,9 @@ class Measured:
     rows: list[RowScore]
     frequencies: dict[SetKey, Counter] = field(default_factory=dict)  # n-gram name -> samples whose refs hold it
     samples: Counter = field(default_factory=Counter)  # SetKey -> its scored caption rows
-    # What the CIDEr-D pass needs, kept where the rows were measured: the caption texts, each counted once, the
-    # caption rows as samples of them, and each sample's row (its index in `rows`).
-    corpus: coco.Corpus | None = None
-    captions: coco.Samples | None = None
-    caption_rows: list[int] = field(default_factory=list)
+    # What the CIDEr-D pass needs, kept where the rows were measured: the caption rows in groups, each with its
+    # texts counted once (a Corpus), the rows as samples of them, and each sample's row (its index in `rows`).
+    groups: list[tuple[coco.Corpus, coco.Samples, list[int]]] = field(default_factory=list)
 
     def add(self, other: Measured) -> None:
         """Sum another piece's document frequencies and sample counts into this one's (the rows stay apart)."""
@@ -96,7 +97,7 @@ class Measured:
 
     def totals(self) -> Measured:
         """What measuring these rows adds to the set's totals and scores: the rows and counts, without the
-        corpus (which stays for ciders_of)."""
+        groups (which stay for ciders_of)."""
         return Measured(self.rows, self.frequencies, self.samples)
 
 
@@ -125,7 +126,7 @@ def measure(rows: Iterable[dict], scoring: Scoring) -> Measured:
     """Every row's contribution, each caption text tokenized once (one tokenizer call for all of them) and
     counted once."""
     rows = list(rows)
-    measured = Measured([])
+    measured, captions = Measured([]), []
     for row in rows:
         # Slices come from the metadata, which is JSON: parsed only when asked for.
         meta = _meta(row) if scoring.slices else {}
@@ -146,50 +147,52 @@ def measure(rows: Iterable[dict], scoring: Scoring) -> Measured:
                 letter = extract_choice(row["text"], choice_count(row.get("prompt")))
                 score.value = (letter is None, letter == row["reference"].strip().lower())
             else:
-                measured.caption_rows.append(len(measured.rows))
+                captions.append(len(measured.rows))
         measured.rows.append(score)
-    if measured.caption_rows:
-        _measure_captions(measured, [rows[i] for i in measured.caption_rows], scoring)
+    if captions:
+        _measure_captions(measured, rows, captions, scoring)
     return measured
 
 
-def _measure_captions(measured: Measured, rows: list[dict], scoring: Scoring) -> None:
-    """The caption rows' BLEU-4 counts, ROUGE-L and METEOR statistics, and each caption set's document
-    frequencies."""
-    texts = [t for r in rows for t in (r["text"], *_references(r))]
-    tokens = tokenize_texts(texts, scoring.tokenizer)
-    measured.corpus, measured.captions, texts = corpus_of(
-        [tokens[r["text"]] for r in rows], [[tokens[t] for t in _references(r)] for r in rows]
-    )
+def _measure_captions(measured: Measured, rows: list[dict], captions: list[int], scoring: Scoring) -> None:
+    """The caption rows' (`captions`: their indices) BLEU-4 counts, ROUGE-L and METEOR statistics, and each
+    caption set's document frequencies."""
+    tokens = tokenize_texts((t for i in captions for t in (rows[i]["text"], *_references(rows[i]))), scoring.tokenizer)
     run_meteor = scoring.meteor and meteor_available()
-    contributions = sample_scores(measured.corpus, measured.captions, texts, meteor=run_meteor)
-    members = defaultdict(list)  # SetKey -> its samples
-    for sample, (index, value) in enumerate(zip(measured.caption_rows, contributions)):
-        measured.rows[index].value = value
-        for key in _sets(measured.rows[index]):
+    for start in range(0, len(captions), CORPUS_ROWS):
+        group = captions[start : start + CORPUS_ROWS]
+        corpus, samples, texts = corpus_of(
+            [tokens[rows[i]["text"]] for i in group], [[tokens[t] for t in _references(rows[i])] for i in group]
+        )
+        for index, value in zip(group, sample_scores(corpus, samples, texts, meteor=run_meteor)):
+            measured.rows[index].value = value
+        members = _members(measured.rows, group)
+        for key, frequency in zip(members, coco.document_frequencies(corpus, samples, list(members.values()))):
+            measured.frequencies.setdefault(key, Counter()).update(frequency)
+            measured.samples[key] += len(members[key])
+        measured.groups.append((corpus, samples, group))
+
+
+def _members(rows: Sequence[RowScore], group: list[int]) -> dict[SetKey, list[int]]:
+    """SetKey -> the samples of the group (positions in it) that belong to the set."""
+    members = defaultdict(list)
+    for sample, index in enumerate(group):
+        for key in _sets(rows[index]):
             members[key].append(sample)
-    frequencies = coco.document_frequencies(measured.corpus, measured.captions, list(members.values()))
-    measured.frequencies = {key: Counter(f) for key, f in zip(members, frequencies)}
-    measured.samples = Counter({key: len(samples) for key, samples in members.items()})
+    return members
 
 
 def ciders_of(measured: Measured, totals: Measured):
     """(row index, its CIDEr-D per set) of each caption row `measured` holds, given the document frequencies and
     sample counts of all pieces (`totals`)."""
-    if not measured.caption_rows:
-        return
-    ciders = {}  # (SetKey, sample) -> its CIDEr-D in that set
-    members = defaultdict(list)
-    for sample, index in enumerate(measured.caption_rows):
-        for key in _sets(measured.rows[index]):
-            members[key].append(sample)
-    for key, samples in members.items():
-        subset = measured.captions.subset(samples)
-        scores = coco.ciders(measured.corpus, subset, totals.frequencies[key], totals.samples[key])
-        ciders.update(zip(((key, s) for s in samples), scores))
-    for sample, index in enumerate(measured.caption_rows):
-        keys = _sets(measured.rows[index], every=True)
-        yield index, tuple(None if key is None else ciders[key, sample] for key in keys)
+    for corpus, samples, group in measured.groups:
+        ciders = {}  # (SetKey, sample) -> its CIDEr-D in that set
+        for key, members in _members(measured.rows, group).items():
+            scores = coco.ciders(corpus, samples.subset(members), totals.frequencies[key], totals.samples[key])
+            ciders.update(zip(((key, s) for s in members), scores))
+        for sample, index in enumerate(group):
+            keys = _sets(measured.rows[index], every=True)
+            yield index, tuple(None if key is None else ciders[key, sample] for key in keys)
 
 
 def qualities(rows: Iterable[RowScore], scoring: Scoring) -> dict[str, dict]:
