@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import score
-from specvlm.evaluation.output_scoring import score_output
 from specvlm.evaluation import quality as quality_module
+from specvlm.evaluation.output_scoring import score_output
 from specvlm.evaluation.quality import Scoring, score_rows
 
 VOCABULARY = "a an the red blue dog cat sits on of in with man woman table two (left) Mr. it's “big” café"
@@ -115,5 +115,5 @@ def test_score_names_a_letter_past_the_prompts_choices_unparsed(tmp_path):
 def test_a_chunk_that_fails_in_a_worker_process_raises_its_error_in_the_parent(tmp_path):
     output = _write(tmp_path / "out", _rows())
     (tmp_path / "out" / "00004.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
-    with pytest.raises((OSError, ValueError), match="00004.parquet|Parquet"):
+    with pytest.raises((OSError, ValueError), match=r"00004\.parquet|Parquet"):
         score_output(output, Scoring(meteor=False, tokenizer="ptb-python"), processes=3)
