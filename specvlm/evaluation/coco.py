@@ -43,13 +43,14 @@ class _Numbering(dict):
 
 
 class Corpus:
-    """Distinct texts (tokens, space-joined), each counted once: its n-grams of orders 1..4 as ids, with their
-    counts, in pycocoevalcap's order (order, then first position).
+    """Distinct texts (tokens, space-joined), each counted once: its distinct n-grams of orders 1..4 as ids, with
+    their counts.
 
-    The n-grams of text t are entries starts[t]:starts[t + 1] of `ids`, `counts` and `orders` (1..4), and entry
-    e is the `places[e]`-th n-gram of its order in its text. Ids are this corpus's own; `names` (an n-gram's words,
+    The n-grams of text t are entries starts[t]:starts[t + 1] of `ids`, `counts` and `orders` (1..4), by id (so
+    by order); entry e is the `places[e]`-th n-gram of its order in its text in pycocoevalcap's order (by first
+    position), the order its sums take them in. Ids are this corpus's own; `names` (an n-gram's words,
     space-joined: tokens hold no spaces) are the same everywhere, so that document frequencies counted in
-    different corpora add up by name."""
+    different corpora add up by name. Each text's words are also kept, as unigram ids, for ROUGE-L."""
 
     def __init__(self, tokens: Sequence[str]):
         words = [t.split() for t in tokens]  # precook's split
@@ -72,10 +73,11 @@ class Corpus:
             at = np.flatnonzero(ngram >= 0)
             occurrences.append((at, ngram[at] + sum(sizes)))
             sizes.append(int(ngram.max(initial=-1)) + 1)
-        self._ngrams = max(sum(sizes), 1)
+        self.ngrams = max(sum(sizes), 1)  # ids are below this
         self.words = occurrences[0][1].astype(np.int32)  # each text's words as unigram ids, text after text
         self.word_starts = _starts(self.lengths)
-        self.plain = np.fromiter((t.split(" ") == w for t, w in zip(tokens, words)), dtype=bool, count=len(words))
+        # Rouge splits on " ": its words are these where the text is its words " "-joined (not an empty text)
+        self.plain = np.fromiter((" ".join(w) == t != "" for t, w in zip(tokens, words)), dtype=bool, count=len(words))
         order_of = np.repeat(np.arange(1, N + 1), sizes)  # per id
         o_word, o_id = (np.concatenate(parts) for parts in zip(*occurrences))
         first_word = np.zeros(sum(sizes), dtype=np.int64)
@@ -83,12 +85,10 @@ class Corpus:
         self.names = [" ".join(flat[p : p + k]) for p, k in zip(first_word.tolist(), order_of.tolist())]
         # Distinct (text, n-gram) pairs, sorted, so by text then order; the first occurrence of each (occurrences
         # run by order, then word) is its first place in the text, which gives its rank in pycocoevalcap's order.
-        self._keys, first, self.counts = np.unique(
-            text[o_word] * self._ngrams + o_id, return_index=True, return_counts=True
-        )
-        entry_text, ids = np.divmod(self._keys, self._ngrams)
+        keys, first, self.counts = np.unique(text[o_word] * self.ngrams + o_id, return_index=True, return_counts=True)
+        entry_text, ids = np.divmod(keys, self.ngrams)
         # Kept until the CIDEr-D pass, for every text of a chunk: the narrowest types that hold them.
-        self.ids = ids.astype(np.int32 if self._ngrams < 2**31 else np.int64)
+        self.ids = ids.astype(np.int32 if self.ngrams < 2**31 else np.int64)
         self.counts = self.counts.astype(np.min_scalar_type(int(self.counts.max(initial=0))))
         self.orders = order_of[ids].astype(np.int8)
         self.starts = _starts(np.bincount(entry_text, minlength=len(words)))
@@ -99,12 +99,6 @@ class Corpus:
         places = np.empty(len(segment), dtype=np.min_scalar_type(longest))
         places[by_place] = np.arange(len(segment)) - segment_starts[segment[by_place]]
         self.places = places
-
-    def count_in(self, texts: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """How many times each of `texts` holds the n-gram of the same place in `ids` (0 if never)."""
-        keys = texts * self._ngrams + ids
-        found = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
-        return np.where(self._keys[found] == keys, self.counts[found], 0) if len(self._keys) else keys * 0
 
     def entries_of(self, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The entries of each of `texts` one after another, and for each entry which of `texts` it is of."""
@@ -144,10 +138,15 @@ class Samples:
 
 def _comparisons(corpus: Corpus, samples: Samples, pairs: slice):
     """For each (pair, n-gram of its test): the test's entry, the pair, and the reference's count of it."""
-    pair_tests = samples.tests[samples.pair_sample[pairs]]
-    entries, pair = corpus.entries_of(pair_tests)
-    theirs = corpus.count_in(samples.refs[pairs][pair], corpus.ids[entries])
-    return entries, pair, theirs
+    entries, pair = corpus.entries_of(samples.tests[samples.pair_sample[pairs]])
+    ref_entries, ref_pair = corpus.entries_of(samples.refs[pairs])
+    # Both sides by (pair, n-gram id), ascending (a text's entries are in id order): a sorted search
+    mine = pair * corpus.ngrams + corpus.ids[entries]
+    held = ref_pair * corpus.ngrams + corpus.ids[ref_entries]
+    if not len(held):
+        return entries, pair, np.zeros(len(entries), dtype=np.int64)
+    found = np.minimum(np.searchsorted(held, mine), len(held) - 1)
+    return entries, pair, np.where(held[found] == mine, corpus.counts[ref_entries][found], 0)
 
 
 # ---------------------------------------------------------------- BLEU-4
