@@ -15,9 +15,10 @@ so the same outputs always give the same numbers, to the last bit.
 Scoring is split so that rows can be measured in separate pieces (output_scoring.py scores shard files in
 parallel processes) and still give the serial numbers exactly:
 
-    measure   each row alone: its slice values and what its metrics need (a VQA or choice score, a caption's
-              BLEU-4 counts, ROUGE-L and METEOR statistics), plus each caption set's document frequencies,
-              which are counts and so add up exactly over pieces
+    measure   each row's slice values and what its metrics need (a VQA or choice score, a caption's BLEU-4
+              counts, ROUGE-L and METEOR statistics), plus each caption set's document frequencies, which are
+              counts and so add up exactly over pieces; the caption texts are counted once (coco.Corpus, for
+              groups of CORPUS_ROWS rows) and kept for the CIDEr-D pass
     ciders    each caption row's CIDEr-D in every set it belongs to (the whole task, its slice of each field),
               given the document frequencies summed over all pieces
     qualities the rows of every piece together, in (shard, key) order: means, sums and METEOR's EVAL per set
