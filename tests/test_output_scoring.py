@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import score
+from specvlm.evaluation import quality as quality_module
 from specvlm.evaluation.output_scoring import score_output
 from specvlm.evaluation.quality import Scoring, score_rows
 
@@ -68,7 +69,9 @@ def _serial(rows: list[dict], scoring: Scoring) -> dict:
     return {task: score_rows([r for r in rows if r["task"] == task], scoring.slices, **settings) for task in tasks}
 
 
-def test_parallel_scoring_equals_serial_scoring_to_the_last_bit(tmp_path):
+def test_parallel_scoring_equals_serial_scoring_to_the_last_bit(tmp_path, monkeypatch):
+    # Here caption rows are counted in corpora of 7 rows; the worker processes count theirs in the default ones.
+    monkeypatch.setattr(quality_module, "CORPUS_ROWS", 7)
     rows = _rows()
     output = _write(tmp_path / "out", rows)
     scoring = Scoring(("size", "tag"), meteor=False, tokenizer="ptb-python")
@@ -107,3 +110,10 @@ def test_score_names_a_letter_past_the_prompts_choices_unparsed(tmp_path):
     assert score.main([str(output), "--report", str(tmp_path / "report"), "--processes", "1"]) == 0
     quality = json.loads((tmp_path / "report" / "metrics.json").read_text())["quality"]["mc"]
     assert quality["metrics"] == {"accuracy": 0.5, "unparsed": 1}
+
+
+def test_a_chunk_that_fails_in_a_worker_process_raises_its_error_in_the_parent(tmp_path):
+    output = _write(tmp_path / "out", _rows())
+    (tmp_path / "out" / "00004.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
+    with pytest.raises((OSError, ValueError), match=r"00004\.parquet|Parquet"):
+        score_output(output, Scoring(meteor=False, tokenizer="ptb-python"), processes=3)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import atexit
 import functools
 import shutil
-from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import numpy as np
 
 from specvlm.evaluation import coco
 from specvlm.evaluation.ptb import default_tokenizer, tokenize_texts
@@ -47,14 +48,25 @@ def meteor_available() -> bool:
     return shutil.which("java") is not None
 
 
-def sample_scores(test: str, refs: Sequence[str], test_ngrams, ref_ngrams, *, meteor: bool) -> SampleScores:
-    """One sample's contribution, from its tokens and their coco.ngrams. `meteor`: compute METEOR's statistics
-    (needs Java; meteor_notes says when it cannot run)."""
-    return SampleScores(
-        coco.bleu_stats(test_ngrams, ref_ngrams),
-        coco.rouge_l(test, refs),
-        _meteor_stat(test, refs) if meteor else None,
-    )
+def sample_scores(corpus: coco.Corpus, samples: coco.Samples, tokens: Sequence[str], *, meteor: bool):
+    """Each sample's contribution, from its text and references (positions in `corpus`, whose texts are
+    `tokens`). `meteor`: compute METEOR's statistics (needs Java; meteor_notes says when it cannot run)."""
+    bleus, rouges = coco.bleu_stats(corpus, samples), coco.rouge_ls(corpus, samples, tokens)
+    if not meteor:
+        return [SampleScores(bleu, rouge, None) for bleu, rouge in zip(bleus, rouges)]
+    refs, result, at = samples.refs.tolist(), [], 0
+    for bleu, rouge, test, count in zip(bleus, rouges, samples.tests.tolist(), samples.ref_counts.tolist()):
+        result.append(SampleScores(bleu, rouge, _meteor_stat(tokens[test], [tokens[r] for r in refs[at : at + count]])))
+        at += count
+    return result
+
+
+def corpus_of(tests: Sequence[str], refs: Sequence[Sequence[str]]) -> tuple[coco.Corpus, coco.Samples, list[str]]:
+    """The samples with these tokens (a text, its references), their distinct texts counted once (and listed)."""
+    index: dict[str, int] = {}
+    positions = [index.setdefault(t, len(index)) for t in tests]
+    ref_positions = [[index.setdefault(r, len(index)) for r in sample] for sample in refs]
+    return coco.Corpus(list(index)), coco.Samples(positions, ref_positions), list(index)
 
 
 def set_scores(samples: Sequence[SampleScores], ciders: Sequence[float], tokenizer: str, meteor: bool):
@@ -106,17 +118,14 @@ def token_scores(
     meteor: bool = True,
 ) -> CaptionScores:
     """caption_scores with every text already tokenized by `tokenizer` (`tokens`: text -> its tokens)."""
-    run_meteor = meteor and meteor_available()
-    samples, ciders, frequency, ngrams = [], [], Counter(), []
-    for key, text in predictions.items():
-        test, refs = tokens[text], [tokens[r] for r in references[key]]
-        test_ngrams, ref_ngrams = coco.ngrams(test), [coco.ngrams(r) for r in refs]
-        samples.append(sample_scores(test, refs, test_ngrams, ref_ngrams, meteor=run_meteor))
-        frequency.update(coco.document_ngrams(ref_ngrams))
-        ngrams.append((test_ngrams, ref_ngrams))
-    cider = coco.Cider(frequency, len(samples))
-    ciders = [cider.score(test, refs) for test, refs in ngrams]
-    return set_scores(samples, ciders, tokenizer, meteor)
+    if not predictions:
+        return set_scores([], [], tokenizer, meteor)
+    keys = list(predictions)
+    tests, refs = [tokens[predictions[k]] for k in keys], [[tokens[r] for r in references[k]] for k in keys]
+    corpus, samples, texts = corpus_of(tests, refs)
+    contributions = sample_scores(corpus, samples, texts, meteor=meteor and meteor_available())
+    frequency = coco.document_frequencies(corpus, samples, [np.arange(len(samples))])[0]
+    return set_scores(contributions, coco.ciders(corpus, samples, frequency, len(samples)), tokenizer, meteor)
 
 
 # pycocoevalcap's Meteor.compute_score sends each sample's SCORE line (its statistics), then one EVAL line with

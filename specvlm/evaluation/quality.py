@@ -15,9 +15,10 @@ so the same outputs always give the same numbers, to the last bit.
 Scoring is split so that rows can be measured in separate pieces (output_scoring.py scores shard files in
 parallel processes) and still give the serial numbers exactly:
 
-    measure   each row alone: its slice values and what its metrics need (a VQA or choice score, a caption's
-              BLEU-4 counts, ROUGE-L and METEOR statistics), plus each caption set's document frequencies,
-              which are counts and so add up exactly over pieces
+    measure   each row's slice values and what its metrics need (a VQA or choice score, a caption's BLEU-4
+              counts, ROUGE-L and METEOR statistics), plus each caption set's document frequencies, which are
+              counts and so add up exactly over pieces; the caption texts are counted once (coco.Corpus, for
+              groups of CORPUS_ROWS rows) and kept for the CIDEr-D pass
     ciders    each caption row's CIDEr-D in every set it belongs to (the whole task, its slice of each field),
               given the document frequencies summed over all pieces
     qualities the rows of every piece together, in (shard, key) order: means, sums and METEOR's EVAL per set
@@ -34,7 +35,7 @@ from statistics import fmean
 from specvlm.data.prompts import choice_count, extract_choice
 from specvlm.evaluation import coco
 from specvlm.evaluation.answers import VQA_CONVENTIONS, VQA_HUMANS, exact_match, vqa_accuracy
-from specvlm.evaluation.captions import meteor_available, sample_scores, set_scores
+from specvlm.evaluation.captions import corpus_of, meteor_available, sample_scores, set_scores
 from specvlm.evaluation.ptb import TOKENIZERS, default_tokenizer, tokenize_texts
 
 VQA_CONVENTION_NOTES = {
@@ -42,6 +43,9 @@ VQA_CONVENTION_NOTES = {
     "official": "VQA accuracy as the VQA authors' vqaEval.py scores it: raw strings where all ten humans agree",
 }
 SCORED, ERROR, UNSCORED = "scored", "error", "unscored"
+# Caption rows counted in one coco.Corpus: its sorts and look-ups stay small enough for the CPU's caches (25,000
+# rows in one corpus took 2.5 times as long per row as 5,000).
+CORPUS_ROWS = 5000
 
 # A set of caption rows scored together (CIDEr-D's document frequencies are the set's): (task, the slice field's
 # position in Scoring.slices, its value), or (task, None, None) for all of a task's rows.
@@ -80,15 +84,22 @@ class Measured:
     """measure's result for some rows."""
 
     rows: list[RowScore]
-    frequencies: dict[SetKey, Counter] = field(default_factory=dict)  # n-gram -> samples whose references hold it
+    frequencies: dict[SetKey, Counter] = field(default_factory=dict)  # n-gram name -> samples whose refs hold it
     samples: Counter = field(default_factory=Counter)  # SetKey -> its scored caption rows
-    captions: list[tuple[int, str, list[str]]] = field(default_factory=list)  # (row index, test, reference tokens)
+    # What the CIDEr-D pass needs, kept where the rows were measured: the caption rows in groups, each with its
+    # texts counted once (a Corpus), the rows as samples of them, and each sample's row (its index in `rows`).
+    groups: list[tuple[coco.Corpus, coco.Samples, list[int]]] = field(default_factory=list)
 
     def add(self, other: Measured) -> None:
         """Sum another piece's document frequencies and sample counts into this one's (the rows stay apart)."""
         for key, counter in other.frequencies.items():
             self.frequencies.setdefault(key, Counter()).update(counter)
         self.samples.update(other.samples)
+
+    def totals(self) -> Measured:
+        """What measuring these rows adds to the set's totals and scores: the rows and counts, without the
+        groups (which stay for ciders_of)."""
+        return Measured(self.rows, self.frequencies, self.samples)
 
 
 def score_rows(
@@ -104,7 +115,7 @@ def score_rows(
     where Java is); `vqa_convention`: answers.VQA_CONVENTIONS."""
     scoring = Scoring(tuple(slices), meteor, tokenizer, vqa_convention)
     measured = measure(rows, scoring)
-    for index, ciders in ciders_of(measured.captions, measured.rows, measured):
+    for index, ciders in ciders_of(measured, measured):
         measured.rows[index].ciders = ciders
     tasks = sorted({r.task for r in measured.rows})
     if len(tasks) != 1:
@@ -113,15 +124,13 @@ def score_rows(
 
 
 def measure(rows: Iterable[dict], scoring: Scoring) -> Measured:
-    """Every row's contribution, each caption text tokenized once (one tokenizer call for all of them)."""
+    """Every row's contribution, each caption text tokenized once (one tokenizer call for all of them) and
+    counted once."""
     rows = list(rows)
-    captions = [r for r in rows if _state(r) == SCORED and _kind(r["task"]) == "caption"]
-    texts = [t for r in captions for t in (r["text"], *_references(r))]
-    tokens = tokenize_texts(texts, scoring.tokenizer) if texts else {}
-    run_meteor = scoring.meteor and meteor_available()
-    measured = Measured([])
+    measured, captions = Measured([]), []
     for row in rows:
-        meta = _meta(row)
+        # Slices come from the metadata, which is JSON: parsed only when asked for.
+        meta = _meta(row) if scoring.slices else {}
         score = RowScore(
             (row["shard_id"], row["key"]),
             row["task"],
@@ -139,33 +148,52 @@ def measure(rows: Iterable[dict], scoring: Scoring) -> Measured:
                 letter = extract_choice(row["text"], choice_count(row.get("prompt")))
                 score.value = (letter is None, letter == row["reference"].strip().lower())
             else:
-                test, refs = tokens[row["text"]], [tokens[r] for r in references]
-                ref_ngrams = [coco.ngrams(r) for r in refs]
-                score.value = sample_scores(test, refs, coco.ngrams(test), ref_ngrams, meteor=run_meteor)
-                held = coco.document_ngrams(ref_ngrams)
-                for key in _sets(score):
-                    measured.frequencies.setdefault(key, Counter()).update(held)
-                    measured.samples[key] += 1
-                measured.captions.append((len(measured.rows), test, refs))
+                captions.append(len(measured.rows))
         measured.rows.append(score)
+    if captions:
+        _measure_captions(measured, rows, captions, scoring)
     return measured
 
 
-def ciders_of(captions, rows: Sequence[RowScore], totals: Measured):
-    """(row index, its CIDEr-D per set) of each caption in `captions` (Measured.captions of `rows`), given the
-    document frequencies and sample counts of all pieces (`totals`)."""
-    scorers: dict[SetKey, coco.Cider] = {}
-    for index, test, refs in captions:
-        test_ngrams, ref_ngrams = coco.ngrams(test), [coco.ngrams(r) for r in refs]
-        ciders = []
-        for key in _sets(rows[index], every=True):
-            if key is None:
-                ciders.append(None)
-                continue
-            if key not in scorers:
-                scorers[key] = coco.Cider(totals.frequencies[key], totals.samples[key])
-            ciders.append(scorers[key].score(test_ngrams, ref_ngrams))
-        yield index, tuple(ciders)
+def _measure_captions(measured: Measured, rows: list[dict], captions: list[int], scoring: Scoring) -> None:
+    """The caption rows' (`captions`: their indices) BLEU-4 counts, ROUGE-L and METEOR statistics, and each
+    caption set's document frequencies."""
+    tokens = tokenize_texts((t for i in captions for t in (rows[i]["text"], *_references(rows[i]))), scoring.tokenizer)
+    run_meteor = scoring.meteor and meteor_available()
+    for start in range(0, len(captions), CORPUS_ROWS):
+        group = captions[start : start + CORPUS_ROWS]
+        corpus, samples, texts = corpus_of(
+            [tokens[rows[i]["text"]] for i in group], [[tokens[t] for t in _references(rows[i])] for i in group]
+        )
+        for index, value in zip(group, sample_scores(corpus, samples, texts, meteor=run_meteor)):
+            measured.rows[index].value = value
+        members = _members(measured.rows, group)
+        for key, frequency in zip(members, coco.document_frequencies(corpus, samples, list(members.values()))):
+            measured.frequencies.setdefault(key, Counter()).update(frequency)
+            measured.samples[key] += len(members[key])
+        measured.groups.append((corpus, samples, group))
+
+
+def _members(rows: Sequence[RowScore], group: list[int]) -> dict[SetKey, list[int]]:
+    """SetKey -> the samples of the group (positions in it) that belong to the set."""
+    members = defaultdict(list)
+    for sample, index in enumerate(group):
+        for key in _sets(rows[index]):
+            members[key].append(sample)
+    return members
+
+
+def ciders_of(measured: Measured, totals: Measured):
+    """(row index, its CIDEr-D per set) of each caption row `measured` holds, given the document frequencies and
+    sample counts of all pieces (`totals`)."""
+    for corpus, samples, group in measured.groups:
+        ciders = {}  # (SetKey, sample) -> its CIDEr-D in that set
+        for key, members in _members(measured.rows, group).items():
+            scores = coco.ciders(corpus, samples.subset(members), totals.frequencies[key], totals.samples[key])
+            ciders.update(zip(((key, s) for s in members), scores))
+        for sample, index in enumerate(group):
+            keys = _sets(measured.rows[index], every=True)
+            yield index, tuple(None if key is None else ciders[key, sample] for key in keys)
 
 
 def qualities(rows: Iterable[RowScore], scoring: Scoring) -> dict[str, dict]:
