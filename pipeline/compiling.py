@@ -2,8 +2,9 @@
 
 Compiling (specvlm/specdec/compiled.py) pays on a GPU: the steps are replayed as CUDA graphs, with no kernel
 launches from Python, and the graphs of a 7B model compile in well under a minute against hours of decoding.
-On a CPU the compiled step is faster by a smaller factor (results/compile.md) and its warm-up (four graphs per
-actor: the target's one-token and verification passes, the draft's two) costs about a minute, so it pays only on
+On a CPU the compiled step is faster by a smaller factor (results/compile.md) and its warm-up (eight graphs per
+actor with a model draft: the target's one-token, verification and two prompt passes, and the draft's) costs
+over a minute (results/job-benchmark.md: a 2,048-image job with compile on ran at 0.37-0.39x), so it pays only on
 a job long enough that the saved time exceeds it: auto compiles there when an actor's share of the job is at
 least CPU_ROWS_PER_ACTOR rows. The share is estimated before the job starts from the rows of its first shard
 (read once here: the listing does not count the records a tar or Parquet file holds) times its shards.
