@@ -74,3 +74,28 @@ def test_evaluation_config_names_a_wrong_vqa_convention(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "vqa_convention": "vqav2"}))
     with pytest.raises(ConfigError, match="vqa_convention"):
         load_evaluate_config(str(tmp_path / "bad.yaml"))
+
+
+def test_an_evaluation_report_reads_the_prompt_so_a_letter_past_the_choices_is_unparsed(tmp_path):
+    """The report scores multiple choice as jobs.score does: a letter counts only within the prompt's choices."""
+    from specvlm.data.prompts import format_choices
+    from specvlm.evaluation.quality import score_rows
+    from specvlm.evaluation.report import read_output
+
+    prompt = format_choices("Which colour?", ["red", "blue"])  # choices (a) and (b)
+    rows = [
+        {
+            "key": str(i),
+            "task": "mc",
+            "text": text,
+            "prompt": prompt,
+            "reference": "a",
+            "references": None,
+            "meta": None,
+        }
+        for i, text in enumerate(["The answer is E.", "The answer is A."])
+    ]
+    read = read_output(_write(tmp_path / "out", rows))
+    assert [r["prompt"] for r in read] == [prompt, prompt]
+    quality = score_rows(read)
+    assert quality["metrics"] == {"accuracy": 0.5, "unparsed": 1}, quality

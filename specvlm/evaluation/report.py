@@ -32,6 +32,7 @@ COLUMNS = [
     "key",
     "task",
     "text",
+    "prompt",
     "output_ids",
     "reference",
     "references",
