@@ -86,3 +86,10 @@ def s3_bucket(s3_endpoint: str) -> Iterator[tuple[str, dict]]:
     fs.invalidate_cache()
     yield bucket, storage_options
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def upload_models(models: Path, bucket: str, storage_options: dict) -> None:
+    """The test target and draft under s3://{bucket}/models/target/ and .../draft/, as a user uploads them."""
+    fs = s3fs.S3FileSystem(**storage_options)
+    for name in ("target", "draft"):
+        fs.put(str(models / name) + "/", f"{bucket}/models/{name}/", recursive=True)

@@ -16,6 +16,7 @@ from pipeline.job import run_job
 from specvlm.demo.shards import write_webdataset_shards
 from specvlm.models.checkpoints import COMPLETE, ModelLoadError, resolve_model_dir, weights_fingerprint
 from specvlm.models.loading import load_target
+from tests.fixtures_s3 import upload_models
 from tests.test_pipeline import MAX_NEW, SEED, config_for, read_output
 
 URI = "memory://ckpt/target"
@@ -130,9 +131,8 @@ def test_second_job_decodes_with_a_checkpoint_replaced_at_the_same_uri(
     family, models, s3_bucket, s3_endpoint, ray_local, worker_model_cache, tmp_path
 ):
     bucket, options = s3_bucket
+    upload_models(models, bucket, options)
     fs = s3fs.S3FileSystem(**options)
-    for name in ("target", "draft"):
-        fs.put(str(models / name) + "/", f"{bucket}/models/{name}/", recursive=True)
     write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=1, per_shard=3)
     remote = [
         f"model.target=s3://{bucket}/models/target",

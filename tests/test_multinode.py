@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import pytest
-import s3fs
 
 from specvlm.demo.shards import write_webdataset_shards
+from tests.fixtures_s3 import upload_models
 from tests.test_pipeline import PER_SHARD, SEED, read_output
 
 NODES = ("head", "cpu", "gpu")
@@ -135,9 +135,7 @@ def test_job_on_three_nodes_places_actors_copies_weights_once_and_survives_losin
     models, s3_bucket, s3_endpoint, s3_request_log, tmp_path
 ):
     bucket, options = s3_bucket
-    fs = s3fs.S3FileSystem(**options)
-    for name in ("target", "draft"):
-        fs.put(str(models / name) + "/", f"{bucket}/models/{name}/", recursive=True)
+    upload_models(models, bucket, options)
     for run, shards in SHARDS.items():
         write_webdataset_shards(str(tmp_path / run), seed=SEED, num_shards=shards, per_shard=PER_SHARD)
     settings = {

@@ -7,12 +7,12 @@ import subprocess
 import time
 
 import pytest
-import s3fs
 
 from pipeline.config import ConfigError
 from pipeline.job import preflight, run_job
 from specvlm.data.retry import PREFLIGHT_RETRY_S, S3_PREFLIGHT_SETTINGS
 from specvlm.demo.shards import write_webdataset_shards
+from tests.fixtures_s3 import upload_models
 from tests.test_pipeline import PER_SHARD, SEED, check_against_inputs, config_for, job_command, read_output
 
 # Every kind of request preflight makes of the store, as (method, a fragment of the request's target). s3fs lists
@@ -110,9 +110,7 @@ def test_a_burst_of_resets_on_reading_a_model_from_the_store_is_retried(
     models, s3_bucket, s3_endpoint, fault_proxy, tmp_path
 ):
     bucket, options = s3_bucket
-    fs = s3fs.S3FileSystem(**options)
-    for name in ("target", "draft"):
-        fs.put(str(models / name) + "/", f"{bucket}/models/{name}/", recursive=True)
+    upload_models(models, bucket, options)
     write_webdataset_shards(str(tmp_path / "in"), seed=SEED, num_shards=1, per_shard=PER_SHARD)
     config = config_for(
         models,
