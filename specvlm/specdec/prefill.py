@@ -219,22 +219,19 @@ def _prefill_rows(
     shortest_whole = min((len(prompts[i]) - 1 for i in alone), default=0)
     # Whole prompts go in the first pass when there is one anyway, or when they would stretch the rests' pass.
     apart = bool(alone) and (bool(groups) or (bool(found) and shortest_whole > 2 * max(map(len, rests))))
+    first_pass = alone if apart else []  # the whole prompts that join the group prefixes' pass
     if not apart:
         rests += [prompts[i][:-1] for i in alone]
         starts += [0] * len(alone)
     width = max(map(len, rests), default=0)
     runner = _scratch(model, len(order), max(capacity, max(starts, default=0) + width), lean, like)
-    first_rows = [prompts[g.members[0]][: g.length] for g in groups] + (
-        [prompts[i][:-1] for i in alone] if apart else []
-    )
+    first_rows = [prompts[g.members[0]][: g.length] for g in groups] + [prompts[i][:-1] for i in first_pass]
     if first_rows:
         first = _scratch(model, len(first_rows), capacity, lean, like)
-        first_features = [features[g.members[0]] for g in groups] + ([features[i] for i in alone] if apart else [])
+        first_features = [features[g.members[0]] for g in groups] + [features[i] for i in first_pass]
         _cache(model, first, first_rows, first_features)
-        sources = [k for k, g in enumerate(groups) for _ in g.members]
-        if apart:
-            sources += list(range(len(groups), len(first_rows)))
-        rows = list(range(len(grouped))) + (list(range(len(grouped) + len(found), len(order))) if apart else [])
+        sources = [k for k, g in enumerate(groups) for _ in g.members] + list(range(len(groups), len(first_rows)))
+        rows = list(range(len(grouped))) + list(range(len(order) - len(first_pass), len(order)))
         runner.take_rows(rows, first, sources)
     if found:
         rows = list(range(len(grouped), len(grouped) + len(found)))
@@ -246,7 +243,7 @@ def _prefill_rows(
         runner.set_lengths(rows, torch.tensor(copied, device=model.device), copied)
     if rests:
         # A copied prefix holds every image token of its prompt: only whole prompts show images.
-        shown = [None] * (len(grouped) + len(found)) + ([] if apart else [features[i] for i in alone])
+        shown = [None] * (len(grouped) + len(found)) + [features[i] for i in alone if not apart]
         _cache(model, runner, rests, shown)
     return runner, order
 
