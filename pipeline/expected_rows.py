@@ -6,7 +6,8 @@ Known before the job reads a record, from the listing or a file's footer:
 - a Parquet file (and a Hugging Face dataset's Parquet files): the row count in its footer, one small read for each
   of the first FOOTERS_READ shards.
 Estimated otherwise (WebDataset tars and Arrow streams hold no count; Parquet shards past FOOTERS_READ): as many
-as the shards known hold on average, else as many as the first shard's records, counted up to a limit. A shard's
+as the shards known hold on average, else as many as the first shard's records, counted up to a limit (where the
+count reaches it, the total is a lower bound, shown as such, and the time left is unknown once rows pass it). A shard's
 exact count replaces its estimate as soon as the row closing it reaches the driver (ShardCollector.row_counts).
 With task.prompts, every record is a row per prompt.
 """
@@ -31,6 +32,7 @@ class ExpectedRows:
     shard_ids: tuple[str, ...]
     known: dict[str, int]  # shard id -> its rows, known before reading it
     estimate: float  # rows of each other shard
+    at_least: bool = False  # the estimate is the first shard's records counted up to a limit it reached
 
     @property
     def exact(self) -> bool:
@@ -69,7 +71,10 @@ def expected_rows(config: JobConfig, shards: list[Shard], count_records) -> Expe
         estimate = count_records(shards[0], COUNTED_ROWS) if shards else 0
     per_record = len(config.task.prompts) if config.task.prompts else 1
     return ExpectedRows(
-        tuple(s.shard_id for s in shards), {s: n * per_record for s, n in known.items()}, estimate * per_record
+        tuple(s.shard_id for s in shards),
+        {s: n * per_record for s, n in known.items()},
+        estimate * per_record,
+        at_least=not known and estimate >= COUNTED_ROWS,
     )
 
 

@@ -127,3 +127,30 @@ def test_heartbeat_thread_logs_while_the_job_is_silent():
         heartbeat.phase("loading models on 1 decode actor(s)")
         time.sleep(0.3)
     assert lines and all(line.startswith("... loading models on 1 decode actor(s) (") for line in lines)
+
+
+def test_progress_whose_estimate_fell_short_says_so_and_gives_no_eta():
+    """A tar counted up to the limit gives a lower bound: once the rows pass it, the total is not known, and the
+    line must not count down to a time left of 0 s while rows keep coming."""
+    now = [0.0]
+    lines = []
+    expected = ExpectedRows(("big",), known={}, estimate=1_000, at_least=True)
+    progress = Progress(shards_total=1, expected=expected, log=lines.append, every_s=5.0, clock=lambda: now[0])
+    for _ in range(2):
+        now[0] += 10.0
+        progress.add(_batch(800, 4, 1), shards_done=0, counted={})
+    assert lines == [
+        "progress: 0/1 shards, 800/>=1000 rows, 80.0 rows/s, 320 tokens/s, tau 4.00, ETA 2s",
+        "progress: 0/1 shards, 1600/>=1600 rows, 80.0 rows/s, 320 tokens/s, tau 4.00, ETA -",
+    ]
+    now[0] += 10.0
+    progress.add(_batch(400, 4, 1), shards_done=1, counted={"big": 2_000})
+    assert lines[-1] == "progress: 1/1 shards, 2000/2000 rows, 66.7 rows/s, 267 tokens/s, tau 4.00, ETA 0s"
+
+
+def test_a_first_shard_counted_to_the_limit_makes_the_estimate_a_lower_bound(tmp_path):
+    write_webdataset_shards(str(tmp_path / "tars"), seed=1, num_shards=2, per_shard=3)
+    config = load_config("configs/demo.yaml", [f"input.uri={tmp_path / 'tars'}"])
+    shards = list_input(str(tmp_path / "tars"), "auto", files_per_shard=2).shards
+    assert expected_rows(config, shards, lambda shard, limit: limit).at_least
+    assert not expected_rows(config, shards, lambda shard, limit: limit - 1).at_least
