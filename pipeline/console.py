@@ -60,10 +60,9 @@ def stderr_to_file(path: Path):
 
 class Progress:
     """Counts the decoded rows streaming into the driver and logs a line every `every_s` seconds: shards done of
-    the total, rows done of the rows expected (pipeline/expected_rows.py; "~" while some are estimated, ">=" while the
-    estimate is a lower bound), rows/s,
-    tokens/s, τ so far and the time left at the rows/s so far. Rows, not shards, measure how far the job got: a
-    job of a few big shards finishes none of them for most of its run."""
+    the total, rows done of the rows expected (pipeline/expected_rows.py; "~" while some are estimated, ">=" while
+    the estimate is a lower bound), rows/s, tokens/s, τ so far and the time left at the rows/s so far. Rows, not
+    shards, measure how far the job got: a job of a few big shards finishes none of them for most of its run."""
 
     def __init__(
         self, shards_total: int, expected: ExpectedRows, log, every_s: float = PROGRESS_EVERY_S, clock=time.monotonic
@@ -93,9 +92,10 @@ class Progress:
         tau = f"{self.tokens / self.target_calls:.2f}" if self.target_calls else "-"
         total, exact = self.expected.total(counted)
         mark = "" if exact else ">=" if self.expected.at_least else "~"
-        eta = duration(max(total - self.rows, 0) / rows_per_s) if rows_per_s > 0 else "-"
         if not exact and self.rows >= total:  # the estimate fell short: how many rows are left is not known
             total, eta = self.rows, "-"
+        else:
+            eta = duration(max(total - self.rows, 0) / rows_per_s) if rows_per_s > 0 else "-"
         return (
             f"progress: {shards_done}/{self.shards_total} shards, {self.rows}/{mark}{total} rows, "
             f"{rows_per_s:.1f} rows/s, {tokens_per_s:.0f} tokens/s, tau {tau}, ETA {eta}"

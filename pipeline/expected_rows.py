@@ -7,8 +7,9 @@ Known before the job reads a record, from the listing or a file's footer:
   of the first FOOTERS_READ shards.
 Estimated otherwise (WebDataset tars and Arrow streams hold no count; Parquet shards past FOOTERS_READ): as many
 as the shards known hold on average, else as many as the first shard's records, counted up to a limit (where the
-count reaches it, the total is a lower bound, shown as such, and the time left is unknown once rows pass it). A shard's
-exact count replaces its estimate as soon as the row closing it reaches the driver (ShardCollector.row_counts).
+count reaches it, the total is a lower bound, shown as such, and the time left is unknown once rows pass it). A
+shard's exact count replaces its estimate as soon as the row closing it reaches the driver
+(ShardCollector.row_counts).
 With task.prompts, every record is a row per prompt.
 """
 
