@@ -14,6 +14,7 @@ from specvlm.specdec.controller import (
     RELEARN_SPACING,
     SHORTFALL_STEPS,
     DepthController,
+    rows_bucket,
 )
 from specvlm.specdec.timing import StepTimer
 
@@ -29,7 +30,7 @@ def decide(c: DepthController, verify, rate: float, draft_seconds=1e-3, steps: i
     pass draft_seconds), in which every row accepts `rate` of the levels it is offered; the depth chosen last."""
     drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 100)
     for _ in range(steps):
-        depth = c.choose(ROWS, drafted, left, True, verify, lambda: draft_seconds)
+        depth = c.choose(ROWS, drafted, left, True)
         seconds = (depth * draft_seconds, verify(1 + depth), 0.0)
         offered, accepted = np.full((ROWS,), depth), np.full((ROWS,), round(rate * depth))
         c.observe(ROWS, depth, offered, accepted, seconds, draft_calls=depth)
@@ -61,10 +62,7 @@ def test_a_draft_that_is_rarely_right_is_not_used():
     assert decide(c, lambda q: 20e-3, rate=0.0) == 0
 
 
-def test_costs_are_learned_from_real_steps_and_scratch_passes_only_without_drafted_rows():
-    def no_scratch(q):
-        raise AssertionError("a scratch pass while the draft holds rows")
-
+def test_costs_are_learned_from_real_steps_and_borrowed_where_the_draft_holds_no_row():
     c = controller()
     drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 100)
     # A new row count: plain steps, depth-1 steps and steps of half the full depth, taking turns, each timed as it
@@ -72,17 +70,44 @@ def test_costs_are_learned_from_real_steps_and_scratch_passes_only_without_draft
     half = (DEPTH + 1) // 2
     for _ in range(LEARNING_SAMPLES):
         for depth in (0, 1, half):
-            assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) == depth
+            assert c.choose(ROWS, drafted, left, True) == depth
             full = np.full((ROWS,), depth)
             c.observe(ROWS, depth, full, full, (depth * 1e-3, 20e-3, 0.0), draft_calls=depth)
-    assert c.choose(ROWS, drafted, left, True, no_scratch, lambda: 1e-3) > 1  # learned: cheap, accepted
-    # Rows at another count that the draft does not hold: no drafted step is possible; plain steps time the target
-    # over one token, scratch passes the rest.
-    timed = []
-    for _ in range(LEARNING_SAMPLES + 1):
-        c.choose(8, np.zeros(8, dtype=bool), left[:8], True, lambda q: timed.append(q) or 5e-3, lambda: 1e-3)
-        c.observe(8, 0, np.zeros(8), np.zeros(8), (0.0, 5e-3, 0.0), draft_calls=0)
-    assert sorted(timed) == [2] * LEARNING_SAMPLES + [1 + half] * LEARNING_SAMPLES
+    assert c.choose(ROWS, drafted, left, True) > 1  # learned: cheap, accepted
+    big = rows_bucket(ROWS)
+    # Rows at another count that the draft does not hold: no drafted step is possible. Plain steps time the target,
+    # and drafting is priced from the count that learned it, scaled by the plain steps of the two (no pass is run
+    # that commits nothing: the controller has no way to run one).
+    small, n = rows_bucket(8), 8
+    for _ in range(LEARNING_SAMPLES):
+        assert c.choose(n, np.zeros(n, dtype=bool), left[:n], True) == 0
+        c.observe(n, 0, np.zeros(n), np.zeros(n), (0.0, 8e-3, 0.0), draft_calls=0)
+    c.choose(n, np.zeros(n, dtype=bool), left[:n], True)
+    scale = (8e-3 / n) / (20e-3 / ROWS)
+    assert c.verify_s[small][1 + half] == pytest.approx(c.verify_s[big][1 + half] * scale)
+    assert c.draft_s[small] == pytest.approx({k: v * scale for k, v in c.draft_s[big].items()})
+    assert small in c.borrowed and small not in c.learning
+    # Once the draft holds rows there, that count learns from its own real steps.
+    assert c.choose(n, np.ones(n, dtype=bool), left[:n], True) == 0
+    assert small not in c.borrowed and set(c.learning[small]) == {1, 2, 1 + half, "draft"}
+
+
+def test_a_draft_phase_is_priced_whole_not_per_pass():
+    # Each draft phase pays a set-up (its first pass feeds what the target committed; proposing has its own work)
+    # besides its passes: 12 ms + 0.5 ms a pass. Verification costs 20 ms + 10% per extra token; half the rows
+    # accept one level, none a second. Plain decoding is the fastest (depth 1: 1.5 tokens in 34.5 ms against 1 in
+    # 20 ms). One price per pass, the cheapest seen (4.5 ms, from the three-pass learning steps), would price
+    # depth 1 at 26.5 ms and take it.
+    c = controller()
+    drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 1000)
+    chosen = []
+    for _ in range(60):
+        depth = c.choose(ROWS, drafted, left, True)
+        phase = 12e-3 + 0.5e-3 * depth if depth else 0.0
+        offered, accepted = np.full((ROWS,), depth), np.tile([min(depth, 1), 0], ROWS // 2)  # level 1: a half
+        c.observe(ROWS, depth, offered, accepted, (phase, 20e-3 * (1 + 0.1 * depth), 0.0), draft_calls=depth)
+        chosen.append(depth)
+    assert steady_at(chosen[-30:], 0)
 
 
 def test_a_steep_first_extra_token_does_not_overprice_deep_windows():
@@ -98,7 +123,7 @@ def run_steps(c: DepthController, verify, draft, rate: float, steps: int) -> lis
     drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 1000)
     chosen = []
     for step in range(steps):
-        depth = c.choose(ROWS, drafted, left, True, lambda q, s=step: verify(s, q), lambda s=step: draft(s))
+        depth = c.choose(ROWS, drafted, left, True)
         seconds = (depth * draft(step), verify(step, 1 + depth), 0.0)
         offered, accepted = np.full((ROWS,), depth), np.full((ROWS,), round(rate * depth))
         c.observe(ROWS, depth, offered, accepted, seconds, draft_calls=depth)
@@ -156,22 +181,19 @@ def test_a_busy_machine_does_not_keep_a_good_draft_learning():
 
 
 def test_a_draft_that_is_never_right_is_not_timed_again():
-    def no_probe(*args):
-        raise AssertionError("a scratch pass for a draft that cannot pay")
-
     c = controller()
     drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 100)
     chosen = []
     for _ in range(30):
-        depth = c.choose(ROWS, drafted, left, True, no_probe, no_probe)
+        depth = c.choose(ROWS, drafted, left, True)
         offered = np.full((ROWS,), depth)
         c.observe(ROWS, depth, offered, np.zeros(ROWS), (depth * 1e-3, 20e-3, 0.0), draft_calls=depth)
         chosen.append(depth)
     # A few drafted learning steps show that it accepts nothing; after that, not one more drafted step.
     assert sum(d > 0 for d in chosen) <= LEARNING_SAMPLES and chosen[-20:] == [0] * 20
     assert not c.wants_drafting
-    # Rows at a new count, which the draft does not hold: no scratch passes either (free drafting would not pay).
-    assert c.choose(8, np.zeros(8, dtype=bool), left[:8], True, no_probe, no_probe) == 0
+    # Rows at a new count, which the draft does not hold: plain, with no learning (free drafting would not pay).
+    assert c.choose(8, np.zeros(8, dtype=bool), left[:8], True) == 0
 
 
 def test_a_deeper_step_is_never_priced_below_a_shallower_one():
@@ -179,7 +201,7 @@ def test_a_deeper_step_is_never_priced_below_a_shallower_one():
     # (the same pass over more tokens, and draft passes besides) below one that does not.
     c = controller()
     c.verify_s[0] = {1: 30e-3, 2: 20e-3, 4: 25e-3}
-    c.draft_s[0] = 1e-3
+    c.draft_s[0] = {1: 1e-3}
     seconds = c.step_seconds(1)
     assert seconds == sorted(seconds)
 
@@ -188,11 +210,11 @@ def test_learning_steps_stay_within_what_rows_can_use():
     c = controller()
     drafted, left = np.ones(ROWS, dtype=bool), np.full((ROWS,), 2)  # 1 draft token is all that fits
     for _ in range(LEARNING_SAMPLES):
-        assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 0
+        assert c.choose(ROWS, drafted, left, True) == 0
         c.observe(ROWS, 0, np.zeros(ROWS), np.zeros(ROWS), (0.0, 20e-3, 0.0), draft_calls=0)
-        assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) == 1
+        assert c.choose(ROWS, drafted, left, True) == 1
         c.observe(ROWS, 1, np.ones(ROWS), np.ones(ROWS), (1e-3, 20e-3, 0.0), draft_calls=1)
-    assert c.choose(ROWS, drafted, left, True, lambda q: 1e-3, lambda: 1e-3) <= 1  # learning is over
+    assert c.choose(ROWS, drafted, left, True) <= 1  # learning is over
     assert not c.learning
 
 
@@ -262,3 +284,18 @@ def test_on_one_torch_thread_a_step_is_timed_by_its_own_work():
     finally:
         torch.set_num_threads(threads)
     assert seconds < 0.01
+
+
+def test_while_the_draft_holds_no_row_the_choice_is_not_priced_every_step(monkeypatch):
+    c = controller()
+    n, undrafted, left = 8, np.zeros(8, dtype=bool), np.full((8,), 100)
+    priced = []
+    step_seconds = c.step_seconds
+    monkeypatch.setattr(c, "step_seconds", lambda rows: priced.append(rows) or step_seconds(rows))
+    for _ in range(LEARNING_SAMPLES + 4 * PROBE_EVERY):
+        assert c.choose(n, undrafted, left, True) == 0
+        c.observe(n, 0, np.zeros(n), np.zeros(n), (0.0, 8e-3, 0.0), draft_calls=0)
+    assert 0 < len(priced) <= 5  # once the count learned its plain steps, then once every PROBE_EVERY steps
+    # A new row count is priced at once.
+    c.choose(n - 1, undrafted[:-1], left[:-1], True)
+    assert priced[-1] == n - 1

@@ -15,7 +15,7 @@ CONTROLLER = {
     "level_acceptance": 0.8,
     "depth_chosen_steps": {"0": 6, "5": 2},
     "verify_seconds_per_row": {"rows~8": {"tokens=1": 0.010, "tokens=6": 0.040}},
-    "draft_seconds_per_row_and_call": {"rows~8": 0.004},
+    "draft_seconds_per_row": {"rows~8": {"calls=5": 0.02}},
 }
 
 
@@ -90,7 +90,7 @@ def test_report_says_why_an_adaptive_strategy_stepped_aside(tmp_path):
     assert chain.stepped_aside.startswith("drafted on 25% of its rows' 8 steps. The depth controller chose")
     why = chain.stepped_aside
     assert "depth 0 on 75%, depth 5 on 25% (of 8 steps when last reported); level acceptance 0.80" in why
-    assert "a target pass over 6 tokens cost 4.00x one over 1, a draft pass 0.40x" in why
+    assert "a target pass over 6 tokens cost 4.00x one over 1, a draft phase of 5 passes 2.00x" in why
     assert "not in the manifest" not in why  # its report counted all 8 steps
     assert tree.stepped_aside is None and tree.steps.accepted == [4, 4, 3, 0]  # drafted every step
 

@@ -101,11 +101,13 @@ def _controller_sentence(view: dict) -> str:
     for bucket, by_tokens in (view.get("verify_seconds_per_row") or {}).items():
         one = by_tokens.get("tokens=1")
         deepest = max(by_tokens, key=lambda t: int(t.split("=")[1]))
-        draft = (view.get("draft_seconds_per_row_and_call") or {}).get(bucket)
+        phases = (view.get("draft_seconds_per_row") or {}).get(bucket) or {}
         if one and deepest != "tokens=1":
             cost = f"a target pass over {deepest.split('=')[1]} tokens cost {by_tokens[deepest] / one:.2f}x one over 1"
-            if draft is not None:
-                cost += f", a draft pass {draft / one:.2f}x"
+            if phases:
+                calls = max(phases, key=lambda c: int(c.split("=")[1]))
+                passes = int(calls.split("=")[1])
+                cost += f", a draft phase of {passes} passes {phases[calls] / one:.2f}x"
             costs.append(f"{bucket.replace('~', ' ~')}: {cost}")
     measured = "; ".join(costs) if costs else "no drafted pass timed"
     return (

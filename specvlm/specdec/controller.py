@@ -26,12 +26,25 @@ counts: a cost learned from one step is at the mercy of that step (the first pas
 another process takes the core for a moment), and a cost that is overpriced so is never chosen again, so never
 timed again. What disturbs a step only ever adds time, and on a shared machine it disturbs many (on two cores at
 load 6, a third of the demo target's passes took 2-4x their usual time), so the fastest of three is a far safer
-estimate than their median, which two slow steps out of three decide. Only when the draft holds no row (so no
-drafted step is possible) do scratch passes (forwards that commit nothing) stand in for the drafted steps.
+estimate than their median, which two slow steps out of three decide. Where the draft holds no row (so no
+drafted step is possible: drafting was off when they joined), plain steps time the target, and drafting is priced
+from the nearest row count that learned it from real steps, scaled by the two counts' plain steps (the choice
+rests on ratios of costs, which change slowly with the rows). Passes that commit nothing, timed instead, cost a
+whole step each: a batch that drains through 4, 2 and 1 rows paid 6-9 of them per row count, 5-8% of a run of
+the demo target at cap 8 with a draft that is never right. A count priced so re-learns from real steps as soon
+as the draft holds a row there. While the draft holds no row, every step is plain whatever the costs, and whether
+rows that join should be drafted is priced again only when the row count changes or PROBE_EVERY steps have
+passed (and at every step while its count learns): pricing every step cost 2% of the demo target's steps at 8
+rows.
 Past one token, verification costs grow about linearly with the tokens per row, so other counts are interpolated
 between measured ones, or extrapolated along the last two. The deeper step is what makes that line true: the step
 from 1 to 2 tokens is often steeper than the ones after it (a one-token pass takes a faster path), and a line
-through those two alone would overprice every deeper window.
+through those two alone would overprice every deeper window. A step's draft phase is priced the same way, by the
+passes it makes, measured whole: it costs more than that many lone passes, because its first pass also feeds the
+tokens the target committed since the last proposal, and proposing has a set-up of its own (on the demo family, a
+phase of one pass took 1.4x the cheapest pass at 8 rows and 2.6x at 24). One price per pass charged shallow depths
+too little and deep ones too much, and steered most steps to depth 1 where plain decoding, or a deeper draft,
+was faster.
 
 Every step then refines what it used: a cost is the fastest of the steps that timed it since the bucket learned,
 and a count timed for the first time (a depth deeper than the learning steps) is taken as measured. Fastest, not
@@ -81,7 +94,7 @@ from collections.abc import Callable
 import numpy as np
 
 REFRESH_S = 60.0  # seconds between re-measurements of a bucket: a cost measured badly once cannot stick, and
-# the scratch passes stay a small share of the time (four passes a minute)
+# the learning steps stay a small share of the time
 LEARNING_SAMPLES = 3  # steps that time each cost while a bucket learns: the fastest counts (see the docstring)
 SHORTFALL = 0.75  # predicted over realised seconds of the fastest recent step, below which a bucket re-learns
 SHORTFALL_STEPS = 8  # recent steps that check compares: on two cores at load 6 most steps are disturbed, and the
@@ -102,7 +115,7 @@ HYSTERESIS = 1.03  # drafting for rows that join must promise this much over pla
 def rows_bucket(n: int) -> int:
     """Row counts whose costs are kept together: an octave apart (1, 2, 4, 8, ...). The choice rests on ratios
     of costs at one row count (a deeper pass over a one-token pass, a draft pass over a target pass), which
-    change slowly with the rows; finer buckets would only multiply the scratch passes of a batch that drains."""
+    change slowly with the rows; finer buckets would only multiply the learning steps of a batch that drains."""
     return round(math.log2(max(n, 1)))
 
 
@@ -122,7 +135,8 @@ class DepthController:
         self.adaptive = adaptive
         # Seconds per row (see the docstring):
         self.verify_s: dict[int, dict[int, float]] = {}  # rows bucket -> tokens per row -> a target pass
-        self.draft_s: dict[int, float] = {}  # rows bucket -> a draft pass
+        self.draft_s: dict[int, dict[int, float]] = {}  # rows bucket -> draft passes -> a step's draft phase
+        self.borrowed: set[int] = set()  # rows buckets whose drafting costs another bucket's priced, for now
         self.rest_s: dict[tuple[int, bool], float] = {}  # (rows bucket, drafting) -> a step's bookkeeping
         self.measured_at: dict[int, float] = {}  # rows bucket -> when its costs were last (re)learned
         # rows bucket -> what its steps are timing while it learns (token counts, "draft") -> the seconds per row
@@ -139,6 +153,8 @@ class DepthController:
         self.tried = np.zeros(rows)
         self.depths: dict[int, int] = {}  # how often each depth was chosen
         self.until_probe = PROBE_EVERY  # steps before the next probe of a depth other than the best
+        self.undrafted: tuple[int, int] | None = None  # while the draft holds no row: (rows, plain steps left
+        # before `wants_drafting` is priced again)
         self.probe_deeper = False  # the side of the last one
         self.wants_drafting = True
 
@@ -188,6 +204,7 @@ class DepthController:
             # the old costs, are timed again by the deeper steps chosen from the new ones.
             self.verify_s.pop(bucket, None)
             self.draft_s.pop(bucket, None)
+            self.borrowed.discard(bucket)
             for drafting in (False, True):
                 self.rest_s.pop((bucket, drafting), None)
         learning = self.learning.get(bucket, {})
@@ -200,16 +217,22 @@ class DepthController:
             self.realised.pop(bucket, None)  # the prediction is checked afresh against the new costs
         return needed
 
-    def _scratch(self, n: int, probe_verify: Callable[[int], float], probe_draft: Callable[[], float]) -> None:
-        """Time what the learning steps would, with passes that commit nothing."""
-        bucket = rows_bucket(n)
-        learning = self.learning.pop(bucket)
+    def _borrow(self, bucket: int) -> None:
+        """Price drafting at a bucket the draft holds no row of, from the nearest bucket that learned it from real
+        steps, scaled by their plain steps (see the docstring); with none, drafting's verify windows cost what a
+        plain step does and its draft passes nothing, until rows that join are drafted and time them."""
+        del self.learning[bucket]
         self.realised.pop(bucket, None)
-        for q, samples in learning.items():
-            if q not in (1, "draft") and len(samples) < LEARNING_SAMPLES:
-                self.verify_s.setdefault(bucket, {})[q] = min(probe_verify(q) / n for _ in range(LEARNING_SAMPLES))
-        if len(learning.get("draft", ())) < LEARNING_SAMPLES:
-            self.draft_s[bucket] = min(probe_draft() / n for _ in range(LEARNING_SAMPLES))
+        self.borrowed.add(bucket)
+        learned = [b for b in self.draft_s if b not in self.borrowed and 1 in self.verify_s.get(b, {})]
+        if not learned:
+            return
+        source = min(learned, key=lambda b: (abs(b - bucket), -b))  # ties: the larger count, measured on more rows
+        scale = self.verify_s[bucket][1] / self.verify_s[source][1]
+        table = self.verify_s[bucket]
+        for q, s in self.verify_s[source].items():
+            table.setdefault(q, s * scale)
+        self.draft_s[bucket] = {calls: s * scale for calls, s in self.draft_s[source].items()}
 
     def verify_seconds(self, bucket: int, q: int) -> float:
         """A pass over q tokens per row, per row: measured, interpolated between the nearest measured counts, or
@@ -230,6 +253,25 @@ class DepthController:
             return table[above]
         return table[below] + (table[above] - table[below]) * (q - below) / (above - below)
 
+    def draft_seconds(self, bucket: int, calls: int) -> float:
+        """A draft phase of `calls` passes, per row: measured, or along the line through the nearest measured
+        counts (interpolated, or extrapolated from the two at that end), or in proportion to the one measured."""
+        table = self.draft_s.get(bucket)
+        if not table:
+            return 0.0
+        if calls in table:
+            return table[calls]
+        counts = sorted(table)
+        if len(counts) == 1:
+            return table[counts[0]] * calls / counts[0]
+        below, above = [k for k in counts if k < calls], [k for k in counts if k > calls]
+        if below and above:
+            lo, hi = below[-1], above[0]
+        else:
+            lo, hi = counts[:2] if above else counts[-2:]
+        slope = max(table[hi] - table[lo], 0.0) / (hi - lo)
+        return max(table[lo] + slope * (calls - lo), 0.0)
+
     def step_seconds(self, n: int) -> list[float]:
         """Predicted seconds of a step of each depth 0..max_depth over n rows, never less than a shallower one's
         (see the docstring)."""
@@ -238,7 +280,7 @@ class DepthController:
         for depth in range(self.max_depth + 1):
             s = self.verify_seconds(bucket, 1 + self.nodes(depth))
             if depth > 0:
-                s += self.calls(depth) * self.draft_s.get(bucket, 0.0)
+                s += self.draft_seconds(bucket, self.calls(depth))
             s += self.rest_s.get((bucket, depth > 0), self.rest_s.get((bucket, depth == 0), 0.0))
             seconds.append(max([n * s, *seconds[-1:]]))
         return seconds
@@ -249,8 +291,6 @@ class DepthController:
         drafted: np.ndarray,
         left: np.ndarray,
         greedy: bool,
-        probe_verify: Callable[[int], float],
-        probe_draft: Callable[[], float],
     ) -> int:
         """The depth of the next step for rows [0, n); drafted [n]: rows the draft holds; left [n]: tokens
         each row may still generate. Also updates `wants_drafting`: whether rows that join should be drafted for."""
@@ -263,6 +303,14 @@ class DepthController:
         any_drafted = bool(drafted.any())  # host arrays: no device read
         depth = self.max_depth if any_drafted else 0
         self.prediction = None
+        if self.adaptive and not any_drafted:
+            rows, left_steps = self.undrafted or (None, 0)
+            if rows == n and left_steps > 0 and rows_bucket(n) not in self.learning:
+                self.undrafted = (n, left_steps - 1)
+                return self._chosen(0)
+            self.undrafted = (n, PROBE_EVERY - 1)
+        else:
+            self.undrafted = None
         if self.adaptive:
             actual, everyone = self.expected_tokens(n, drafted, left)
             if max(everyone) < HYSTERESIS * everyone[0]:
@@ -270,6 +318,8 @@ class DepthController:
                 self.wants_drafting = False
                 return self._chosen(0)
             bucket = rows_bucket(n)
+            if any_drafted and bucket in self.borrowed:
+                self.measured_at[bucket] = -math.inf  # drafted steps are possible now: they price it (docstring)
             needed = self._learn(bucket, reach)
             if needed and any_drafted:
                 # The costs take turns, the least timed first (ties: the shallowest), so that a machine whose
@@ -281,7 +331,7 @@ class DepthController:
             if 1 in needed:
                 return self._chosen(0)
             if needed:
-                self._scratch(n, probe_verify, probe_draft)
+                self._borrow(bucket)
             seconds = self.step_seconds(n)
             rates = [tokens / s for tokens, s in zip(actual, seconds)]
             depth = min(max(range(len(rates)), key=rates.__getitem__) if any_drafted else 0, reach)
@@ -337,10 +387,9 @@ class DepthController:
             learning[q].append(verify_s)
         _fastest(self.verify_s.setdefault(bucket, {}), q, verify_s)
         if draft_calls > 0:
-            per_call = draft_s / draft_calls
             if "draft" in learning:
-                learning["draft"].append(per_call)
-            _fastest(self.draft_s, bucket, per_call)
+                learning["draft"].append(draft_s)
+            _fastest(self.draft_s.setdefault(bucket, {}), draft_calls, draft_s)
         _fastest(self.rest_s, (bucket, depth > 0), rest_s)
 
     def _check_prediction(self, bucket: int, seconds: float) -> None:
@@ -370,7 +419,9 @@ class DepthController:
                 f"rows~{2**b}": {f"tokens={q}": s for q, s in sorted(t.items())}
                 for b, t in sorted(self.verify_s.items())
             },
-            "draft_seconds_per_row_and_call": {f"rows~{2**b}": s for b, s in sorted(self.draft_s.items())},
+            "draft_seconds_per_row": {
+                f"rows~{2**b}": {f"calls={k}": s for k, s in sorted(t.items())} for b, t in sorted(self.draft_s.items())
+            },
         }
 
 

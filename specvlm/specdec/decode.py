@@ -52,7 +52,7 @@ from specvlm.specdec.rotary import RequestRotary, refuse_recomputing_generate
 from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams
 from specvlm.specdec.shapes import EXACT, STATIC, ShapeBuckets
-from specvlm.specdec.timing import StepTimer, host_clock, seconds
+from specvlm.specdec.timing import StepTimer, host_clock
 from specvlm.specdec.verify import Verdict, verify_greedy, verify_sampling
 
 WARM_UP_SLOTS = 64  # cache slots per scratch row of the warm-up (warm_up)
@@ -337,25 +337,7 @@ class SpeculativeDecoder:
         if self.controller is None:
             return 0
         n = state.n
-        return self.controller.choose(
-            n,
-            state.drafted[:n],
-            state.left(n),
-            self.config.sampling.greedy,
-            lambda q: self._probe(state, q),
-            lambda: self.draft.probe(n),
-        )
-
-    def _probe(self, state: DecodeState, q: int) -> float:
-        """Seconds of a target pass over q tokens per row, at the current rows; writes only scratch slots.
-        (Timing a pass on its own waits for the device: the controller asks for this rarely, and takes the fastest
-        of several, which leaves out a new shape's one-off set-up; see controller.py.)"""
-        n = state.n
-        tokens = state.tokens[:n].gather(1, (state.length[:n] - 1)[:, None]).expand(n, q)
-        attend = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(n, q, q)
-        start = seconds(self.device)
-        state.target.forward(tokens, attend)
-        return seconds(self.device) - start
+        return self.controller.choose(n, state.drafted[:n], state.left(n), self.config.sampling.greedy)
 
     def _draft(self, state: DecodeState, depth: int) -> Proposal:
         n = state.n

@@ -33,7 +33,6 @@ from specvlm.specdec.requests import Request
 from specvlm.specdec.runner import ModelRunner, causal_attend
 from specvlm.specdec.sampling import RowRandom, SamplingParams, probs_from_logits, sample_from
 from specvlm.specdec.shapes import EXACT, ShapeBuckets
-from specvlm.specdec.timing import seconds
 
 
 @dataclass
@@ -69,10 +68,6 @@ class Draft(ABC):
         it shares between requests (prefix_cache.py; None: it shares none); drafts without a model ignore them."""
         return None
 
-    def probe(self, n: int) -> float:
-        """Seconds of one draft pass over rows [0, n), writing only scratch (0 for drafts without a model)."""
-        return 0.0
-
     @abstractmethod
     def allocate(self, rows: int, capacity: int) -> None:
         """Room for `rows` rows of up to `capacity` committed tokens each, keeping the rows already admitted."""
@@ -97,13 +92,6 @@ class Draft(ABC):
 
     @abstractmethod
     def move_rows(self, dst: list[int], src: list[int]) -> None: ...
-
-
-def _timed(run, device: torch.device) -> float:
-    """Seconds of run() on the clock that prices passes (timing.py), waiting for a GPU to finish it."""
-    start = seconds(device)
-    run()
-    return seconds(device) - start
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -205,11 +193,6 @@ class ModelDraft(Draft):
         self.host_length = np.concatenate([self.host_length[:kept], np.zeros(rows - kept, dtype=np.int64)])
         self.host_active = np.concatenate([self.host_active[:kept], np.zeros(rows - kept, dtype=bool)])
 
-    def probe(self, n):
-        tokens = self.tokens[:n, :1]
-        attend = torch.ones(n, 1, 1, dtype=torch.bool, device=self.device)
-        return _timed(lambda: self.runner.forward(tokens, attend), self.device)  # the controller takes the fastest
-
     def _view(self, request: Request) -> list[int]:
         ids = request.input_ids
         return strip_image_tokens(ids, self.image_token_id) if self.text_only else ids
@@ -306,6 +289,8 @@ class ModelDraft(Draft):
 
     def commit(self, step):
         n = step.counts.shape[0]
+        if self.fed_drafts == 0 and not self.host_active[:n].any():
+            return  # it holds no row and fed nothing: nothing to keep up to date
         # Drafts fed into the cache stay valid up to the first rejected one; released rows keep none.
         kept = torch.where(self.active[:n], (step.counts - 1).clamp(min=0, max=self.fed_drafts), 0)
         host_kept = np.where(self.host_active[:n], np.clip(step.host_counts - 1, 0, self.fed_drafts), 0)
