@@ -105,9 +105,8 @@ def _controller_sentence(view: dict) -> str:
         if one and deepest != "tokens=1":
             cost = f"a target pass over {deepest.split('=')[1]} tokens cost {by_tokens[deepest] / one:.2f}x one over 1"
             if phases:
-                calls = max(phases, key=lambda c: int(c.split("=")[1]))
-                passes = int(calls.split("=")[1])
-                cost += f", a draft phase of {passes} passes {phases[calls] / one:.2f}x"
+                passes = max(int(calls.split("=")[1]) for calls in phases)
+                cost += f", a draft phase of {passes} passes {phases[f'calls={passes}'] / one:.2f}x"
             costs.append(f"{bucket.replace('~', ' ~')}: {cost}")
     measured = "; ".join(costs) if costs else "no drafted pass timed"
     return (

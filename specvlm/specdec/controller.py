@@ -285,13 +285,7 @@ class DepthController:
             seconds.append(max([n * s, *seconds[-1:]]))
         return seconds
 
-    def choose(
-        self,
-        n: int,
-        drafted: np.ndarray,
-        left: np.ndarray,
-        greedy: bool,
-    ) -> int:
+    def choose(self, n: int, drafted: np.ndarray, left: np.ndarray, greedy: bool) -> int:
         """The depth of the next step for rows [0, n); drafted [n]: rows the draft holds; left [n]: tokens
         each row may still generate. Also updates `wants_drafting`: whether rows that join should be drafted for."""
         if not greedy:
@@ -303,9 +297,10 @@ class DepthController:
         any_drafted = bool(drafted.any())  # host arrays: no device read
         depth = self.max_depth if any_drafted else 0
         self.prediction = None
+        bucket = rows_bucket(n)
         if self.adaptive and not any_drafted:
             rows, left_steps = self.undrafted or (None, 0)
-            if rows == n and left_steps > 0 and rows_bucket(n) not in self.learning:
+            if rows == n and left_steps > 0 and bucket not in self.learning:
                 self.undrafted = (n, left_steps - 1)
                 return self._chosen(0)
             self.undrafted = (n, PROBE_EVERY - 1)
@@ -317,7 +312,6 @@ class DepthController:
                 # Even free drafting would not pay at this acceptance: nothing worth timing (see the docstring).
                 self.wants_drafting = False
                 return self._chosen(0)
-            bucket = rows_bucket(n)
             if any_drafted and bucket in self.borrowed:
                 self.measured_at[bucket] = -math.inf  # drafted steps are possible now: they price it (docstring)
             needed = self._learn(bucket, reach)
